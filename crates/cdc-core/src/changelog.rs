@@ -1,0 +1,349 @@
+//! Change-log files: JSON Lines written to a temporary dot-file, fsynced, renamed to their
+//! final `*.jsonl` name and the directory fsynced, so a reader never sees half a file.
+//! Also the reader's side: which files are pending, and moving a file to `processed/` or
+//! quarantining it in `dead_letter/` with a reason beside it.
+
+use crate::error::{Error, Result};
+use chrono::{DateTime, Utc};
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+pub const DEAD_LETTER_DIR: &str = "dead_letter";
+pub const PROCESSED_DIR: &str = "processed";
+const TEMP_PREFIX: &str = ".tmp-";
+
+/// A finished, durable change-log file.
+#[derive(Debug, Clone)]
+pub struct WrittenFile {
+    pub path: PathBuf,
+    pub events: u64,
+    pub bytes: u64,
+}
+
+struct OpenFile {
+    temp: PathBuf,
+    final_path: PathBuf,
+    out: BufWriter<File>,
+    events: u64,
+    bytes: u64,
+}
+
+/// Writes the events of one capture pass into one or more files of at most `max_events`.
+/// Files become visible only in `finish`, all durable, in sequence order.
+pub struct ChangeLogWriter {
+    dir: PathBuf,
+    prefix: String,
+    stamp: String,
+    max_events: u64,
+    next_seq: u64,
+    current: Option<OpenFile>,
+    done: Vec<OpenFile>,
+}
+
+impl ChangeLogWriter {
+    /// `prefix` is the table name; `first_seq` continues the extractor's file sequence.
+    pub fn new(
+        dir: &Path,
+        prefix: &str,
+        captured_at: DateTime<Utc>,
+        first_seq: u64,
+        max_events: u64,
+    ) -> Self {
+        ChangeLogWriter {
+            dir: dir.to_path_buf(),
+            prefix: prefix.to_owned(),
+            stamp: captured_at.format("%Y%m%dT%H%M%S%.6fZ").to_string(),
+            max_events: max_events.max(1),
+            next_seq: first_seq,
+            current: None,
+            done: Vec::new(),
+        }
+    }
+
+    /// The sequence number the next file will get.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    pub fn events_written(&self) -> u64 {
+        self.done
+            .iter()
+            .chain(self.current.iter())
+            .map(|f| f.events)
+            .sum()
+    }
+
+    /// Whether the current file is full, so that a caller that must keep a group of events
+    /// together (one transaction) can cut the file between groups.
+    pub fn current_is_full(&self) -> bool {
+        self.current
+            .as_ref()
+            .is_some_and(|f| f.events >= self.max_events)
+    }
+
+    /// Appends one event (a JSON object without the trailing newline). Starts a new file when
+    /// the current one is full, unless `keep_together` asks to stay in the current file.
+    pub fn write_event(&mut self, json: &[u8], keep_together: bool) -> Result<()> {
+        if self.current_is_full() && !keep_together {
+            self.seal_current()?;
+        }
+        if self.current.is_none() {
+            self.open_next()?;
+        }
+        let f = self.current.as_mut().expect("a file was just opened");
+        let io = |e| Error::io("writing change-log file", &f.temp, e);
+        f.out.write_all(json).map_err(io)?;
+        f.out
+            .write_all(b"\n")
+            .map_err(|e| Error::io("writing change-log file", &f.temp, e))?;
+        f.events += 1;
+        f.bytes += json.len() as u64 + 1;
+        Ok(())
+    }
+
+    fn open_next(&mut self) -> Result<()> {
+        fs::create_dir_all(&self.dir)
+            .map_err(|e| Error::io("creating the change-log directory", &self.dir, e))?;
+        let name = format!("{}_{}_{:010}.jsonl", self.prefix, self.stamp, self.next_seq);
+        self.next_seq += 1;
+        let temp = self.dir.join(format!("{TEMP_PREFIX}{name}"));
+        let file =
+            File::create(&temp).map_err(|e| Error::io("creating change-log file", &temp, e))?;
+        self.current = Some(OpenFile {
+            temp,
+            final_path: self.dir.join(name),
+            out: BufWriter::with_capacity(1 << 20, file),
+            events: 0,
+            bytes: 0,
+        });
+        Ok(())
+    }
+
+    /// Flushes and fsyncs the current file (still under its temporary name).
+    fn seal_current(&mut self) -> Result<()> {
+        if let Some(mut f) = self.current.take() {
+            f.out
+                .flush()
+                .map_err(|e| Error::io("flushing change-log file", &f.temp, e))?;
+            f.out
+                .get_ref()
+                .sync_all()
+                .map_err(|e| Error::io("fsyncing change-log file", &f.temp, e))?;
+            self.done.push(f);
+        }
+        Ok(())
+    }
+
+    /// Makes every file of the pass durable under its final name, in order. Returns them.
+    pub fn finish(mut self) -> Result<Vec<WrittenFile>> {
+        self.seal_current()?;
+        let mut written = Vec::with_capacity(self.done.len());
+        for f in self.done.drain(..) {
+            fs::rename(&f.temp, &f.final_path)
+                .map_err(|e| Error::io("renaming change-log file", &f.final_path, e))?;
+            written.push(WrittenFile {
+                path: f.final_path,
+                events: f.events,
+                bytes: f.bytes,
+            });
+        }
+        if !written.is_empty() {
+            sync_dir(&self.dir)?;
+        }
+        Ok(written)
+    }
+
+    /// Drops the pass: removes its temporary files (nothing was renamed yet).
+    pub fn abandon(mut self) {
+        self.current
+            .take()
+            .into_iter()
+            .chain(self.done.drain(..))
+            .for_each(|f| {
+                let _ = fs::remove_file(&f.temp);
+            });
+    }
+}
+
+/// fsyncs a directory so that a rename in it survives a crash.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("fsyncing directory", dir, e))
+}
+
+/// Writes `bytes` to `path` atomically and durably (temp, fsync, rename, fsync directory).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(|e| Error::io("creating directory", dir, e))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temp = dir.join(format!("{TEMP_PREFIX}{name}"));
+    let mut f = File::create(&temp).map_err(|e| Error::io("creating file", &temp, e))?;
+    f.write_all(bytes)
+        .map_err(|e| Error::io("writing file", &temp, e))?;
+    f.sync_all()
+        .map_err(|e| Error::io("fsyncing file", &temp, e))?;
+    fs::rename(&temp, path).map_err(|e| Error::io("renaming file", path, e))?;
+    sync_dir(dir)
+}
+
+/// Removes temporary files a crash left behind in `dir`. Returns how many.
+pub fn clean_leftovers(dir: &Path) -> Result<usize> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(Error::io("listing directory", dir, e)),
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if name.to_string_lossy().starts_with(TEMP_PREFIX) {
+            let path = entry.path();
+            fs::remove_file(&path)
+                .map_err(|e| Error::io("removing leftover temporary file", &path, e))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// The change-log files waiting in `dir`, in capture (lexical) order: every `*.jsonl` regular
+/// file whose name does not start with a dot.
+pub fn pending_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("listing the change-log directory", dir, e)),
+    };
+    let mut files: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = file_name(p);
+            !name.starts_with('.') && name.ends_with(".jsonl")
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+pub fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Moves an applied file to `processed/` (kept as the raw audit trail).
+pub fn archive(file: &Path) -> Result<PathBuf> {
+    move_into(file, PROCESSED_DIR)
+}
+
+/// Moves a file that cannot be applied to `dead_letter/`, with `<name>.reason.json` beside it.
+pub fn quarantine(file: &Path, reason: &Error) -> Result<PathBuf> {
+    let target = move_into(file, DEAD_LETTER_DIR)?;
+    let mut chain = Vec::new();
+    let mut cur: Option<&dyn std::error::Error> = Some(reason);
+    while let Some(e) = cur {
+        chain.push(e.to_string());
+        cur = e.source();
+    }
+    let line = match reason {
+        Error::Parse { line, .. } => Some(*line),
+        _ => None,
+    };
+    let sidecar = serde_json::json!({
+        "format_version": 1,
+        "file": file_name(file),
+        "line": line,
+        "error": chain.join(": "),
+        "quarantined_at": Utc::now().to_rfc3339(),
+    });
+    let sidecar_path = target.with_file_name(format!("{}.reason.json", file_name(&target)));
+    write_atomic(&sidecar_path, format!("{sidecar:#}\n").as_bytes())?;
+    Ok(target)
+}
+
+fn move_into(file: &Path, sub: &str) -> Result<PathBuf> {
+    let dir = file.parent().unwrap_or(Path::new(".")).join(sub);
+    fs::create_dir_all(&dir).map_err(|e| Error::io("creating directory", &dir, e))?;
+    let target = dir.join(file_name(file));
+    fs::rename(file, &target).map_err(|e| Error::io("moving change-log file", &target, e))?;
+    sync_dir(&dir)?;
+    if let Some(parent) = file.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(target)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tempdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("cdc-changelog-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).expect("create temp dir");
+        d
+    }
+
+    #[test]
+    fn writer_splits_files_and_publishes_only_on_finish() {
+        let dir = tempdir("split");
+        let mut w = ChangeLogWriter::new(&dir, "orders", Utc::now(), 7, 2);
+        for i in 0..5 {
+            w.write_event(format!("{{\"n\":{i}}}").as_bytes(), false)
+                .expect("write");
+        }
+        assert!(
+            pending_files(&dir).expect("list").is_empty(),
+            "nothing visible before finish"
+        );
+        let files = w.finish().expect("finish");
+        assert_eq!(
+            files.iter().map(|f| f.events).collect::<Vec<_>>(),
+            vec![2, 2, 1]
+        );
+        let pending = pending_files(&dir).expect("list");
+        assert_eq!(pending.len(), 3);
+        assert!(file_name(&pending[0]).ends_with("_0000000007.jsonl"));
+        let all: String = pending
+            .iter()
+            .map(|p| fs::read_to_string(p).expect("read"))
+            .collect();
+        assert_eq!(all.lines().count(), 5);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn keep_together_stays_in_the_current_file() {
+        let dir = tempdir("together");
+        let mut w = ChangeLogWriter::new(&dir, "orders", Utc::now(), 1, 1);
+        w.write_event(b"{}", false).expect("write");
+        w.write_event(b"{}", true).expect("write");
+        w.write_event(b"{}", false).expect("write");
+        let files = w.finish().expect("finish");
+        assert_eq!(
+            files.iter().map(|f| f.events).collect::<Vec<_>>(),
+            vec![2, 1]
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn leftovers_and_dot_files_are_not_pending_and_leftovers_are_cleaned() {
+        let dir = tempdir("leftover");
+        fs::write(dir.join(".tmp-orders_x.jsonl"), "{}").expect("write");
+        fs::write(dir.join(".hidden.jsonl"), "{}").expect("write");
+        fs::write(dir.join("notes.txt"), "x").expect("write");
+        fs::write(dir.join("orders_a.jsonl"), "{}").expect("write");
+        assert_eq!(pending_files(&dir).expect("list").len(), 1);
+        assert_eq!(clean_leftovers(&dir).expect("clean"), 1);
+        assert!(!dir.join(".tmp-orders_x.jsonl").exists());
+        let _ = fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,38 @@
+//! What every binary's `main` shares: the runtime, and turning a result into an exit code
+//! with the whole error chain printed.
+
+use crate::error::{error_chain, exit_code, Error};
+use std::future::Future;
+
+/// Prints a configuration error the way clap would and returns exit code 2.
+pub fn config_failure(binary: &str, e: &Error) -> i32 {
+    eprintln!("{binary}: {}", error_chain(e));
+    exit_code(e)
+}
+
+/// Builds the runtime, runs `f`, and maps its result to an exit code.
+pub fn run_main<F, Fut>(binary: &str, f: F) -> i32
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<(), Error>>,
+{
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{binary}: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    match rt.block_on(f()) {
+        Ok(()) => 0,
+        Err(Error::Shutdown) => 0,
+        Err(e) => {
+            tracing::error!(error = %error_chain(&e), "{binary} failed");
+            eprintln!("{binary}: error: {}", error_chain(&e));
+            exit_code(&e)
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! The change event: one JSON object a line in the Debezium envelope (`op`, `before`,
+//! `after`, `source`, `ts_ms`) plus `format_version`. Values keep their exact types: integers
+//! as JSON numbers, numeric as strings, timestamps as ISO-8601 strings with zone.
+//!
+//! The extractor has PostgreSQL build these objects (see `capture`); this module decodes them
+//! for the loader without building a `serde_json::Value` per row.
+
+use crate::table::TableSpec;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+/// The change-event format this build writes and the newest it reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// `source.connector` of events written by this pipeline.
+pub const CONNECTOR: &str = "cdc-historical-warehouse";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Op {
+    #[serde(rename = "c")]
+    Create,
+    #[serde(rename = "u")]
+    Update,
+    #[serde(rename = "d")]
+    Delete,
+    #[serde(rename = "r")]
+    Read,
+}
+
+impl Op {
+    pub fn as_char(self) -> char {
+        match self {
+            Op::Create => 'c',
+            Op::Update => 'u',
+            Op::Delete => 'd',
+            Op::Read => 'r',
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(default)]
+    format_version: Option<u32>,
+    op: Op,
+    #[serde(borrow, default)]
+    before: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    after: Option<&'a RawValue>,
+    #[serde(borrow)]
+    source: Source<'a>,
+    ts_ms: i64,
+}
+
+#[derive(Deserialize)]
+struct Source<'a> {
+    #[serde(borrow)]
+    schema: Cow<'a, str>,
+    #[serde(borrow)]
+    table: Cow<'a, str>,
+    /// Change time in microseconds since the Unix epoch (commit time in log mode).
+    ts_us: i64,
+    #[serde(default)]
+    lsn: Option<u64>,
+    #[serde(default, rename = "txId")]
+    tx_id: Option<i64>,
+}
+
+/// One decoded event, ready for the staging table: values as text in the spec's column order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodedEvent {
+    pub op: Op,
+    pub key: String,
+    pub ts_us: i64,
+    pub lsn: Option<i64>,
+    pub tx_id: Option<i64>,
+    pub captured_ms: i64,
+    /// Tracked column values (text form), `None` for SQL NULL. Empty for deletes.
+    pub values: Vec<Option<String>>,
+}
+
+/// Decodes one line against the table description. The error says what is wrong with it.
+pub fn decode(line: &str, spec: &TableSpec) -> Result<DecodedEvent, String> {
+    let env: Envelope<'_> =
+        serde_json::from_str(line).map_err(|e| format!("not a change event: {e}"))?;
+    if let Some(v) = env.format_version {
+        if v > FORMAT_VERSION {
+            return Err(format!(
+                "format_version {v} is newer than this loader reads ({FORMAT_VERSION})"
+            ));
+        }
+    }
+    if env.source.schema != spec.schema || env.source.table != spec.name {
+        return Err(format!(
+            "event is for table {}.{}, this loader applies {}",
+            env.source.schema,
+            env.source.table,
+            spec.qualified()
+        ));
+    }
+    let lsn = match env.source.lsn {
+        Some(l) => Some(i64::try_from(l).map_err(|_| format!("source.lsn {l} is out of range"))?),
+        None => None,
+    };
+    let image = match env.op {
+        Op::Delete => env.before.ok_or("a delete (op d) needs `before`")?,
+        _ => env
+            .after
+            .ok_or_else(|| format!("op {} needs `after`", env.op.as_char()))?,
+    };
+    let row: HashMap<Cow<'_, str>, &RawValue> = serde_json::from_str(image.get())
+        .map_err(|e| format!("row image is not an object: {e}"))?;
+    let key = match row.get(spec.key.name.as_str()).map(|v| json_text(v)) {
+        Some(Ok(Some(k))) => k,
+        Some(Ok(None)) => return Err(format!("key column {} is null", spec.key.name)),
+        Some(Err(e)) => return Err(format!("key column {}: {e}", spec.key.name)),
+        None => return Err(format!("row image has no key column {}", spec.key.name)),
+    };
+    let values = if env.op == Op::Delete {
+        Vec::new()
+    } else {
+        spec.columns
+            .iter()
+            .map(|c| match row.get(c.name.as_str()) {
+                Some(v) => json_text(v).map_err(|e| format!("column {}: {e}", c.name)),
+                None => Err(format!("row image has no column {}", c.name)),
+            })
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    Ok(DecodedEvent {
+        op: env.op,
+        key,
+        ts_us: env.source.ts_us,
+        lsn,
+        tx_id: env.source.tx_id,
+        captured_ms: env.ts_ms,
+        values,
+    })
+}
+
+/// The text form of a JSON value: strings unescaped, numbers and booleans as written,
+/// objects and arrays as their JSON, null as `None`.
+fn json_text(v: &RawValue) -> Result<Option<String>, String> {
+    let raw = v.get();
+    match raw.as_bytes().first() {
+        Some(b'"') => serde_json::from_str::<String>(raw)
+            .map(Some)
+            .map_err(|e| e.to_string()),
+        Some(b'n') if raw == "null" => Ok(None),
+        Some(_) => Ok(Some(raw.to_owned())),
+        None => Err("empty value".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UPDATE: &str = r#"{"format_version":1,"op":"u","before":null,"after":{"id":7,"customer_id":1,"product_id":2,"quantity":3,"unit_price":"4.50","total_amount":"13.50","order_status":"it's \"ok\"","order_date":"2026-01-01T00:00:00+00:00","created_at":"2026-01-01T00:00:00.5+00:00","last_updated":"2026-01-02T00:00:00+00:00"},"source":{"connector":"x","db":"d","schema":"public","table":"orders","capture_mode":"timestamp","ts_us":1767312000000000,"lsn":null,"txId":null},"ts_ms":1767312001000}"#;
+
+    #[test]
+    fn decodes_values_exactly() {
+        let e = decode(UPDATE, &TableSpec::orders()).expect("decode");
+        assert_eq!(e.op, Op::Update);
+        assert_eq!(e.key, "7");
+        assert_eq!(e.ts_us, 1_767_312_000_000_000);
+        assert_eq!(e.values[3].as_deref(), Some("4.50"));
+        assert_eq!(e.values[5].as_deref(), Some("it's \"ok\""));
+        assert_eq!(e.values.len(), 8);
+    }
+
+    #[test]
+    fn a_delete_takes_its_key_from_before() {
+        let line = r#"{"op":"d","before":{"id":9},"after":null,"source":{"schema":"public","table":"orders","ts_us":5},"ts_ms":6}"#;
+        let e = decode(line, &TableSpec::orders()).expect("decode");
+        assert_eq!((e.op, e.key.as_str(), e.values.len()), (Op::Delete, "9", 0));
+    }
+
+    #[test]
+    fn errors_say_what_is_wrong() {
+        let spec = TableSpec::orders();
+        assert!(decode("{not json", &spec)
+            .unwrap_err()
+            .contains("not a change event"));
+        let other = UPDATE.replace("\"orders\"", "\"customers\"");
+        assert!(decode(&other, &spec)
+            .unwrap_err()
+            .contains("public.customers"));
+        let no_col = UPDATE.replace("\"quantity\":3,", "");
+        assert!(decode(&no_col, &spec).unwrap_err().contains("quantity"));
+        let bad_op = UPDATE.replace("\"op\":\"u\"", "\"op\":\"x\"");
+        assert!(decode(&bad_op, &spec).is_err());
+    }
+}

@@ -1,0 +1,144 @@
+//! Warehouse schema: numbered SQL migrations and the history table of the configured source
+//! table, applied at start-up in one transaction under an advisory lock, recorded in
+//! `cdc_schema_migrations`. Idempotent; safe when several binaries start at once.
+
+use crate::db::ctx;
+use crate::error::{Error, Result};
+use crate::table::TableSpec;
+use tokio_postgres::Client;
+
+const LOCK_KEY: i64 = 0x0cdc_0001;
+
+const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "runs_and_batches",
+    include_str!("../migrations/0001_runs_and_batches.sql"),
+)];
+
+/// Brings the warehouse schema up to date for `spec`.
+pub async fn migrate(client: &mut Client, spec: &TableSpec) -> Result<()> {
+    let tx = client
+        .transaction()
+        .await
+        .map_err(ctx("starting the migration transaction"))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])
+        .await
+        .map_err(ctx("taking the migration lock"))?;
+    tx.batch_execute(
+        "SET LOCAL client_min_messages = warning;
+         CREATE TABLE IF NOT EXISTS public.cdc_schema_migrations (
+             version    INTEGER     PRIMARY KEY,
+             name       TEXT        NOT NULL,
+             applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+         )",
+    )
+    .await
+    .map_err(ctx("creating cdc_schema_migrations"))?;
+    let applied: Vec<i32> = tx
+        .query("SELECT version FROM public.cdc_schema_migrations", &[])
+        .await
+        .map_err(ctx("reading cdc_schema_migrations"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for (version, name, sql) in MIGRATIONS {
+        if applied.contains(version) {
+            continue;
+        }
+        tx.batch_execute(sql)
+            .await
+            .map_err(ctx(format!("applying migration {version} ({name})")))?;
+        tx.execute(
+            "INSERT INTO public.cdc_schema_migrations (version, name) VALUES ($1, $2)",
+            &[version, name],
+        )
+        .await
+        .map_err(ctx("recording a migration"))?;
+        tracing::info!(version, name, "applied warehouse migration");
+    }
+    tx.batch_execute(&history_ddl(spec))
+        .await
+        .map_err(ctx(format!(
+            "creating history table {}",
+            spec.history_qualified()
+        )))?;
+    check_history_columns(&tx, spec).await?;
+    tx.commit().await.map_err(ctx("committing migrations"))?;
+    Ok(())
+}
+
+/// DDL of the history table: the key and tracked columns typed as in the source, the SCD2
+/// columns, and the indexes the invariants and queries need (see README, "Indexes").
+pub fn history_ddl(spec: &TableSpec) -> String {
+    let t = &spec.history_table;
+    let hist = spec.history_qualified();
+    let key = &spec.history_key_column;
+    let cols: String = spec
+        .columns
+        .iter()
+        .map(|c| format!("    {} {},\n", spec.history_column(c), c.sql_type))
+        .collect();
+    format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema};
+CREATE TABLE IF NOT EXISTS {hist} (
+    surrogate_key BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    {key} {key_type} NOT NULL,
+{cols}    valid_from    TIMESTAMPTZ NOT NULL,
+    valid_to      TIMESTAMPTZ,
+    is_current    BOOLEAN     NOT NULL,
+    is_deleted    BOOLEAN     NOT NULL DEFAULT false,
+    cdc_operation CHAR(1)     NOT NULL,
+    cdc_timestamp TIMESTAMPTZ NOT NULL,
+    batch_id      TEXT        NOT NULL,
+    source_lsn    PG_LSN,
+    source_txid   BIGINT,
+    end_lsn       PG_LSN,
+    row_hash      UUID        NOT NULL,
+    created_at    TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated_at    TIMESTAMPTZ NOT NULL DEFAULT now(),
+    CONSTRAINT {t}_no_empty_version CHECK (valid_to IS NULL OR valid_to > valid_from),
+    CONSTRAINT {t}_current_is_open CHECK (is_current = (valid_to IS NULL)),
+    CONSTRAINT {t}_deleted_is_closed CHECK (NOT is_deleted OR valid_to IS NOT NULL)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS {t}_one_current
+    ON {hist} ({key}) WHERE is_current;
+CREATE UNIQUE INDEX IF NOT EXISTS {t}_key_position
+    ON {hist} ({key}, valid_from, source_lsn) NULLS NOT DISTINCT;
+",
+        schema = spec.history_schema,
+        key_type = spec.key.sql_type,
+    )
+}
+
+/// A history table created by an older description must still have every tracked column.
+async fn check_history_columns(
+    tx: &tokio_postgres::Transaction<'_>,
+    spec: &TableSpec,
+) -> Result<()> {
+    let rows = tx
+        .query(
+            "SELECT column_name::text FROM information_schema.columns
+             WHERE table_schema = $1 AND table_name = $2",
+            &[&spec.history_schema, &spec.history_table],
+        )
+        .await
+        .map_err(ctx("reading the history table's columns"))?;
+    let have: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    let missing: Vec<String> = spec
+        .columns
+        .iter()
+        .map(|c| spec.history_column(c))
+        .chain(std::iter::once(spec.history_key_column.clone()))
+        .filter(|c| !have.contains(c))
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::setup(
+            format!("history table {}", spec.history_qualified()),
+            format!(
+                "exists without column(s) {}; it was created for another table description",
+                missing.join(", ")
+            ),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,240 @@
+//! Simulated application traffic on `orders`: a seeded mix of inserts, updates and deletes
+//! with realistic values, either steadily (a batch every interval) or as a burst of exactly N
+//! operations.
+
+use crate::config::MutatorConfig;
+use crate::db::{self, ctx};
+use crate::error::{Error, Result};
+use crate::shutdown::Shutdown;
+use fake::rand::rngs::StdRng;
+use fake::rand::{RngExt, SeedableRng};
+use fake::Fake;
+use tokio_postgres::GenericClient;
+
+/// Order statuses, in the order an order moves through them.
+pub const STATUSES: &[&str] = &[
+    "pending",
+    "confirmed",
+    "processing",
+    "shipped",
+    "delivered",
+    "cancelled",
+    "returned",
+];
+
+/// The operation mix, in percent: inserts, updates, deletes.
+pub const MIX: (u32, u32, u32) = (40, 45, 15);
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MutationStats {
+    pub inserts: u64,
+    pub updates: u64,
+    pub deletes: u64,
+}
+
+impl MutationStats {
+    pub fn total(&self) -> u64 {
+        self.inserts + self.updates + self.deletes
+    }
+
+    fn add(&mut self, o: &MutationStats) {
+        self.inserts += o.inserts;
+        self.updates += o.updates;
+        self.deletes += o.deletes;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Insert,
+    Update,
+    Delete,
+}
+
+fn pick(rng: &mut StdRng) -> Kind {
+    let roll: u32 = rng.random_range(0..100);
+    if roll < MIX.0 {
+        Kind::Insert
+    } else if roll < MIX.0 + MIX.1 {
+        Kind::Update
+    } else {
+        Kind::Delete
+    }
+}
+
+/// Performs one operation of `kind`; an update or delete on an empty table becomes an
+/// insert, so that every call changes exactly one row.
+async fn one_op(client: &impl GenericClient, rng: &mut StdRng, kind: Kind) -> Result<Kind> {
+    let target: f64 = rng.random_range(0.0..1.0);
+    let pick_row = "(SELECT o.id FROM public.orders o, (SELECT min(id) AS lo, max(id) AS hi FROM public.orders) b
+                     WHERE o.id >= b.lo + floor($1::float8 * (b.hi - b.lo + 1))::int ORDER BY o.id LIMIT 1)";
+    match kind {
+        Kind::Update => {
+            let n = if rng.random_bool(0.6) {
+                let status = STATUSES[rng.random_range(0..STATUSES.len())];
+                client
+                    .execute(
+                        &format!("UPDATE public.orders SET order_status = $2 WHERE id = {pick_row} AND order_status <> $2"),
+                        &[&target, &status],
+                    )
+                    .await
+            } else {
+                let qty: i32 = (1..20).fake_with_rng(rng);
+                client
+                    .execute(
+                        &format!("UPDATE public.orders SET quantity = $2 WHERE id = {pick_row} AND quantity <> $2"),
+                        &[&target, &qty],
+                    )
+                    .await
+            }
+            .map_err(ctx("updating an order"))?;
+            if n == 1 {
+                return Ok(Kind::Update);
+            }
+        }
+        Kind::Delete => {
+            let n = client
+                .execute(
+                    &format!("DELETE FROM public.orders WHERE id = {pick_row}"),
+                    &[&target],
+                )
+                .await
+                .map_err(ctx("deleting an order"))?;
+            if n == 1 {
+                return Ok(Kind::Delete);
+            }
+        }
+        Kind::Insert => {}
+    }
+    let customer: i32 = (1000..10_000).fake_with_rng(rng);
+    let product: i32 = (100..1000).fake_with_rng(rng);
+    let qty: i32 = (1..10).fake_with_rng(rng);
+    let cents: i64 = (199..50_000).fake_with_rng(rng);
+    let price = format!("{}.{:02}", cents / 100, cents % 100);
+    let status = STATUSES[rng.random_range(0..3)];
+    client
+        .execute(
+            "INSERT INTO public.orders (customer_id, product_id, quantity, unit_price, order_status)
+             VALUES ($1, $2, $3, $4::text::numeric, $5)",
+            &[&customer, &product, &qty, &price, &status],
+        )
+        .await
+        .map_err(ctx("inserting an order"))?;
+    Ok(Kind::Insert)
+}
+
+/// Performs `n` operations, `per_tx` to a transaction, with its own client and generator.
+async fn run_ops(
+    pool: deadpool_postgres::Pool,
+    seed: u64,
+    n: u64,
+    per_tx: u32,
+    shutdown: Shutdown,
+) -> Result<MutationStats> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut client = pool.get().await.map_err(|e| Error::Pool {
+        context: "getting a writer connection".into(),
+        source: e,
+    })?;
+    let mut stats = MutationStats::default();
+    let mut done = 0;
+    while done < n && !shutdown.is_triggered() {
+        let in_tx = (per_tx as u64).min(n - done);
+        let tx = client
+            .transaction()
+            .await
+            .map_err(ctx("starting a mutation transaction"))?;
+        let mut batch = MutationStats::default();
+        for _ in 0..in_tx {
+            let kind = pick(&mut rng);
+            match one_op(&*tx, &mut rng, kind).await? {
+                Kind::Insert => batch.inserts += 1,
+                Kind::Update => batch.updates += 1,
+                Kind::Delete => batch.deletes += 1,
+            }
+        }
+        tx.commit().await.map_err(ctx("committing mutations"))?;
+        stats.add(&batch);
+        done += in_tx;
+    }
+    Ok(stats)
+}
+
+/// Runs `total` operations spread over `concurrency` writers.
+async fn burst(
+    pool: &deadpool_postgres::Pool,
+    cfg: &MutatorConfig,
+    seed: u64,
+    total: u64,
+    shutdown: &Shutdown,
+) -> Result<MutationStats> {
+    let workers = cfg.concurrency as u64;
+    let mut handles = Vec::with_capacity(cfg.concurrency);
+    for w in 0..workers {
+        let share = total / workers + u64::from(w < total % workers);
+        if share == 0 {
+            continue;
+        }
+        handles.push(tokio::spawn(run_ops(
+            pool.clone(),
+            seed.wrapping_add(w.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            share,
+            cfg.ops_per_transaction,
+            shutdown.clone(),
+        )));
+    }
+    let mut stats = MutationStats::default();
+    for h in handles {
+        let s = h
+            .await
+            .map_err(|e| Error::setup("mutator worker", e.to_string()))??;
+        stats.add(&s);
+    }
+    Ok(stats)
+}
+
+/// Runs the mutator: a burst of `count` operations, or steady batches until shutdown.
+pub async fn run(cfg: &MutatorConfig, shutdown: Shutdown) -> Result<MutationStats> {
+    // Connect once with retry so that an unreachable source is reported clearly.
+    let probe = db::connect(&cfg.source, &shutdown).await?;
+    drop(probe);
+    let pool = db::pool(&cfg.source, cfg.concurrency)?;
+    tracing::info!(source = %cfg.source.display(), seed = cfg.seed, count = ?cfg.count, "mutator started");
+    let mut total = MutationStats::default();
+    if let Some(count) = cfg.count {
+        total = burst(&pool, cfg, cfg.seed, count, &shutdown).await?;
+    } else {
+        let mut round: u64 = 0;
+        loop {
+            let seed = cfg
+                .seed
+                .wrapping_add(round.wrapping_mul(0xD1B5_4A32_D192_ED03));
+            match burst(&pool, cfg, seed, u64::from(cfg.batch_size), &shutdown).await {
+                Ok(s) => {
+                    tracing::info!(
+                        inserts = s.inserts,
+                        updates = s.updates,
+                        deletes = s.deletes,
+                        "mutation batch"
+                    );
+                    total.add(&s);
+                }
+                Err(e) if e.is_retryable() => {
+                    tracing::warn!(error = %crate::error::error_chain(&e), "mutation batch failed; will retry");
+                }
+                Err(e) => return Err(e),
+            }
+            round += 1;
+            if shutdown.sleep(cfg.interval).await {
+                break;
+            }
+        }
+    }
+    tracing::info!(
+        inserts = total.inserts,
+        updates = total.updates,
+        deletes = total.deletes,
+        "mutator stopped"
+    );
+    Ok(total)
+}

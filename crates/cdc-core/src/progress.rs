@@ -1,0 +1,157 @@
+//! The extractor's progress: the watermark and the next file sequence, in a versioned JSON
+//! file written atomically, and only after the change-log files it covers are durable.
+
+use crate::changelog::write_atomic;
+use crate::error::{Error, Result};
+use crate::table::TableSpec;
+use serde::{Deserialize, Serialize};
+use std::cmp::Ordering;
+use std::path::{Path, PathBuf};
+
+const PROGRESS_VERSION: u32 = 1;
+
+/// A position in (change time, key) order. `key: None` sorts before every key of that time:
+/// "everything from this instant on".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Watermark {
+    pub ts_us: i64,
+    pub key: Option<String>,
+}
+
+impl Watermark {
+    /// Compares two watermarks; keys of the same instant compare as integers when both are.
+    pub fn cmp_pos(&self, other: &Watermark) -> Ordering {
+        self.ts_us
+            .cmp(&other.ts_us)
+            .then_with(|| match (&self.key, &other.key) {
+                (None, None) => Ordering::Equal,
+                (None, Some(_)) => Ordering::Less,
+                (Some(_), None) => Ordering::Greater,
+                (Some(a), Some(b)) => match (a.parse::<i128>(), b.parse::<i128>()) {
+                    (Ok(x), Ok(y)) => x.cmp(&y),
+                    _ => a.cmp(b),
+                },
+            })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub format_version: u32,
+    pub table: String,
+    pub capture_mode: String,
+    /// `None` until the first pass (the initial snapshot) has been written.
+    pub watermark: Option<Watermark>,
+    pub next_file_seq: u64,
+    pub updated_at: Option<String>,
+}
+
+impl Progress {
+    pub fn path(state_dir: &Path, spec: &TableSpec) -> PathBuf {
+        state_dir.join(format!("extractor-{}.{}.json", spec.schema, spec.name))
+    }
+
+    fn fresh(spec: &TableSpec, mode: &str) -> Self {
+        Progress {
+            format_version: PROGRESS_VERSION,
+            table: spec.qualified(),
+            capture_mode: mode.to_owned(),
+            watermark: None,
+            next_file_seq: 1,
+            updated_at: None,
+        }
+    }
+
+    /// Reads the progress file; a missing file means "never captured". A file that exists but
+    /// cannot be read is an error: starting over silently would re-capture or skip changes.
+    pub fn load(state_dir: &Path, spec: &TableSpec, mode: &str) -> Result<Self> {
+        let path = Self::path(state_dir, spec);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Self::fresh(spec, mode))
+            }
+            Err(e) => return Err(Error::io("reading the progress file", &path, e)),
+        };
+        let p: Progress = serde_json::from_str(&text).map_err(|e| Error::State {
+            path: path.clone(),
+            message: format!("{e}; fix or remove it (removing it re-captures the whole table)"),
+        })?;
+        if p.format_version > PROGRESS_VERSION {
+            return Err(Error::State {
+                path,
+                message: format!(
+                    "format_version {} is newer than this extractor reads",
+                    p.format_version
+                ),
+            });
+        }
+        if p.table != spec.qualified() {
+            return Err(Error::State {
+                path,
+                message: format!("it belongs to table {}, not {}", p.table, spec.qualified()),
+            });
+        }
+        if p.capture_mode != mode {
+            return Err(Error::State {
+                path,
+                message: format!(
+                    "it was written in {} capture mode, not {mode}; remove it to start {mode} capture from a new snapshot",
+                    p.capture_mode
+                ),
+            });
+        }
+        Ok(p)
+    }
+
+    /// Saves atomically. The watermark never moves backwards.
+    pub fn save(
+        &mut self,
+        state_dir: &Path,
+        spec: &TableSpec,
+        previous: Option<&Watermark>,
+    ) -> Result<()> {
+        if let (Some(prev), Some(new)) = (previous, &self.watermark) {
+            if new.cmp_pos(prev) == Ordering::Less {
+                self.watermark = Some(prev.clone());
+            }
+        }
+        self.updated_at = Some(chrono::Utc::now().to_rfc3339());
+        let bytes = serde_json::to_vec_pretty(self).map_err(|e| Error::State {
+            path: Self::path(state_dir, spec),
+            message: e.to_string(),
+        })?;
+        write_atomic(&Self::path(state_dir, spec), &bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watermark_order_puts_open_key_first_and_compares_numbers() {
+        let a = Watermark {
+            ts_us: 5,
+            key: None,
+        };
+        let b = Watermark {
+            ts_us: 5,
+            key: Some("9".into()),
+        };
+        let c = Watermark {
+            ts_us: 5,
+            key: Some("10".into()),
+        };
+        assert_eq!(a.cmp_pos(&b), Ordering::Less);
+        assert_eq!(b.cmp_pos(&c), Ordering::Less);
+        assert_eq!(
+            Watermark {
+                ts_us: 6,
+                key: None
+            }
+            .cmp_pos(&c),
+            Ordering::Greater
+        );
+    }
+}

@@ -1,0 +1,277 @@
+//! The loader's loop: find pending change-log files, apply them in capture order (several
+//! in one transaction when there is a backlog), archive them, quarantine what cannot be
+//! applied, retry what failed for a transient reason.
+
+use super::apply::{apply_files, ApplySql, ApplyStats};
+use crate::changelog::{self, file_name};
+use crate::config::LoaderConfig;
+use crate::db::{self, ctx, Backoff};
+use crate::error::{error_chain, Error, Result};
+use crate::metadata::{self, RunCounts, RunRecord};
+use crate::migrate;
+use crate::shutdown::Shutdown;
+use crate::table::TableSpec;
+use chrono::Utc;
+use std::path::PathBuf;
+use std::time::Instant;
+use tokio_postgres::Client;
+
+pub const PIPELINE_NAME: &str = "scd2_loader";
+
+/// Totals of one `run`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoaderTotals {
+    pub applied: ApplyStats,
+    pub skipped_already_applied: usize,
+    pub quarantined: usize,
+}
+
+/// A warehouse connection ready to apply: schema migrated, staging tables created, and the
+/// per-table advisory lock held so that two loaders never apply the same table at once.
+pub struct Applier {
+    client: Client,
+    sql: ApplySql,
+    spec: TableSpec,
+}
+
+impl Applier {
+    pub async fn connect(cfg: &LoaderConfig, shutdown: &Shutdown) -> Result<Self> {
+        let mut client = db::connect(&cfg.warehouse, shutdown).await?;
+        migrate::migrate(&mut client, &cfg.table).await?;
+        let locked: bool = client
+            .query_one(
+                "SELECT pg_try_advisory_lock(hashtext('cdc_loader:' || $1::text))",
+                &[&cfg.table.history_qualified()],
+            )
+            .await
+            .map_err(ctx("taking the loader lock"))?
+            .get(0);
+        if !locked {
+            return Err(Error::setup(
+                format!("history table {}", cfg.table.history_qualified()),
+                "another scd2-loader is applying to it; stop that one first",
+            ));
+        }
+        let sql = ApplySql::new(&cfg.table);
+        client
+            .batch_execute(sql.create_temp_sql())
+            .await
+            .map_err(ctx("creating the staging tables"))?;
+        Ok(Applier {
+            client,
+            sql,
+            spec: cfg.table.clone(),
+        })
+    }
+
+    /// Which of `names` are already recorded as applied.
+    async fn already_applied(&self, names: &[String]) -> Result<Vec<String>> {
+        let rows = self
+            .client
+            .query(
+                "SELECT batch_id FROM public.cdc_applied_batches WHERE batch_id = ANY($1)",
+                &[&names],
+            )
+            .await
+            .map_err(ctx("reading cdc_applied_batches"))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Applies `files` in one transaction with its run record; commits or rolls back.
+    pub async fn apply(&mut self, files: &[PathBuf], run_id: &str) -> Result<ApplyStats> {
+        let started = Utc::now();
+        let tx = self
+            .client
+            .transaction()
+            .await
+            .map_err(ctx("starting the apply transaction"))?;
+        let stats = apply_files(&tx, &self.sql, &self.spec, files, run_id).await?;
+        let record = RunRecord {
+            pipeline_name: PIPELINE_NAME,
+            run_id,
+            start: started,
+            end: Utc::now(),
+            status: "success",
+            counts: RunCounts {
+                processed: stats.events as i64,
+                inserted: stats.versions_inserted as i64,
+                updated: stats.versions_closed as i64,
+                deleted: stats.deletes as i64,
+            },
+            error: None,
+            metrics: serde_json::json!({
+                "files": files.iter().map(|f| file_name(f)).collect::<Vec<_>>(),
+                "history_table": self.spec.history_qualified(),
+                "duration_ms": (Utc::now() - started).num_milliseconds(),
+            }),
+        };
+        metadata::record(&tx, &record).await?;
+        tx.commit()
+            .await
+            .map_err(ctx("committing the apply transaction"))?;
+        Ok(stats)
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+/// Runs the loader: with `once`, applies everything pending and returns; otherwise keeps
+/// applying new files until shutdown.
+pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<LoaderTotals> {
+    let run_id = metadata::new_run_id("loader");
+    let mut applier = Applier::connect(cfg, &shutdown).await?;
+    tracing::info!(
+        history = %cfg.table.history_qualified(),
+        warehouse = %cfg.warehouse.display(),
+        log_dir = %cfg.log_dir.display(),
+        "loader started"
+    );
+    let mut totals = LoaderTotals::default();
+    let mut backoff = Backoff::default();
+    loop {
+        if shutdown.is_triggered() {
+            break;
+        }
+        let pending = changelog::pending_files(&cfg.log_dir)?;
+        if pending.is_empty() {
+            if once || shutdown.sleep(cfg.poll_interval).await {
+                break;
+            }
+            continue;
+        }
+        match apply_pending(&mut applier, cfg, &pending, &run_id, &mut totals).await {
+            Ok(()) => backoff.reset(),
+            Err(e) if e.is_retryable() => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %error_chain(&e), retry_in_ms = delay.as_millis() as u64, "apply failed; reconnecting");
+                if shutdown.sleep(delay).await {
+                    break;
+                }
+                applier = Applier::connect(cfg, &shutdown).await?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    tracing::info!(
+        files = totals.applied.files,
+        events = totals.applied.events,
+        versions = totals.applied.versions_inserted,
+        quarantined = totals.quarantined,
+        "loader stopped"
+    );
+    Ok(totals)
+}
+
+/// Applies the pending files in batches of at most `max_files_per_batch` files.
+async fn apply_pending(
+    applier: &mut Applier,
+    cfg: &LoaderConfig,
+    pending: &[PathBuf],
+    run_id: &str,
+    totals: &mut LoaderTotals,
+) -> Result<()> {
+    let names: Vec<String> = pending.iter().map(|p| file_name(p)).collect();
+    let done = applier.already_applied(&names).await?;
+    let mut todo = Vec::with_capacity(pending.len());
+    for p in pending {
+        if done.contains(&file_name(p)) {
+            tracing::info!(file = %file_name(p), "already applied; archiving");
+            changelog::archive(p)?;
+            totals.skipped_already_applied += 1;
+        } else {
+            todo.push(p.clone());
+        }
+    }
+    for batch in todo.chunks(cfg.max_files_per_batch) {
+        let mut batch: Vec<PathBuf> = batch.to_vec();
+        while !batch.is_empty() {
+            let clock = Instant::now();
+            match applier.apply(&batch, run_id).await {
+                Ok(stats) => {
+                    for p in &batch {
+                        changelog::archive(p)?;
+                    }
+                    tracing::info!(
+                        files = stats.files,
+                        events = stats.events,
+                        versions = stats.versions_inserted,
+                        closed = stats.versions_closed,
+                        deletes = stats.deletes,
+                        ms = clock.elapsed().as_millis() as u64,
+                        "applied change-log files"
+                    );
+                    add(&mut totals.applied, &stats);
+                    batch.clear();
+                }
+                Err(e) if e.is_data_error() => {
+                    // Find the culprit: a parse error names it; otherwise apply one by one.
+                    let culprit = match &e {
+                        Error::Parse { path, .. } => Some(path.clone()),
+                        _ if batch.len() == 1 => Some(batch[0].clone()),
+                        _ => None,
+                    };
+                    match culprit {
+                        Some(path) => {
+                            quarantine(cfg, &path, &e, run_id, applier).await?;
+                            totals.quarantined += 1;
+                            batch.retain(|p| p != &path);
+                        }
+                        None => {
+                            // Split: apply the first file alone; the loop continues with the rest.
+                            let first = batch.remove(0);
+                            match applier.apply(std::slice::from_ref(&first), run_id).await {
+                                Ok(stats) => {
+                                    changelog::archive(&first)?;
+                                    add(&mut totals.applied, &stats);
+                                }
+                                Err(e1) if e1.is_data_error() => {
+                                    quarantine(cfg, &first, &e1, run_id, applier).await?;
+                                    totals.quarantined += 1;
+                                }
+                                Err(e1) => return Err(e1),
+                            }
+                        }
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn quarantine(
+    cfg: &LoaderConfig,
+    path: &std::path::Path,
+    e: &Error,
+    run_id: &str,
+    applier: &Applier,
+) -> Result<()> {
+    let target = changelog::quarantine(path, e)?;
+    tracing::error!(file = %file_name(path), moved_to = %target.display(), error = %error_chain(e), "change-log file quarantined");
+    let now = Utc::now();
+    let record = RunRecord {
+        pipeline_name: PIPELINE_NAME,
+        run_id,
+        start: now,
+        end: now,
+        status: "quarantined",
+        counts: RunCounts::default(),
+        error: Some(error_chain(e)),
+        metrics: serde_json::json!({ "file": file_name(path), "history_table": cfg.table.history_qualified() }),
+    };
+    if let Err(err) = metadata::record(applier.client(), &record).await {
+        tracing::warn!(error = %error_chain(&err), "could not record the quarantine in pipeline_metadata");
+    }
+    Ok(())
+}
+
+fn add(total: &mut ApplyStats, s: &ApplyStats) {
+    total.files += s.files;
+    total.events += s.events;
+    total.versions_inserted += s.versions_inserted;
+    total.versions_closed += s.versions_closed;
+    total.deletes += s.deletes;
+}

@@ -1,0 +1,173 @@
+//! `scd2-loader status`: what has been captured and applied, what is waiting, and the lag.
+
+use crate::changelog::{self, DEAD_LETTER_DIR};
+use crate::config::LoaderConfig;
+use crate::db::ctx;
+use crate::error::Result;
+use crate::progress::Progress;
+use chrono::{DateTime, Utc};
+use std::fmt::Write as _;
+use tokio_postgres::Client;
+
+/// Renders the status report. `warehouse` may be absent (unreachable): the file side is
+/// still reported.
+pub async fn status(cfg: &LoaderConfig, warehouse: Option<&Client>) -> Result<String> {
+    let mut s = String::new();
+    let spec = &cfg.table;
+    let now = Utc::now();
+
+    let pending = changelog::pending_files(&cfg.log_dir)?;
+    let dead = std::fs::read_dir(cfg.log_dir.join(DEAD_LETTER_DIR))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".jsonl"))
+                .count()
+        })
+        .unwrap_or(0);
+    let _ = writeln!(s, "change log  {}", cfg.log_dir.display());
+    let _ = writeln!(s, "  pending files      {}", pending.len());
+    if let Some(oldest) = pending.first() {
+        let age = std::fs::metadata(oldest)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .map(|d| format!("{:.1}s", d.as_secs_f64()))
+            .unwrap_or_else(|| "?".into());
+        let _ = writeln!(
+            s,
+            "  oldest pending     {} (waiting {age})",
+            changelog::file_name(oldest)
+        );
+    }
+    let _ = writeln!(s, "  dead-lettered      {dead}");
+
+    match Progress::load(&cfg.state_dir, spec, "timestamp") {
+        Ok(p) => match &p.watermark {
+            Some(w) => {
+                let wm = DateTime::<Utc>::from_timestamp_micros(w.ts_us).unwrap_or_default();
+                let _ = writeln!(s, "extractor (timestamp mode)");
+                let _ = writeln!(
+                    s,
+                    "  watermark          {} (capture lag {:.1}s)",
+                    wm.to_rfc3339(),
+                    secs(now - wm)
+                );
+                let _ = writeln!(
+                    s,
+                    "  last progress      {}",
+                    p.updated_at.as_deref().unwrap_or("-")
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    s,
+                    "extractor: no capture yet (the first pass takes a snapshot)"
+                );
+            }
+        },
+        Err(e) => {
+            let _ = writeln!(s, "extractor: {e}");
+        }
+    }
+
+    let Some(w) = warehouse else {
+        let _ = writeln!(s, "warehouse: unreachable");
+        return Ok(s);
+    };
+    let h = spec.history_qualified();
+    let exists: bool = w
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&h])
+        .await
+        .map_err(ctx("looking for the history table"))?
+        .get(0);
+    if !exists {
+        let _ = writeln!(
+            s,
+            "warehouse: {h} does not exist yet (the loader creates it at start-up)"
+        );
+        return Ok(s);
+    }
+    let row = w
+        .query_one(
+            &format!(
+                "SELECT count(*), count(*) FILTER (WHERE is_current), count(DISTINCT {k}),
+                        count(*) FILTER (WHERE is_deleted), max(valid_from), max(cdc_timestamp)
+                 FROM {h}",
+                k = spec.history_key_column
+            ),
+            &[],
+        )
+        .await
+        .map_err(ctx(format!("summarizing {h}")))?;
+    let _ = writeln!(s, "warehouse   {} ({})", cfg.warehouse.display(), h);
+    let _ = writeln!(s, "  versions           {}", row.get::<_, i64>(0));
+    let _ = writeln!(s, "  current rows       {}", row.get::<_, i64>(1));
+    let _ = writeln!(s, "  keys               {}", row.get::<_, i64>(2));
+    let _ = writeln!(s, "  deletes recorded   {}", row.get::<_, i64>(3));
+    if let Some(last) = row.get::<_, Option<DateTime<Utc>>>(4) {
+        let _ = writeln!(
+            s,
+            "  newest change      {} ({:.1}s ago)",
+            last.to_rfc3339(),
+            secs(now - last)
+        );
+    }
+    let batches = w
+        .query_one(
+            "SELECT count(*), max(applied_at), (SELECT batch_id FROM public.cdc_applied_batches ORDER BY applied_at DESC, batch_id DESC LIMIT 1)
+             FROM public.cdc_applied_batches WHERE history_table = $1",
+            &[&h],
+        )
+        .await
+        .map_err(ctx("summarizing cdc_applied_batches"))?;
+    let _ = writeln!(s, "  applied files      {}", batches.get::<_, i64>(0));
+    if let (Some(at), Some(name)) = (
+        batches.get::<_, Option<DateTime<Utc>>>(1),
+        batches.get::<_, Option<String>>(2),
+    ) {
+        let _ = writeln!(
+            s,
+            "  last applied       {name} at {} ({:.1}s ago)",
+            at.to_rfc3339(),
+            secs(now - at)
+        );
+    }
+    let runs = w
+        .query(
+            "SELECT DISTINCT ON (pipeline_name) pipeline_name, status, end_time, coalesce(error_message, '')
+             FROM public.pipeline_metadata ORDER BY pipeline_name, id DESC",
+            &[],
+        )
+        .await
+        .map_err(ctx("reading pipeline_metadata"))?;
+    for r in runs {
+        let end: Option<DateTime<Utc>> = r.get(2);
+        let err: String = r.get(3);
+        let _ = writeln!(
+            s,
+            "  last {:<16} {} {}{}",
+            r.get::<_, String>(0),
+            r.get::<_, String>(1),
+            end.map(|e| format!("({:.1}s ago)", secs(now - e)))
+                .unwrap_or_default(),
+            if err.is_empty() {
+                String::new()
+            } else {
+                format!(" error: {err}")
+            }
+        );
+    }
+    Ok(s)
+}
+
+fn secs(d: chrono::Duration) -> f64 {
+    d.num_milliseconds() as f64 / 1000.0
+}
+
+/// `status` as the binary runs it: the warehouse part is left out if it is unreachable.
+pub async fn run(cfg: &LoaderConfig, shutdown: &crate::shutdown::Shutdown) -> Result<String> {
+    let mut quick = cfg.warehouse.clone();
+    quick.connect_retry = std::time::Duration::from_secs(2);
+    let warehouse = crate::db::connect(&quick, shutdown).await.ok();
+    status(cfg, warehouse.as_ref()).await
+}

@@ -1,0 +1,47 @@
+//! `mutator`: simulated application traffic on the source `orders` table.
+
+use cdc_core::config::{LogArgs, MutatorArgs};
+use clap::Parser;
+
+/// Simulates application traffic: inserts, updates and deletes on the source orders table.
+#[derive(Parser, Debug)]
+#[command(name = "mutator", version)]
+struct Cli {
+    #[command(flatten)]
+    args: MutatorArgs,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+fn main() {
+    let _ = dotenvy::dotenv();
+    let cli = Cli::parse();
+    let cfg = match cli.log.validate().and_then(|()| cli.args.validate()) {
+        Ok(cfg) => cfg,
+        Err(e) => std::process::exit(cdc_core::cli::config_failure("mutator", &e)),
+    };
+    cdc_core::telemetry::init(&cli.log);
+    let code = cdc_core::cli::run_main("mutator", || async move {
+        let shutdown = cdc_core::shutdown::Shutdown::from_signals();
+        let stats = cdc_core::mutator::run(&cfg, shutdown).await?;
+        println!(
+            "mutator: {} operations ({} inserts, {} updates, {} deletes), seed {}",
+            stats.total(),
+            stats.inserts,
+            stats.updates,
+            stats.deletes,
+            cfg.seed
+        );
+        Ok(())
+    });
+    std::process::exit(code);
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn flags_are_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,72 @@
+//! `scd2-loader`: applies change-log files as SCD Type 2 history; `verify` and `status`.
+
+use cdc_core::config::{LoaderArgs, LogArgs};
+use clap::{Parser, Subcommand};
+
+/// Applies change-log files to the warehouse as SCD Type 2 history.
+#[derive(Parser, Debug)]
+#[command(name = "scd2-loader", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    args: LoaderArgs,
+    #[command(flatten)]
+    log: LogArgs,
+    /// Apply every pending file, then exit
+    #[arg(long, global = true)]
+    once: bool,
+}
+
+#[derive(Subcommand, Debug, Clone, Copy)]
+enum Command {
+    /// Apply change-log files (the default)
+    Run,
+    /// Check the history invariants; exit 0 when they hold, 3 when one is violated
+    Verify {
+        /// Skip comparing current rows with the source table
+        #[arg(long)]
+        no_source: bool,
+    },
+    /// Show what has been captured and applied, what is pending, and the lag
+    Status,
+}
+
+fn main() {
+    let _ = dotenvy::dotenv();
+    let cli = Cli::parse();
+    let cfg = match cli.log.validate().and_then(|()| cli.args.validate()) {
+        Ok(cfg) => cfg,
+        Err(e) => std::process::exit(cdc_core::cli::config_failure("scd2-loader", &e)),
+    };
+    cdc_core::telemetry::init(&cli.log);
+    let command = cli.command.unwrap_or(Command::Run);
+    let mut violated = false;
+    let code = cdc_core::cli::run_main("scd2-loader", || async {
+        let shutdown = cdc_core::shutdown::Shutdown::from_signals();
+        match command {
+            Command::Run => {
+                cdc_core::scd2::loader::run(&cfg, cli.once, shutdown).await?;
+            }
+            Command::Verify { no_source } => {
+                let report = cdc_core::scd2::verify::run(&cfg, !no_source, &shutdown).await?;
+                print!("{}", report.render(&cfg.table.history_qualified()));
+                violated = !report.ok();
+            }
+            Command::Status => {
+                print!("{}", cdc_core::scd2::status::run(&cfg, &shutdown).await?);
+            }
+        }
+        Ok(())
+    });
+    std::process::exit(if code == 0 && violated { 3 } else { code });
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn flags_are_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

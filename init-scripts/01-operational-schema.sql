@@ -1,0 +1,68 @@
+-- Operational (source) schema: the `orders` table the application writes, and what
+-- timestamp-mode capture needs from it. The one source of this schema: docker-compose mounts
+-- this directory, scripts/local-db.sh and the tests apply it. Idempotent.
+
+CREATE TABLE IF NOT EXISTS public.orders (
+    id            SERIAL PRIMARY KEY,
+    customer_id   INTEGER        NOT NULL,
+    product_id    INTEGER        NOT NULL,
+    quantity      INTEGER        NOT NULL CHECK (quantity > 0),
+    unit_price    NUMERIC(10, 2) NOT NULL CHECK (unit_price >= 0),
+    total_amount  NUMERIC(12, 2) GENERATED ALWAYS AS (quantity * unit_price) STORED,
+    order_status  VARCHAR(20)    NOT NULL DEFAULT 'pending',
+    order_date    TIMESTAMPTZ    NOT NULL DEFAULT now(),
+    last_updated  TIMESTAMPTZ    NOT NULL DEFAULT clock_timestamp(),
+    created_at    TIMESTAMPTZ    NOT NULL DEFAULT now()
+);
+
+-- Timestamp capture reads "changed since the watermark" in (last_updated, id) order.
+CREATE INDEX IF NOT EXISTS idx_orders_last_updated ON public.orders (last_updated, id);
+CREATE INDEX IF NOT EXISTS idx_orders_customer_id ON public.orders (customer_id);
+CREATE INDEX IF NOT EXISTS idx_orders_status ON public.orders (order_status);
+
+-- Full before-images in the logical-replication stream.
+ALTER TABLE public.orders REPLICA IDENTITY FULL;
+
+-- last_updated is maintained by the database on every insert and update, whatever the client
+-- sends. The transaction id is taken first so that a transaction is visible as a writer in
+-- pg_stat_activity.backend_xid no later than the time it stamps on its rows: the extractor
+-- bounds each poll by the oldest such writer and so never skips a late-committing one.
+CREATE OR REPLACE FUNCTION public.cdc_touch_last_updated() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_current_xact_id();
+    NEW.last_updated := clock_timestamp();
+    RETURN NEW;
+END;
+$$;
+
+DROP TRIGGER IF EXISTS trg_orders_last_updated ON public.orders;
+CREATE TRIGGER trg_orders_last_updated
+    BEFORE INSERT OR UPDATE ON public.orders
+    FOR EACH ROW EXECUTE FUNCTION public.cdc_touch_last_updated();
+
+-- Deletes leave a tombstone with the full old row; the extractor emits them and removes
+-- the ones it has written to a durable change-log file.
+CREATE TABLE IF NOT EXISTS public.cdc_tombstones (
+    tombstone_id  BIGSERIAL   PRIMARY KEY,
+    table_schema  TEXT        NOT NULL,
+    table_name    TEXT        NOT NULL,
+    deleted_at    TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+    old_row       JSONB       NOT NULL
+);
+CREATE INDEX IF NOT EXISTS idx_cdc_tombstones_table
+    ON public.cdc_tombstones (table_schema, table_name, deleted_at, tombstone_id);
+
+CREATE OR REPLACE FUNCTION public.cdc_record_delete() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO public.cdc_tombstones (table_schema, table_name, old_row)
+    VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, to_jsonb(OLD));
+    RETURN OLD;
+END;
+$$;
+
+DROP TRIGGER IF EXISTS trg_orders_tombstone ON public.orders;
+CREATE TRIGGER trg_orders_tombstone
+    AFTER DELETE ON public.orders
+    FOR EACH ROW EXECUTE FUNCTION public.cdc_record_delete();
