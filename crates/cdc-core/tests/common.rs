@@ -1,0 +1,47 @@
+//! Shared steps: one capture pass, one loader run, the ground-truth comparison.
+
+use cdc_core::capture::timestamp::{PassOutcome, TimestampCapture};
+use cdc_core::scd2::loader::{self, LoaderTotals};
+use cdc_core::scd2::verify;
+use cdc_core::shutdown::Shutdown;
+use cdc_core::test_utils::{
+    actual_history, assert_same_history, connect, expected_history, TestDb,
+};
+
+/// One timestamp-capture pass with the test's configuration.
+pub async fn capture(db: &TestDb) -> PassOutcome {
+    capture_with(db, 50_000).await
+}
+
+pub async fn capture_with(db: &TestDb, max_rows_per_file: u64) -> PassOutcome {
+    let cfg = db.extractor_config();
+    let mut cap = TimestampCapture::new(
+        cfg.table.clone(),
+        cfg.log_dir.clone(),
+        cfg.state_dir.clone(),
+        max_rows_per_file,
+    )
+    .expect("load progress");
+    let mut client = connect(&cfg.source).await;
+    cap.pass(&mut client).await.expect("capture pass")
+}
+
+/// `scd2-loader --once`.
+pub async fn load(db: &TestDb) -> LoaderTotals {
+    loader::run(&db.loader_config(), true, Shutdown::new())
+        .await
+        .expect("loader run")
+}
+
+/// The history equals the ground truth and every invariant holds.
+pub async fn assert_history_exact(db: &TestDb) {
+    let source = db.source_client().await;
+    let warehouse = db.warehouse_client().await;
+    let expected = expected_history(&source, &db.spec).await;
+    let actual = actual_history(&warehouse, &db.spec).await;
+    assert_same_history(&expected, &actual);
+    let report = verify::verify(&warehouse, Some(&source), &db.spec)
+        .await
+        .expect("verify");
+    assert!(report.ok(), "{}", report.render("history"));
+}

@@ -1,0 +1,8 @@
+//! Integration tests of cdc-core against real PostgreSQL (the test clusters `make test`
+//! starts): each test has databases of its own.
+
+mod common;
+mod files;
+mod randomized;
+mod scenarios;
+mod verify_checks;
