@@ -1,6 +1,7 @@
 //! Integration tests of cdc-core against real PostgreSQL (the test clusters `make test`
 //! starts): each test has databases of its own.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 mod common;
 mod files;
 mod randomized;
