@@ -168,6 +168,17 @@ pub struct LogArgs {
 impl LogArgs {
     pub fn validate(&self) -> Result<()> {
         let directive = self.filter_directive();
+        let levels = ["trace", "debug", "info", "warn", "error", "off"];
+        // A bare word must be a level; directives (`target=level,...`) go to tracing as they are.
+        if !directive.contains(['=', ',']) && !levels.contains(&directive.as_str()) {
+            return Err(Error::config(
+                "LOG_LEVEL",
+                format!(
+                    "'{}' is not a log level; use error, warn, info, debug or trace",
+                    self.log_level
+                ),
+            ));
+        }
         tracing_subscriber::EnvFilter::try_new(&directive).map_err(|e| {
             Error::config("LOG_LEVEL", format!("'{}' is not a log level or filter ({e}); use error, warn, info, debug or trace", self.log_level))
         })?;

@@ -1,0 +1,112 @@
+//! Bad settings and unreachable databases: clear messages, the right exit codes.
+
+use crate::{cmd, run, text};
+use cdc_core::test_utils::TestDb;
+
+#[tokio::test]
+async fn a_bad_setting_stops_start_up_with_exit_2_naming_it() {
+    let db = TestDb::new("e2e_bad_settings").await;
+    let cases = [
+        (
+            "extractor",
+            "CDC_EXTRACTION_INTERVAL_SECONDS",
+            "-1",
+            "CDC_EXTRACTION_INTERVAL_SECONDS",
+        ),
+        (
+            "extractor",
+            "CDC_MAX_ROWS_PER_FILE",
+            "0",
+            "CDC_MAX_ROWS_PER_FILE",
+        ),
+        ("extractor", "CDC_CAPTURE_MODE", "sometimes", "capture-mode"),
+        ("scd2-loader", "LOG_LEVEL", "loud", "LOG_LEVEL"),
+        (
+            "scd2-loader",
+            "WAREHOUSE_DB_PORT",
+            "lots",
+            "warehouse-db-port",
+        ),
+        (
+            "mutator",
+            "MUTATION_INTERVAL_SECONDS",
+            "0",
+            "MUTATION_INTERVAL_SECONDS",
+        ),
+        (
+            "mutator",
+            "MUTATION_CONCURRENCY",
+            "0",
+            "MUTATION_CONCURRENCY",
+        ),
+    ];
+    for (binary, var, value, named) in cases {
+        let mut c = cmd(&db, binary);
+        c.env(var, value);
+        let out = run(c);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{binary} {var}={value}: {}",
+            text(&out)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(named),
+            "{binary} {var}={value}: {}",
+            text(&out)
+        );
+    }
+    let mut c = cmd(&db, "extractor");
+    c.env("CDC_TABLE_CONFIG", db.dir.join("missing.json"));
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("CDC_TABLE_CONFIG"),
+        "{}",
+        text(&out)
+    );
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_database_is_retried_with_backoff_then_reported_without_the_password() {
+    let db = TestDb::new("e2e_unreachable").await;
+    let mut c = cmd(&db, "extractor");
+    c.args(["--once"])
+        .env("DB_PORT", "1")
+        .env("DB_PASSWORD", "s3cret-Pa55")
+        .env("DB_CONNECT_RETRY_SECONDS", "1.5");
+    let out = run(c);
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(
+        all.matches("retrying").count() >= 2,
+        "retried with backoff: {all}"
+    );
+    assert!(all.contains("source database at 127.0.0.1:1/"), "{all}");
+    assert!(
+        all.contains("DB_PORT"),
+        "names the settings to check: {all}"
+    );
+    assert!(
+        !all.contains("s3cret-Pa55"),
+        "never prints the password: {all}"
+    );
+
+    // A source without the schema is a setup problem: exit 2 and what to do.
+    let admin = db.source_client().await;
+    admin
+        .batch_execute("DROP TABLE orders CASCADE")
+        .await
+        .unwrap();
+    let mut c = cmd(&db, "extractor");
+    c.arg("--once");
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("init-scripts"),
+        "{}",
+        text(&out)
+    );
+    db.cleanup().await;
+}

@@ -1,0 +1,146 @@
+//! The pipeline through its binaries: burst traffic, capture, apply, verify, status, signals.
+
+use crate::{cmd, run, text};
+use cdc_core::test_utils::{install_audit, TestDb};
+use std::time::{Duration, Instant};
+
+#[tokio::test]
+async fn the_three_binaries_build_a_history_that_verify_accepts() {
+    let db = TestDb::new("e2e_pipeline").await;
+    let source = db.source_client().await;
+    install_audit(&source).await;
+    for round in 0..3 {
+        let mut m = cmd(&db, "mutator");
+        m.args([
+            "--count",
+            "150",
+            "--seed",
+            &round.to_string(),
+            "--concurrency",
+            "2",
+        ]);
+        let out = run(m);
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("mutator: 150 operations"),
+            "{}",
+            text(&out)
+        );
+        let mut e = cmd(&db, "extractor");
+        e.arg("--once");
+        let out = run(e);
+        assert!(out.status.success(), "{}", text(&out));
+        let mut l = cmd(&db, "scd2-loader");
+        l.arg("--once");
+        let out = run(l);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let ops: i64 = source
+        .query_one(
+            "SELECT count(*) FROM test_audit WHERE txid <> '0'::xid8",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ops, 450, "a burst performs exactly --count operations");
+
+    let mut v = cmd(&db, "scd2-loader");
+    v.arg("verify");
+    let out = run(v);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("all invariants hold"));
+
+    let wh = db.warehouse_client().await;
+    let (versions, runs): (i64, i64) = {
+        let r = wh
+            .query_one(
+                "SELECT (SELECT count(*) FROM dim_orders_history), (SELECT count(*) FROM pipeline_metadata WHERE status = 'success')",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert!(versions > 150, "history has versions ({versions})");
+    assert!(
+        runs >= 6,
+        "every extractor pass and loader batch is recorded ({runs})"
+    );
+
+    let mut s = cmd(&db, "scd2-loader");
+    s.arg("status");
+    let out = run(s);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        stdout.contains("pending files      0") && stdout.contains("capture lag"),
+        "{stdout}"
+    );
+
+    // A broken history makes verify fail with a readable report.
+    wh.batch_execute("UPDATE dim_orders_history SET valid_to = valid_to + interval '1 hour' WHERE NOT is_current AND NOT is_deleted")
+        .await
+        .unwrap();
+    let mut v = cmd(&db, "scd2-loader");
+    v.args(["verify", "--no-source"]);
+    let out = run(v);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("FAIL  versions of a key are contiguous"),
+        "{}",
+        text(&out)
+    );
+    db.cleanup().await;
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test]
+async fn sigterm_stops_extractor_and_loader_cleanly_with_exit_0() {
+    let db = TestDb::new("e2e_sigterm").await;
+    let mut e = cmd(&db, "extractor");
+    e.env("CDC_EXTRACTION_INTERVAL_SECONDS", "0.2");
+    let mut extractor = e.stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut l = cmd(&db, "scd2-loader");
+    l.env("LOADER_POLL_INTERVAL_SECONDS", "0.1");
+    let mut loader = l.stderr(std::process::Stdio::null()).spawn().unwrap();
+    let processed = db.log_dir().join("processed");
+    wait_for("the snapshot file to be applied", || {
+        std::fs::read_dir(&processed)
+            .map(|d| d.count() > 0)
+            .unwrap_or(false)
+    });
+    for child in [&mut extractor, &mut loader] {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    for child in [&mut extractor, &mut loader] {
+        let mut code = None;
+        wait_for("exit after SIGTERM", || {
+            code = child.try_wait().unwrap().map(|s| s.code());
+            code.is_some()
+        });
+        assert_eq!(code.unwrap(), Some(0));
+    }
+    let wh = db.warehouse_client().await;
+    let n: i64 = wh
+        .query_one("SELECT count(*) FROM dim_orders_history", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 10, "the sample rows were applied before the stop");
+    db.cleanup().await;
+}
