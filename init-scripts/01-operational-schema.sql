@@ -66,3 +66,10 @@ DROP TRIGGER IF EXISTS trg_orders_tombstone ON public.orders;
 CREATE TRIGGER trg_orders_tombstone
     AFTER DELETE ON public.orders
     FOR EACH ROW EXECUTE FUNCTION public.cdc_record_delete();
+
+-- A primary-key change ends the old key: it leaves a tombstone like a delete.
+DROP TRIGGER IF EXISTS trg_orders_key_change ON public.orders;
+CREATE TRIGGER trg_orders_key_change
+    AFTER UPDATE OF id ON public.orders
+    FOR EACH ROW WHEN (OLD.id IS DISTINCT FROM NEW.id)
+    EXECUTE FUNCTION public.cdc_record_delete();

@@ -96,6 +96,7 @@ max_connections = 200
 wal_level = logical
 max_replication_slots = 20
 max_wal_senders = 20
+track_commit_timestamp = on
 shared_buffers = 128MB
 timezone = 'UTC'
 log_timezone = 'UTC'

@@ -307,6 +307,27 @@ pub struct ExtractorArgs {
         default_value = "data/state"
     )]
     pub state_dir: PathBuf,
+    /// Logical mode: name of the replication slot (created if missing)
+    #[arg(
+        long = "slot-name",
+        env = "CDC_SLOT_NAME",
+        default_value = "cdc_orders_slot"
+    )]
+    pub slot_name: String,
+    /// Logical mode: name of the publication (created if missing)
+    #[arg(
+        long = "publication",
+        env = "CDC_PUBLICATION",
+        default_value = "cdc_orders_pub"
+    )]
+    pub publication: String,
+    /// Logical mode: most changes decoded in one pass (transactions are never split)
+    #[arg(
+        long = "max-changes-per-pass",
+        env = "CDC_MAX_CHANGES_PER_PASS",
+        default_value = "200000"
+    )]
+    pub max_changes_per_pass: i32,
     /// Do one capture pass and exit
     #[arg(long)]
     pub once: bool,
@@ -323,6 +344,7 @@ pub struct ExtractorConfig {
     pub capture_mode: CaptureMode,
     pub interval: Duration,
     pub max_rows_per_file: u64,
+    pub slot: crate::capture::logical::SlotSettings,
     pub once: bool,
 }
 
@@ -345,6 +367,18 @@ impl ExtractorArgs {
                 false,
             )?,
             max_rows_per_file: self.max_rows_per_file,
+            slot: crate::capture::logical::SlotSettings {
+                slot: slot_name("CDC_SLOT_NAME", &self.slot_name)?,
+                publication: slot_name("CDC_PUBLICATION", &self.publication)?,
+                max_changes_per_pass: if self.max_changes_per_pass >= 1 {
+                    self.max_changes_per_pass
+                } else {
+                    return Err(Error::config(
+                        "CDC_MAX_CHANGES_PER_PASS",
+                        "must be at least 1",
+                    ));
+                },
+            },
             once: self.once,
         })
     }
@@ -516,6 +550,22 @@ fn positive_secs(setting: &str, value: f64, allow_zero: bool) -> Result<Duration
         ));
     }
     Ok(Duration::from_secs_f64(value))
+}
+
+/// Slot and publication names: lower-case letters, digits and `_`, at most 63.
+fn slot_name(setting: &str, s: &str) -> Result<String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(Error::config(
+            setting,
+            format!("'{s}' must be 1 to 63 lower-case letters, digits or _"),
+        ))
+    }
 }
 
 fn non_empty_path(setting: &str, p: &std::path::Path) -> Result<PathBuf> {

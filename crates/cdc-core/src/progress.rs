@@ -44,6 +44,26 @@ pub struct Progress {
     pub watermark: Option<Watermark>,
     pub next_file_seq: u64,
     pub updated_at: Option<String>,
+    /// Logical mode: whether the initial copy was taken, and which transactions it shows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logical: Option<LogicalState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogicalState {
+    pub snapshot_done: bool,
+    /// Dropped once the slot has been confirmed past `until_lsn`.
+    pub filter: Option<SnapshotFilter>,
+}
+
+/// The initial copy's snapshot (`pg_current_snapshot()`): transactions it shows are skipped
+/// when they come out of the slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotFilter {
+    pub xmin: u64,
+    pub xmax: u64,
+    pub xip: Vec<u64>,
+    pub until_lsn: u64,
 }
 
 impl Progress {
@@ -59,6 +79,7 @@ impl Progress {
             watermark: None,
             next_file_seq: 1,
             updated_at: None,
+            logical: None,
         }
     }
 

@@ -31,6 +31,10 @@ pub struct Column {
     /// The column's SQL type as in the source, e.g. `integer`, `numeric(10,2)`, `timestamptz`.
     #[serde(rename = "type")]
     pub sql_type: String,
+    /// For a generated column: its expression over the other tracked columns. Logical
+    /// replication (PostgreSQL 15) does not send generated columns; the loader computes them.
+    #[serde(default)]
+    pub generated: Option<String>,
 }
 
 impl Column {
@@ -38,7 +42,13 @@ impl Column {
         Column {
             name: name.to_owned(),
             sql_type: sql_type.to_owned(),
+            generated: None,
         }
+    }
+
+    fn generated(mut self, expr: &str) -> Self {
+        self.generated = Some(expr.to_owned());
+        self
     }
 
     /// Whether the value goes into an event as a JSON string of its exact text (numeric and
@@ -86,7 +96,7 @@ impl TableSpec {
                 Column::new("product_id", "integer"),
                 Column::new("quantity", "integer"),
                 Column::new("unit_price", "numeric(10,2)"),
-                Column::new("total_amount", "numeric(12,2)"),
+                Column::new("total_amount", "numeric(12,2)").generated("quantity * unit_price"),
                 Column::new("order_status", "varchar(20)"),
                 Column::new("order_date", "timestamptz"),
                 Column::new("created_at", "timestamptz"),
@@ -212,6 +222,31 @@ fn check_type(what: &str, s: &str) -> std::result::Result<(), String> {
     }
 }
 
+/// Replaces each whole-word reference to a tracked column in `expr` by `f(index)`.
+pub fn substitute_columns(expr: &str, spec: &TableSpec, f: impl Fn(usize) -> String) -> String {
+    let mut out = String::with_capacity(expr.len() * 2);
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        if !word.is_empty() {
+            match spec.columns.iter().position(|c| c.name == *word) {
+                Some(i) => out.push_str(&f(i)),
+                None => out.push_str(word),
+            }
+            word.clear();
+        }
+    };
+    for ch in expr.chars() {
+        if ch.is_ascii_alphanumeric() || ch == '_' {
+            word.push(ch);
+        } else {
+            flush(&mut word, &mut out);
+            out.push(ch);
+        }
+    }
+    flush(&mut word, &mut out);
+    out
+}
+
 /// Quotes a string as a SQL literal (standard_conforming_strings is on since PostgreSQL 9.1).
 pub fn sql_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
@@ -237,6 +272,13 @@ mod tests {
         spec.name = "Orders; drop table x".into();
         let err = spec.validate().unwrap_err();
         assert!(err.contains("name"), "{err}");
+    }
+
+    #[test]
+    fn generated_expressions_refer_to_typed_columns() {
+        let spec = TableSpec::orders();
+        let e = substitute_columns("quantity * unit_price", &spec, |i| format!("v{}", i + 1));
+        assert_eq!(e, "v3 * v4");
     }
 
     #[test]

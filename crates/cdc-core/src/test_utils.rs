@@ -3,7 +3,9 @@
 //! them, a trigger-fed ground truth of every committed state, and an independent reference
 //! model of the SCD2 history that ground truth must produce.
 
+use crate::capture::logical::SlotSettings;
 use crate::config::{CaptureMode, DbSettings, ExtractorConfig, LoaderConfig, Secret};
+use crate::progress::SnapshotFilter;
 use crate::table::TableSpec;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -138,7 +140,17 @@ impl TestDb {
             capture_mode: CaptureMode::Timestamp,
             interval: Duration::from_millis(200),
             max_rows_per_file: 50_000,
+            slot: self.slot_settings(),
             once: true,
+        }
+    }
+
+    /// A slot and publication of this test's own (slot names are cluster-wide).
+    pub fn slot_settings(&self) -> SlotSettings {
+        SlotSettings {
+            slot: self.name.clone(),
+            publication: "cdc_test_pub".into(),
+            max_changes_per_pass: 200_000,
         }
     }
 
@@ -184,6 +196,8 @@ impl TestDb {
                 self.state_dir().display().to_string(),
             ),
             ("LOG_LEVEL".into(), "info".into()),
+            ("CDC_SLOT_NAME".into(), self.name.clone()),
+            ("CDC_PUBLICATION".into(), "cdc_test_pub".into()),
         ]
     }
 
@@ -192,6 +206,12 @@ impl TestDb {
     pub async fn cleanup(self) {
         for db in [&self.source, &self.warehouse] {
             let admin = connect(&settings(db.label, db.port, "postgres")).await;
+            let _ = admin
+                .execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1",
+                    &[&self.name],
+                )
+                .await;
             let _ = admin
                 .batch_execute(&format!(
                     "DROP DATABASE IF EXISTS {} WITH (FORCE)",
@@ -259,16 +279,41 @@ fn col_text(spec: &TableSpec, alias: &str, history: bool) -> String {
         .join(", ")
 }
 
-/// (time µs, audit sequence, is a delete, values) of one ground-truth event.
-type AuditEvent = (i64, i64, bool, Vec<Option<String>>);
+/// Which times the history must carry.
+#[derive(Debug, Clone)]
+pub enum Basis {
+    /// Timestamp capture: the change-time column (and the delete time).
+    ChangeTime,
+    /// Logical capture: commit times (needs `track_commit_timestamp`); transactions the
+    /// initial copy showed are folded into the copied row, stamped with its change time.
+    Commit { snapshot: Option<SnapshotFilter> },
+}
+
+struct AuditEvent {
+    change_us: i64,
+    commit_us: Option<i64>,
+    txid: u64,
+    seq: i64,
+    delete: bool,
+    values: Vec<Option<String>>,
+}
 
 /// The history the ground truth demands, by the reference model: per key, the committed
 /// states in time order (the last state of a transaction); a state equal to the one before
 /// it is no new version; a delete closes the open version.
 pub async fn expected_history(source: &Client, spec: &TableSpec) -> History {
+    expected_history_on(source, spec, &Basis::ChangeTime).await
+}
+
+pub async fn expected_history_on(source: &Client, spec: &TableSpec, basis: &Basis) -> History {
+    let commit = if matches!(basis, Basis::Commit { .. }) {
+        "CASE WHEN a.txid <> '0'::xid8 THEN (extract(epoch FROM pg_xact_commit_timestamp(a.txid::text::xid)) * 1000000)::int8 END"
+    } else {
+        "NULL::int8"
+    };
     let sql = format!(
         "SELECT DISTINCT ON (a.key, a.txid, CASE WHEN a.txid = '0'::xid8 THEN a.seq END)
-                a.key, a.kind, (extract(epoch FROM a.ts) * 1000000)::int8, a.seq, {cols}
+                a.key, a.kind, (extract(epoch FROM a.ts) * 1000000)::int8, a.seq, a.txid::text::int8, {commit}, {cols}
          FROM public.test_audit a, jsonb_populate_record(NULL::{t}, a.row_image) r
          ORDER BY a.key, a.txid, CASE WHEN a.txid = '0'::xid8 THEN a.seq END, a.seq DESC",
         cols = col_text(spec, "r", false),
@@ -279,58 +324,96 @@ pub async fn expected_history(source: &Client, spec: &TableSpec) -> History {
     for r in rows {
         let key: String = r.get(0);
         let kind: String = r.get(1);
-        let values = (0..spec.columns.len())
-            .map(|i| r.get::<_, Option<String>>(4 + i))
-            .collect();
-        events
-            .entry(key)
-            .or_default()
-            .push((r.get(2), r.get(3), kind == "d", values));
+        events.entry(key).or_default().push(AuditEvent {
+            change_us: r.get(2),
+            seq: r.get(3),
+            txid: r.get::<_, i64>(4) as u64,
+            commit_us: r.get(5),
+            delete: kind == "d",
+            values: (0..spec.columns.len())
+                .map(|i| r.get::<_, Option<String>>(6 + i))
+                .collect(),
+        });
     }
     let mut out = History::new();
-    for (key, mut evs) in events {
-        evs.sort_by_key(|e| (e.0, e.1));
-        let mut versions: Vec<Version> = Vec::new();
-        let mut cur: Option<(Vec<Option<String>>, i64)> = None;
-        for (ts, _, is_delete, values) in evs {
-            if is_delete {
-                if let Some((v, from)) = cur.take() {
-                    versions.push(Version {
-                        valid_from_us: from,
-                        valid_to_us: Some(ts),
-                        is_deleted: true,
-                        values: v,
-                    });
+    for (key, evs) in events {
+        // (time, seq, delete, values) in the order the history must follow.
+        let mut seq: Vec<(i64, i64, bool, Vec<Option<String>>)> = Vec::new();
+        match basis {
+            Basis::ChangeTime => {
+                seq = evs
+                    .into_iter()
+                    .map(|e| (e.change_us, e.seq, e.delete, e.values))
+                    .collect();
+            }
+            Basis::Commit { snapshot } => {
+                let shown = |e: &AuditEvent| {
+                    e.txid == 0 || snapshot.as_ref().is_some_and(|f| f.shows_full(e.txid))
+                };
+                // The state the initial copy saw: the newest shown event, at its change time.
+                let start = evs
+                    .iter()
+                    .filter(|e| shown(e))
+                    .max_by_key(|e| (e.commit_us.unwrap_or(e.change_us), e.seq));
+                if let Some(s) = start.filter(|s| !s.delete) {
+                    seq.push((s.change_us, s.seq, false, s.values.clone()));
                 }
-            } else {
-                match &cur {
-                    Some((v, _)) if *v == values => {}
-                    Some((v, from)) => {
-                        versions.push(Version {
-                            valid_from_us: *from,
-                            valid_to_us: Some(ts),
-                            is_deleted: false,
-                            values: v.clone(),
-                        });
-                        cur = Some((values, ts));
-                    }
-                    None => cur = Some((values, ts)),
+                for e in evs.iter().filter(|e| !shown(e)) {
+                    let ts = e
+                        .commit_us
+                        .expect("track_commit_timestamp must be on for logical tests");
+                    seq.push((ts, e.seq, e.delete, e.values.clone()));
                 }
             }
         }
-        if let Some((v, from)) = cur {
-            versions.push(Version {
-                valid_from_us: from,
-                valid_to_us: None,
-                is_deleted: false,
-                values: v,
-            });
-        }
+        seq.sort_by_key(|e| (e.0, e.1));
+        let versions = reference_versions(seq);
         if !versions.is_empty() {
             out.insert(key, versions);
         }
     }
     out
+}
+
+/// The SCD2 reference model over one key's events in order.
+fn reference_versions(events: Vec<(i64, i64, bool, Vec<Option<String>>)>) -> Vec<Version> {
+    let mut versions: Vec<Version> = Vec::new();
+    let mut cur: Option<(Vec<Option<String>>, i64)> = None;
+    for (ts, _, is_delete, values) in events {
+        if is_delete {
+            if let Some((v, from)) = cur.take() {
+                versions.push(Version {
+                    valid_from_us: from,
+                    valid_to_us: Some(ts),
+                    is_deleted: true,
+                    values: v,
+                });
+            }
+        } else {
+            match &cur {
+                Some((v, _)) if *v == values => {}
+                Some((v, from)) => {
+                    versions.push(Version {
+                        valid_from_us: *from,
+                        valid_to_us: Some(ts),
+                        is_deleted: false,
+                        values: v.clone(),
+                    });
+                    cur = Some((values, ts));
+                }
+                None => cur = Some((values, ts)),
+            }
+        }
+    }
+    if let Some((v, from)) = cur {
+        versions.push(Version {
+            valid_from_us: from,
+            valid_to_us: None,
+            is_deleted: false,
+            values: v,
+        });
+    }
+    versions
 }
 
 /// The history the warehouse holds, in the same shape.

@@ -5,7 +5,7 @@ use cdc_core::scd2::loader::{self, LoaderTotals};
 use cdc_core::scd2::verify;
 use cdc_core::shutdown::Shutdown;
 use cdc_core::test_utils::{
-    actual_history, assert_same_history, connect, expected_history, TestDb,
+    actual_history, assert_same_history, connect, expected_history_on, Basis, TestDb,
 };
 
 /// One timestamp-capture pass with the test's configuration.
@@ -35,9 +35,13 @@ pub async fn load(db: &TestDb) -> LoaderTotals {
 
 /// The history equals the ground truth and every invariant holds.
 pub async fn assert_history_exact(db: &TestDb) {
+    assert_history_exact_on(db, &Basis::ChangeTime).await
+}
+
+pub async fn assert_history_exact_on(db: &TestDb, basis: &Basis) {
     let source = db.source_client().await;
     let warehouse = db.warehouse_client().await;
-    let expected = expected_history(&source, &db.spec).await;
+    let expected = expected_history_on(&source, &db.spec, basis).await;
     let actual = actual_history(&warehouse, &db.spec).await;
     assert_same_history(&expected, &actual);
     let report = verify::verify(&warehouse, Some(&source), &db.spec)

@@ -134,6 +134,33 @@ async fn delete_then_reinsert_of_a_key_starts_a_new_chain() {
 }
 
 #[tokio::test]
+async fn a_primary_key_change_ends_the_old_key_and_starts_the_new_one() {
+    let db = TestDb::new("key_change").await;
+    let source = db.source_client().await;
+    install_audit(&source).await;
+    capture(&db).await;
+    load(&db).await;
+    source
+        .batch_execute("UPDATE orders SET id = 700 WHERE id = 8")
+        .await
+        .unwrap();
+    capture(&db).await;
+    load(&db).await;
+    assert_history_exact(&db).await;
+    let wh = db.warehouse_client().await;
+    let old: bool = wh
+        .query_one(
+            "SELECT is_deleted FROM dim_orders_history WHERE order_key = 8",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(old, "the old key's chain is closed");
+    db.cleanup().await;
+}
+
+#[tokio::test]
 async fn a_transaction_that_commits_after_a_poll_is_still_captured() {
     let db = TestDb::new("late_commit").await;
     let source = db.source_client().await;

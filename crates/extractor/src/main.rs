@@ -1,16 +1,26 @@
 //! `extractor`: captures changes of the source table into change-log files.
 
 use cdc_core::config::{ExtractorArgs, LogArgs};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 /// Captures every change of the source table into timestamped JSON change-log files.
 #[derive(Parser, Debug)]
 #[command(name = "extractor", version)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     #[command(flatten)]
     args: ExtractorArgs,
     #[command(flatten)]
     log: LogArgs,
+}
+
+#[derive(Subcommand, Debug, Clone, Copy)]
+enum Command {
+    /// Capture changes (the default)
+    Run,
+    /// Logical mode: drop the replication slot and the publication, and forget the progress
+    DropSlot,
 }
 
 fn main() {
@@ -23,7 +33,13 @@ fn main() {
     cdc_core::telemetry::init(&cli.log);
     let code = cdc_core::cli::run_main("extractor", || async move {
         let shutdown = cdc_core::shutdown::Shutdown::from_signals();
-        cdc_core::capture::run(cfg, shutdown).await
+        match cli.command.unwrap_or(Command::Run) {
+            Command::Run => cdc_core::capture::run(cfg, shutdown).await,
+            Command::DropSlot => {
+                println!("{}", cdc_core::capture::drop_slot(&cfg, &shutdown).await?);
+                Ok(())
+            }
+        }
     });
     std::process::exit(code);
 }

@@ -1,16 +1,19 @@
 //! Capture: the extractor's loop around a capture strategy (timestamp now; logical later).
 //! Each pass is recorded in `pipeline_metadata`; a lost connection is retried with backoff.
 
+pub mod logical;
+pub mod pgoutput;
 pub mod timestamp;
 
 use crate::changelog::clean_leftovers;
 use crate::config::{CaptureMode, ExtractorConfig};
 use crate::db::{self, Backoff};
-use crate::error::{error_chain, Error, Result};
+use crate::error::{error_chain, Result};
 use crate::metadata::{self, RunCounts, RunRecord};
 use crate::migrate;
 use crate::shutdown::Shutdown;
 use chrono::Utc;
+use logical::LogicalCapture;
 use std::time::Instant;
 use timestamp::{PassOutcome, TimestampCapture};
 use tokio_postgres::Client;
@@ -19,12 +22,6 @@ pub const PIPELINE_NAME: &str = "cdc_extractor";
 
 /// Runs the extractor until shutdown (or one pass with `once`).
 pub async fn run(cfg: ExtractorConfig, shutdown: Shutdown) -> Result<()> {
-    if cfg.capture_mode == CaptureMode::Logical {
-        return Err(Error::config(
-            "CDC_CAPTURE_MODE",
-            "logical capture is not available in this build yet; use timestamp",
-        ));
-    }
     let removed = clean_leftovers(&cfg.log_dir)? + clean_leftovers(&cfg.state_dir)?;
     if removed > 0 {
         tracing::info!(
@@ -32,15 +29,10 @@ pub async fn run(cfg: ExtractorConfig, shutdown: Shutdown) -> Result<()> {
             "removed temporary files left by an interrupted run"
         );
     }
-    let mut capture = TimestampCapture::new(
-        cfg.table.clone(),
-        cfg.log_dir.clone(),
-        cfg.state_dir.clone(),
-        cfg.max_rows_per_file,
-    )?;
+    let mut capture = Strategy::new(&cfg)?;
     let run_id = metadata::new_run_id("extractor");
     let mut source = db::connect(&cfg.source, &shutdown).await?;
-    capture.check_source(&source).await?;
+    capture.prepare(&source).await?;
     let mut warehouse = db::connect(&cfg.warehouse, &shutdown).await?;
     migrate::migrate(&mut warehouse, &cfg.table).await?;
     tracing::info!(
@@ -48,7 +40,7 @@ pub async fn run(cfg: ExtractorConfig, shutdown: Shutdown) -> Result<()> {
         source = %cfg.source.display(),
         log_dir = %cfg.log_dir.display(),
         mode = cfg.capture_mode.as_str(),
-        snapshot_needed = capture.progress().watermark.is_none(),
+        snapshot_needed = capture.snapshot_needed(),
         "extractor started"
     );
 
@@ -106,6 +98,85 @@ pub async fn run(cfg: ExtractorConfig, shutdown: Shutdown) -> Result<()> {
     }
     tracing::info!("extractor stopped");
     Ok(())
+}
+
+/// `extractor drop-slot`: removes the slot and publication, and the logical progress file
+/// (the next logical start takes a new initial copy). Returns what was done.
+pub async fn drop_slot(cfg: &ExtractorConfig, shutdown: &Shutdown) -> Result<String> {
+    let source = db::connect(&cfg.source, shutdown).await?;
+    let (slot, publication) = logical::drop_slot(&source, &cfg.slot).await?;
+    let path = crate::progress::Progress::path(&cfg.state_dir, &cfg.table);
+    let removed = match crate::progress::Progress::load(&cfg.state_dir, &cfg.table, "logical") {
+        Ok(p) if p.logical.is_some() => std::fs::remove_file(&path).is_ok(),
+        _ => false,
+    };
+    Ok(format!(
+        "slot {}: {}; publication {}: {}; progress file: {}",
+        cfg.slot.slot,
+        if slot { "dropped" } else { "did not exist" },
+        cfg.slot.publication,
+        if publication {
+            "dropped"
+        } else {
+            "did not exist"
+        },
+        if removed { "removed" } else { "left as it was" }
+    ))
+}
+
+/// The capture strategy chosen by `CDC_CAPTURE_MODE`.
+pub enum Strategy {
+    Timestamp(TimestampCapture),
+    Logical(LogicalCapture),
+}
+
+impl Strategy {
+    pub fn new(cfg: &ExtractorConfig) -> Result<Self> {
+        let (spec, log, state, max) = (
+            cfg.table.clone(),
+            cfg.log_dir.clone(),
+            cfg.state_dir.clone(),
+            cfg.max_rows_per_file,
+        );
+        Ok(match cfg.capture_mode {
+            CaptureMode::Timestamp => {
+                Strategy::Timestamp(TimestampCapture::new(spec, log, state, max)?)
+            }
+            CaptureMode::Logical => Strategy::Logical(LogicalCapture::new(
+                spec,
+                log,
+                state,
+                max,
+                cfg.slot.clone(),
+            )?),
+        })
+    }
+
+    /// Checks (and for logical mode prepares) the source.
+    pub async fn prepare(&mut self, client: &Client) -> Result<()> {
+        match self {
+            Strategy::Timestamp(t) => t.check_source(client).await,
+            Strategy::Logical(l) => l.prepare(client).await,
+        }
+    }
+
+    pub async fn pass(&mut self, client: &mut Client) -> Result<PassOutcome> {
+        match self {
+            Strategy::Timestamp(t) => t.pass(client).await,
+            Strategy::Logical(l) => l.pass(client).await,
+        }
+    }
+
+    pub fn snapshot_needed(&self) -> bool {
+        match self {
+            Strategy::Timestamp(t) => t.progress().watermark.is_none(),
+            Strategy::Logical(l) => !l
+                .progress()
+                .logical
+                .as_ref()
+                .is_some_and(|s| s.snapshot_done),
+        }
+    }
 }
 
 /// Records a pass; the warehouse being down must not stop capture, so failures only warn.

@@ -158,7 +158,7 @@ impl TimestampCapture {
                 out.deletes += 1;
             }
             // 2. Rows changed since the watermark, in (change time, key) order.
-            let sql = rows_copy_sql(spec, prev.as_ref(), captured_ms);
+            let sql = rows_copy_sql(spec, prev.as_ref(), captured_ms, "timestamp");
             let stream = tx
                 .copy_out(sql.as_str())
                 .await
@@ -294,11 +294,17 @@ struct EventParts<'a> {
 }
 
 /// The SQL of one event object.
-fn event_json(spec: &TableSpec, p: EventParts<'_>, snapshot: bool, captured_ms: i64) -> String {
+fn event_json(
+    spec: &TableSpec,
+    p: EventParts<'_>,
+    snapshot: bool,
+    captured_ms: i64,
+    mode: &str,
+) -> String {
     format!(
         "json_build_object('format_version', {FORMAT_VERSION}, 'op', {op}, 'before', {before}, 'after', {after}, \
          'source', json_build_object('version', {version}, 'connector', {connector}, 'db', current_database(), \
-         'schema', {schema}, 'table', {table}, 'capture_mode', 'timestamp', 'snapshot', {snapshot}, \
+         'schema', {schema}, 'table', {table}, 'capture_mode', '{mode}', 'snapshot', {snapshot}, \
          'ts_us', {ts_us}, 'key', {key}::text, 'lsn', NULL, 'txId', NULL), 'ts_ms', {captured_ms})::text",
         op = p.op,
         before = p.before,
@@ -324,7 +330,17 @@ fn op_expr(spec: &TableSpec, r: &str, prev: Option<&Watermark>) -> String {
     }
 }
 
-fn rows_copy_sql(spec: &TableSpec, prev: Option<&Watermark>, captured_ms: i64) -> String {
+/// The initial copy: every row as an `r` event at its change time.
+pub fn snapshot_copy_sql(spec: &TableSpec, captured_ms: i64, mode: &str) -> String {
+    rows_copy_sql(spec, None, captured_ms, mode)
+}
+
+fn rows_copy_sql(
+    spec: &TableSpec,
+    prev: Option<&Watermark>,
+    captured_ms: i64,
+    mode: &str,
+) -> String {
     let t = "t";
     let ct = format!("{t}.{}", spec.change_time_column);
     let key = format!("{t}.{}", spec.key.name);
@@ -349,7 +365,7 @@ fn rows_copy_sql(spec: &TableSpec, prev: Option<&Watermark>, captured_ms: i64) -
         ts_us: &ts,
         key: &key,
     };
-    let event = event_json(spec, parts, prev.is_none(), captured_ms);
+    let event = event_json(spec, parts, prev.is_none(), captured_ms, mode);
     format!(
         "COPY (SELECT {ts}, {key}::text, {event} FROM {table} {t} WHERE {filter} ORDER BY {ct}, {key}) TO STDOUT (FORMAT binary)",
         table = spec.qualified()
@@ -369,7 +385,7 @@ fn tombstone_copy_sql(spec: &TableSpec, prev: Option<&Watermark>, captured_ms: i
         ts_us: &micros(&format!("{r}.{}", spec.change_time_column)),
         key: &key,
     };
-    let last_state = event_json(spec, last_state, false, captured_ms);
+    let last_state = event_json(spec, last_state, false, captured_ms, "timestamp");
     let delete = EventParts {
         op: "'d'",
         before: &image,
@@ -377,7 +393,7 @@ fn tombstone_copy_sql(spec: &TableSpec, prev: Option<&Watermark>, captured_ms: i
         ts_us: &micros("tb.deleted_at"),
         key: &key,
     };
-    let delete = event_json(spec, delete, false, captured_ms);
+    let delete = event_json(spec, delete, false, captured_ms, "timestamp");
     format!(
         "COPY (SELECT tb.tombstone_id, {last_state}, {delete}
                FROM public.cdc_tombstones tb

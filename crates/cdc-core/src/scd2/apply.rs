@@ -12,7 +12,7 @@ use crate::changelog::file_name;
 use crate::db::ctx;
 use crate::error::{Error, Result};
 use crate::event::{decode, DecodedEvent};
-use crate::table::TableSpec;
+use crate::table::{substitute_columns, TableSpec};
 use chrono::{DateTime, Utc};
 use futures_util::pin_mut;
 use std::io::BufRead;
@@ -73,11 +73,21 @@ impl ApplySql {
             "COPY pg_temp.cdc_stage (ord, batch_id, op, k, ts, lsn, txid, cap, {}) FROM STDIN (FORMAT binary)",
             vcols.join(", ")
         );
+        let cast = |i: usize| format!("(s.{}::{})", vcols[i], spec.columns[i].sql_type);
         let typed: String = spec
             .columns
             .iter()
-            .zip(vcols.iter().zip(&ccols))
-            .map(|(c, (v, cn))| format!(", s.{v}::{} AS {cn}", c.sql_type))
+            .enumerate()
+            .map(|(i, c)| match &c.generated {
+                Some(expr) => format!(
+                    ", coalesce({}, ({})::{}) AS {}",
+                    cast(i),
+                    substitute_columns(expr, spec, cast),
+                    c.sql_type,
+                    ccols[i]
+                ),
+                None => format!(", {} AS {}", cast(i), ccols[i]),
+            })
             .collect();
         let c_list = ccols.join(", ");
         let kept = format!(
