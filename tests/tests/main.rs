@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod cli;
+mod logical;
 mod pipeline;
 
 use cdc_core::test_utils::TestDb;

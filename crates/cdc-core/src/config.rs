@@ -418,6 +418,13 @@ pub struct LoaderArgs {
         default_value = "data/state"
     )]
     pub state_dir: PathBuf,
+    /// Logical mode: the extractor's replication slot (its lag is shown by `status`)
+    #[arg(
+        long = "slot-name",
+        env = "CDC_SLOT_NAME",
+        default_value = "cdc_orders_slot"
+    )]
+    pub slot_name: String,
 }
 
 /// Settled loader configuration.
@@ -430,6 +437,7 @@ pub struct LoaderConfig {
     pub state_dir: PathBuf,
     pub poll_interval: Duration,
     pub max_files_per_batch: usize,
+    pub slot_name: String,
 }
 
 impl LoaderArgs {
@@ -453,6 +461,7 @@ impl LoaderArgs {
                 false,
             )?,
             max_files_per_batch: self.max_files_per_batch,
+            slot_name: slot_name("CDC_SLOT_NAME", &self.slot_name)?,
         })
     }
 }

@@ -125,6 +125,21 @@ impl Progress {
         Ok(p)
     }
 
+    /// Reads the progress file whatever its mode (for `status`); `None` when there is none.
+    pub fn peek(state_dir: &Path, spec: &TableSpec) -> Result<Option<Self>> {
+        let path = Self::path(state_dir, spec);
+        match std::fs::read_to_string(&path) {
+            Ok(t) => serde_json::from_str(&t)
+                .map(Some)
+                .map_err(|e| Error::State {
+                    path,
+                    message: e.to_string(),
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("reading the progress file", &path, e)),
+        }
+    }
+
     /// Saves atomically. The watermark never moves backwards.
     pub fn save(
         &mut self,

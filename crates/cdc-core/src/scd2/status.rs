@@ -1,4 +1,5 @@
-//! `scd2-loader status`: what has been captured and applied, what is waiting, and the lag.
+//! `scd2-loader status`: what has been captured and applied, what is waiting, and the lag
+//! (the watermark's age in timestamp mode; the slot's retained WAL in logical mode).
 
 use crate::changelog::{self, DEAD_LETTER_DIR};
 use crate::config::LoaderConfig;
@@ -11,7 +12,11 @@ use tokio_postgres::Client;
 
 /// Renders the status report. `warehouse` may be absent (unreachable): the file side is
 /// still reported.
-pub async fn status(cfg: &LoaderConfig, warehouse: Option<&Client>) -> Result<String> {
+pub async fn status(
+    cfg: &LoaderConfig,
+    warehouse: Option<&Client>,
+    source: Option<&Client>,
+) -> Result<String> {
     let mut s = String::new();
     let spec = &cfg.table;
     let now = Utc::now();
@@ -41,8 +46,47 @@ pub async fn status(cfg: &LoaderConfig, warehouse: Option<&Client>) -> Result<St
     }
     let _ = writeln!(s, "  dead-lettered      {dead}");
 
-    match Progress::load(&cfg.state_dir, spec, "timestamp") {
-        Ok(p) => match &p.watermark {
+    match Progress::peek(&cfg.state_dir, spec) {
+        Ok(Some(p)) if p.capture_mode == "logical" => {
+            let _ = writeln!(s, "extractor (logical mode, slot {})", cfg.slot_name);
+            let _ = writeln!(
+                s,
+                "  initial copy       {}",
+                if p.logical.as_ref().is_some_and(|l| l.snapshot_done) {
+                    "taken"
+                } else {
+                    "not yet"
+                }
+            );
+            let _ = writeln!(
+                s,
+                "  last progress      {}",
+                p.updated_at.as_deref().unwrap_or("-")
+            );
+            match source {
+                Some(src) => match crate::capture::logical::slot_lag(src, &cfg.slot_name).await {
+                    Ok(Some(lag)) => {
+                        let _ =
+                            writeln!(s, "  slot retained WAL  {} bytes", lag.retained_wal_bytes);
+                        let _ = writeln!(
+                            s,
+                            "  capture lag        {} bytes of WAL not yet confirmed",
+                            lag.confirmed_lag_bytes
+                        );
+                    }
+                    Ok(None) => {
+                        let _ = writeln!(s, "  slot               missing on the source");
+                    }
+                    Err(e) => {
+                        let _ = writeln!(s, "  slot               unreadable: {e}");
+                    }
+                },
+                None => {
+                    let _ = writeln!(s, "  slot               source unreachable");
+                }
+            }
+        }
+        Ok(Some(p)) => match &p.watermark {
             Some(w) => {
                 let wm = DateTime::<Utc>::from_timestamp_micros(w.ts_us).unwrap_or_default();
                 let _ = writeln!(s, "extractor (timestamp mode)");
@@ -65,6 +109,12 @@ pub async fn status(cfg: &LoaderConfig, warehouse: Option<&Client>) -> Result<St
                 );
             }
         },
+        Ok(None) => {
+            let _ = writeln!(
+                s,
+                "extractor: no capture yet (the first pass takes a snapshot)"
+            );
+        }
         Err(e) => {
             let _ = writeln!(s, "extractor: {e}");
         }
@@ -166,8 +216,14 @@ fn secs(d: chrono::Duration) -> f64 {
 
 /// `status` as the binary runs it: the warehouse part is left out if it is unreachable.
 pub async fn run(cfg: &LoaderConfig, shutdown: &crate::shutdown::Shutdown) -> Result<String> {
-    let mut quick = cfg.warehouse.clone();
-    quick.connect_retry = std::time::Duration::from_secs(2);
-    let warehouse = crate::db::connect(&quick, shutdown).await.ok();
-    status(cfg, warehouse.as_ref()).await
+    let quick = |db: &crate::config::DbSettings| {
+        let mut d = db.clone();
+        d.connect_retry = std::time::Duration::from_secs(2);
+        d
+    };
+    let warehouse = crate::db::connect(&quick(&cfg.warehouse), shutdown)
+        .await
+        .ok();
+    let source = crate::db::connect(&quick(&cfg.source), shutdown).await.ok();
+    status(cfg, warehouse.as_ref(), source.as_ref()).await
 }
