@@ -1,0 +1,149 @@
+# CDC pipeline — common tasks. `make` (or `make help`) lists the targets.
+#
+# The pipeline itself is run by ./run_pipeline.sh (databases via docker compose or
+# scripts/local-db.sh, the three binaries in the background, PID files in run/, logs in
+# $(LOG_DIR)/). Settings come from the environment or .env (see .env.example).
+#
+# Variables: COUNT (mutate-burst, 1000), LOG_DIR (logs), CDC_BIN_DIR (use prebuilt binaries).
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+# A setting from the environment, else from .env, else the default.
+dotenv = $(shell sed -n 's/^$(1)=//p' .env 2>/dev/null | tail -n 1 | tr -d "\"'")
+LOG_DIR ?= $(or $(call dotenv,LOG_DIR),logs)
+CDC_BIN_DIR ?= $(call dotenv,CDC_BIN_DIR)
+
+# Release binaries: built by `make build`, unless CDC_BIN_DIR points at prebuilt ones.
+ifeq ($(strip $(CDC_BIN_DIR)),)
+BIN_DIR := target/release
+ENSURE_BINS := build
+else
+BIN_DIR := $(CDC_BIN_DIR)
+ENSURE_BINS :=
+endif
+
+COUNT ?= 1000
+RUN := ./run_pipeline.sh
+
+# Throw-away test clusters on ports of their own; these variables override .env (local-db.sh
+# reads .env only for variables that are unset).
+TEST_DB_ENV = LOCAL_DB_DIR=.local/pg-test DB_PORT=55434 WAREHOUSE_DB_PORT=55433 LOCAL_DB_FAST=1 \
+              DB_USER=postgres DB_PASSWORD=postgres
+TEST_ENV = CDC_TEST_SOURCE_PORT=55434 CDC_TEST_WAREHOUSE_PORT=55433
+
+.PHONY: help quick-start prereqs start stop status restart loader test test-db-stop test-rapid \
+        validate logs clean prod-start db-up db-down db-status db-reset build fmt lint mutate-burst
+
+help: ## Show this list of targets
+	@echo "Usage: make <target>   (settings: .env / environment, see .env.example)"
+	@echo
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | \
+	  awk 'BEGIN {FS = ":.*## "} {printf "  %-13s %s\n", $$1, $$2}'
+
+# ---- Run ------------------------------------------------------------------------------------
+
+quick-start: prereqs ## Fresh machine: check/install prerequisites, create .env, start everything
+	@if [ ! -f .env ]; then cp .env.example .env; echo "created .env from .env.example"; fi
+	$(RUN) start
+
+prereqs: ## Check prerequisites: cargo, and PostgreSQL (Docker engine or server binaries; apt as root)
+	@[ -n "$(CDC_BIN_DIR)" ] || command -v cargo >/dev/null 2>&1 || { \
+	  echo "cargo not found: install Rust (https://rustup.rs), then run 'make quick-start' again" >&2; \
+	  exit 1; }
+	@have_docker() { command -v docker >/dev/null 2>&1 && timeout 5 docker info >/dev/null 2>&1 \
+	    && { docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2>&1; }; }; \
+	have_pg() { if [ -n "$${PG_BIN:-}" ]; then [ -x "$$PG_BIN/initdb" ] && [ -x "$$PG_BIN/pg_ctl" ]; \
+	    else ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || \
+	      { command -v initdb >/dev/null 2>&1 && command -v pg_ctl >/dev/null 2>&1; }; fi \
+	    && command -v psql >/dev/null 2>&1; }; \
+	if have_docker; then echo "prereqs: Docker engine answers: databases via docker compose"; \
+	elif have_pg; then echo "prereqs: PostgreSQL server binaries found: local clusters (scripts/local-db.sh)"; \
+	elif [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "prereqs: no Docker engine and no PostgreSQL server: installing Debian's postgresql"; \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; \
+	  have_pg || { echo "prereqs: PostgreSQL still not found after install (set PG_BIN?)" >&2; exit 1; }; \
+	else \
+	  echo "prereqs: need a Docker engine, or the PostgreSQL server binaries (initdb, pg_ctl, psql):" >&2; \
+	  echo "  Debian/Ubuntu: sudo apt-get install -y postgresql" >&2; \
+	  echo "  Fedora/RHEL:   sudo dnf install -y postgresql-server" >&2; \
+	  echo "  macOS:         brew install postgresql@15" >&2; \
+	  echo "  or set PG_BIN to the directory holding initdb and pg_ctl" >&2; \
+	  exit 1; \
+	fi
+
+start: ## Start databases and mutator, extractor, scd2-loader in the background
+	$(RUN) start
+
+prod-start: ## Like start, with JSON logs at level info
+	LOG_FORMAT=json LOG_LEVEL=info $(RUN) start
+
+stop: ## Stop the processes, then the databases (run_pipeline.sh stop --keep-db keeps them)
+	$(RUN) stop
+
+restart: ## Restart the processes (databases stay up)
+	$(RUN) restart
+
+status: ## Databases, processes and lag (exit 0 when healthy)
+	$(RUN) status
+
+loader: ## Apply the pending change-log files now (scd2-loader --once, foreground)
+	$(RUN) loader
+
+logs: ## Follow the logs (tail -F)
+	tail -n 50 -F $(LOG_DIR)/*.log
+
+validate: $(ENSURE_BINS) ## Check the SCD2 history invariants (scd2-loader verify)
+	$(BIN_DIR)/scd2-loader verify
+
+mutate-burst: $(ENSURE_BINS) ## Run COUNT operations on the source at once (COUNT=1000)
+	$(BIN_DIR)/mutator --count $(COUNT)
+
+clean: ## Stop the pipeline; remove change logs, extractor state, logs and run/
+	$(RUN) stop
+	find data/cdc_logs -mindepth 1 -maxdepth 1 ! -name .gitkeep -exec rm -rf {} +
+	rm -rf data/state run
+	rm -f $(LOG_DIR)/*.log
+
+# ---- Databases ------------------------------------------------------------------------------
+
+db-up: ## Start the databases only (docker compose or local clusters)
+	$(RUN) db-up
+
+db-down: ## Stop the databases only
+	$(RUN) db-down
+
+db-status: ## Are the databases answering?
+	$(RUN) db-status
+
+db-reset: ## Destroy the local clusters (and the change logs and state that refer to them)
+	$(RUN) stop --keep-db
+	scripts/local-db.sh reset
+	find data/cdc_logs -mindepth 1 -maxdepth 1 ! -name .gitkeep -exec rm -rf {} +
+	rm -rf data/state run
+
+# ---- Build and test -------------------------------------------------------------------------
+
+build: ## Build the release binaries
+	cargo build --release --bins
+
+fmt: ## Format the code (cargo fmt)
+	cargo fmt --all
+
+lint: ## rustfmt check and clippy with -D warnings
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+test: ## Whole test suite against throw-away clusters on ports 55433/55434
+	@command -v cargo-nextest >/dev/null 2>&1 || cargo nextest --version >/dev/null 2>&1 || { \
+	  echo "cargo-nextest not found: cargo install cargo-nextest --locked" >&2; exit 1; }
+	$(TEST_DB_ENV) scripts/local-db.sh start
+	cargo build --workspace --bins
+	$(TEST_ENV) cargo nextest run --workspace
+
+test-db-stop: ## Stop the test clusters started by make test
+	$(TEST_DB_ENV) scripts/local-db.sh stop
+
+test-rapid: ## Unit tests only, no database (cargo nextest --lib --bins)
+	cargo nextest run --workspace --lib --bins
