@@ -17,7 +17,7 @@ CDC_BIN_DIR ?= $(call dotenv,CDC_BIN_DIR)
 
 # Release binaries: built by `make build`, unless CDC_BIN_DIR points at prebuilt ones.
 ifeq ($(strip $(CDC_BIN_DIR)),)
-BIN_DIR := target/release
+BIN_DIR := $(or $(CARGO_TARGET_DIR),target)/release
 ENSURE_BINS := build
 else
 BIN_DIR := $(CDC_BIN_DIR)

@@ -76,7 +76,10 @@ if [[ -n "${CDC_BIN_DIR:-}" ]]; then
   BIN_DIR="$CDC_BIN_DIR"
   [[ "$BIN_DIR" = /* ]] || BIN_DIR="$ROOT/$BIN_DIR"
 else
-  BIN_DIR="$ROOT/target/release"
+  # cargo's own target directory, wherever CARGO_TARGET_DIR puts it.
+  target_dir="${CARGO_TARGET_DIR:-$ROOT/target}"
+  [[ "$target_dir" = /* ]] || target_dir="$ROOT/$target_dir"
+  BIN_DIR="$target_dir/release"
 fi
 
 say()  { echo "pipeline: $*"; }
