@@ -49,6 +49,18 @@ impl Report {
                 }
             }
         }
+        let source_only = self
+            .checks
+            .iter()
+            .filter(|c| c.violations > 0)
+            .all(|c| c.name.contains("equals the source"));
+        if !self.ok() && source_only {
+            let _ = writeln!(
+                s,
+                "note: current rows equal the source only once the pipeline has caught up; while the source \
+                 keeps changing, stop the writers and run one extractor and loader pass, or use --no-source"
+            );
+        }
         let _ = writeln!(
             s,
             "{}",
