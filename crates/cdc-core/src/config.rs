@@ -499,6 +499,10 @@ pub struct MutatorArgs {
         default_value = "1"
     )]
     pub ops_per_transaction: u32,
+    /// Steady mode at a fixed rate: operations per second, started on a fixed schedule in
+    /// batches of a tenth of a second (replaces --interval and --batch-size)
+    #[arg(long, env = "MUTATION_RATE")]
+    pub rate: Option<f64>,
 }
 
 /// Settled mutator configuration.
@@ -511,6 +515,8 @@ pub struct MutatorConfig {
     pub seed: u64,
     pub concurrency: usize,
     pub ops_per_transaction: u32,
+    /// Fixed-rate steady mode: operations per second.
+    pub rate: Option<f64>,
 }
 
 impl MutatorArgs {
@@ -531,6 +537,16 @@ impl MutatorArgs {
                 "must be at least 1",
             ));
         }
+        if let Some(rate) = self.rate {
+            if !(rate.is_finite() && (0.1..=1_000_000.0).contains(&rate)) {
+                return Err(Error::config(
+                    "MUTATION_RATE",
+                    format!(
+                        "'{rate}' must be a number of operations per second from 0.1 to 1000000"
+                    ),
+                ));
+            }
+        }
         let seed = self.seed.unwrap_or_else(rand::random);
         Ok(MutatorConfig {
             source: self.source.validate(retry)?,
@@ -540,6 +556,7 @@ impl MutatorArgs {
             seed,
             concurrency: self.concurrency,
             ops_per_transaction: self.ops_per_transaction,
+            rate: self.rate,
         })
     }
 }

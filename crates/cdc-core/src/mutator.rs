@@ -9,6 +9,8 @@ use crate::shutdown::Shutdown;
 use fake::rand::rngs::StdRng;
 use fake::rand::{RngExt, SeedableRng};
 use fake::Fake;
+use std::time::Duration;
+use tokio::time::MissedTickBehavior;
 use tokio_postgres::GenericClient;
 
 /// Order statuses, in the order an order moves through them.
@@ -132,32 +134,66 @@ async fn run_ops(
     shutdown: Shutdown,
 ) -> Result<MutationStats> {
     let mut rng = StdRng::seed_from_u64(seed);
+    let mut stats = MutationStats::default();
+    let mut done = 0;
+    let mut backoff = db::Backoff::default();
+    let mut attempts = 0;
+    while done < n && !shutdown.is_triggered() {
+        let in_tx = (per_tx as u64).min(n - done);
+        // A deadlock or serialization failure between writers, or a lost connection, retries
+        // the same operations (same seed) with backoff.
+        let tx_seed: u64 = rng.random();
+        loop {
+            match one_transaction(&pool, tx_seed, in_tx).await {
+                Ok(batch) => {
+                    stats.add(&batch);
+                    done += in_tx;
+                    attempts = 0;
+                    backoff.reset();
+                    break;
+                }
+                Err(e) if e.is_retryable() && attempts < MAX_ATTEMPTS => {
+                    attempts += 1;
+                    tracing::debug!(error = %crate::error::error_chain(&e), attempts, "mutation transaction failed; retrying");
+                    if shutdown.sleep(backoff.next_delay()).await {
+                        return Ok(stats);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(stats)
+}
+
+/// Attempts at one mutation transaction before the error is returned.
+const MAX_ATTEMPTS: u32 = 10;
+
+async fn one_transaction(
+    pool: &deadpool_postgres::Pool,
+    seed: u64,
+    ops: u64,
+) -> Result<MutationStats> {
+    let rng = &mut StdRng::seed_from_u64(seed);
     let mut client = pool.get().await.map_err(|e| Error::Pool {
         context: "getting a writer connection".into(),
         source: e,
     })?;
-    let mut stats = MutationStats::default();
-    let mut done = 0;
-    while done < n && !shutdown.is_triggered() {
-        let in_tx = (per_tx as u64).min(n - done);
-        let tx = client
-            .transaction()
-            .await
-            .map_err(ctx("starting a mutation transaction"))?;
-        let mut batch = MutationStats::default();
-        for _ in 0..in_tx {
-            let kind = pick(&mut rng);
-            match one_op(&*tx, &mut rng, kind).await? {
-                Kind::Insert => batch.inserts += 1,
-                Kind::Update => batch.updates += 1,
-                Kind::Delete => batch.deletes += 1,
-            }
+    let tx = client
+        .transaction()
+        .await
+        .map_err(ctx("starting a mutation transaction"))?;
+    let mut batch = MutationStats::default();
+    for _ in 0..ops {
+        let kind = pick(rng);
+        match one_op(&*tx, rng, kind).await? {
+            Kind::Insert => batch.inserts += 1,
+            Kind::Update => batch.updates += 1,
+            Kind::Delete => batch.deletes += 1,
         }
-        tx.commit().await.map_err(ctx("committing mutations"))?;
-        stats.add(&batch);
-        done += in_tx;
     }
-    Ok(stats)
+    tx.commit().await.map_err(ctx("committing mutations"))?;
+    Ok(batch)
 }
 
 /// Runs `total` operations spread over `concurrency` writers.
@@ -204,19 +240,46 @@ pub async fn run(cfg: &MutatorConfig, shutdown: Shutdown) -> Result<MutationStat
     if let Some(count) = cfg.count {
         total = burst(&pool, cfg, cfg.seed, count, &shutdown).await?;
     } else {
+        // Fixed rate: batches of a tenth of a second's operations on a fixed schedule (a late
+        // batch is caught up, so the offered rate holds whenever the source keeps up).
+        // Otherwise a batch, then a pause of `interval`.
+        let (batch, period) = match cfg.rate {
+            Some(rate) => {
+                let batch = (rate / 10.0).ceil().max(1.0);
+                (batch as u32, Duration::from_secs_f64(batch / rate))
+            }
+            None => (cfg.batch_size, cfg.interval),
+        };
+        let mut ticks = tokio::time::interval(period);
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Burst);
         let mut round: u64 = 0;
         loop {
+            if cfg.rate.is_some() {
+                tokio::select! {
+                    _ = ticks.tick() => {}
+                    () = shutdown.wait() => break,
+                }
+            }
             let seed = cfg
                 .seed
                 .wrapping_add(round.wrapping_mul(0xD1B5_4A32_D192_ED03));
-            match burst(&pool, cfg, seed, u64::from(cfg.batch_size), &shutdown).await {
+            match burst(&pool, cfg, seed, u64::from(batch), &shutdown).await {
                 Ok(s) => {
-                    tracing::info!(
-                        inserts = s.inserts,
-                        updates = s.updates,
-                        deletes = s.deletes,
-                        "mutation batch"
-                    );
+                    if cfg.rate.is_some() {
+                        tracing::debug!(
+                            inserts = s.inserts,
+                            updates = s.updates,
+                            deletes = s.deletes,
+                            "mutation batch"
+                        );
+                    } else {
+                        tracing::info!(
+                            inserts = s.inserts,
+                            updates = s.updates,
+                            deletes = s.deletes,
+                            "mutation batch"
+                        );
+                    }
                     total.add(&s);
                 }
                 Err(e) if e.is_retryable() => {
@@ -225,7 +288,8 @@ pub async fn run(cfg: &MutatorConfig, shutdown: Shutdown) -> Result<MutationStat
                 Err(e) => return Err(e),
             }
             round += 1;
-            if shutdown.sleep(cfg.interval).await {
+            if shutdown.is_triggered() || (cfg.rate.is_none() && shutdown.sleep(cfg.interval).await)
+            {
                 break;
             }
         }
