@@ -33,8 +33,15 @@ TEST_DB_ENV = LOCAL_DB_DIR=.local/pg-test DB_PORT=55434 WAREHOUSE_DB_PORT=55433 
               DB_USER=postgres DB_PASSWORD=postgres
 TEST_ENV = CDC_TEST_SOURCE_PORT=55434 CDC_TEST_WAREHOUSE_PORT=55433
 
+# Benchmark clusters: ports and a directory of their own, default (durable) settings.
+BENCH_DB_ENV = LOCAL_DB_DIR=.local/pg-bench DB_PORT=55634 WAREHOUSE_DB_PORT=55633 \
+               DB_USER=postgres DB_PASSWORD=postgres
+BENCH_ENV = BENCH_SOURCE_PORT=55634 BENCH_WAREHOUSE_PORT=55633
+BENCH_ARGS ?=
+
 .PHONY: help quick-start prereqs start stop status restart loader test test-db-stop test-rapid \
-        validate logs clean prod-start db-up db-down db-status db-reset build fmt lint mutate-burst
+        validate logs clean prod-start db-up db-down db-status db-reset build fmt lint mutate-burst \
+        bench bench-quick bench-db-stop
 
 help: ## Show this list of targets
 	@echo "Usage: make <target>   (settings: .env / environment, see .env.example)"
@@ -147,3 +154,19 @@ test-db-stop: ## Stop the test clusters started by make test
 
 test-rapid: ## Unit tests only, no database (cargo nextest --lib --bins)
 	cargo nextest run --workspace --lib --bins
+
+# ---- Benchmark ------------------------------------------------------------------------------
+
+bench: ## Full benchmark (~15 min; BENCH_ARGS for more flags): table + target/bench/results.json
+	$(BENCH_DB_ENV) scripts/local-db.sh start
+	cargo build --release --bins
+	$(BENCH_ENV) $(or $(CARGO_TARGET_DIR),target)/release/bench $(BENCH_ARGS)
+
+bench-quick: ## About a minute: 10,000 operations, 1 run, 15 s steady phase, no 10x memory run
+	$(BENCH_DB_ENV) scripts/local-db.sh start
+	cargo build --release --bins
+	$(BENCH_ENV) $(or $(CARGO_TARGET_DIR),target)/release/bench --ops 10000 --runs 1 \
+	  --steady-seconds 15 --rss-factor 0 $(BENCH_ARGS)
+
+bench-db-stop: ## Stop the benchmark's clusters (ports 55633/55634)
+	$(BENCH_DB_ENV) scripts/local-db.sh stop

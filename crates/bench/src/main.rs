@@ -1,0 +1,511 @@
+//! `bench`: throughput, latency and memory of the pipeline, beside the machine's own
+//! ceilings measured in the same run (see README, "Performance"). Run by `make bench` and
+//! `make bench-quick` against clusters of its own.
+
+mod ceilings;
+mod procs;
+mod report;
+mod setup;
+
+use anyhow::{bail, Context, Result};
+use cdc_core::table::TableSpec;
+use ceilings::CopyFigure;
+use clap::{Parser, Subcommand};
+use procs::Runner;
+use serde::Serialize;
+use setup::Clusters;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Measures capture, apply, steady end-to-end delay and peak memory of the pipeline against
+/// bare COPY ceilings measured in the same run; prints a table and writes it as JSON.
+#[derive(Parser, Debug)]
+#[command(name = "bench", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    args: BenchArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Internal: run a command and print its wall time and peak RSS as JSON
+    #[command(hide = true)]
+    Measure {
+        #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+}
+
+#[derive(clap::Args, Debug, Clone, Serialize)]
+pub struct BenchArgs {
+    /// Operations of the workload (the mutator's mix, seeded)
+    #[arg(long, default_value = "100000")]
+    ops: u64,
+    /// Runs of each measurement; figures are the median with min–max
+    #[arg(long, default_value = "3")]
+    runs: usize,
+    /// Steady phase: the mutator's rate in operations per second
+    #[arg(long, default_value = "500")]
+    rate: f64,
+    /// Steady phase: seconds of traffic (0 skips the phase)
+    #[arg(long, default_value = "60")]
+    steady_seconds: u64,
+    /// Peak memory is also measured at this multiple of --ops (one run; 0 skips it)
+    #[arg(long, default_value = "10")]
+    rss_factor: u64,
+    /// Capture modes to measure
+    #[arg(long, value_delimiter = ',', default_value = "timestamp,logical")]
+    modes: Vec<String>,
+    /// Seed of the workload
+    #[arg(long, default_value = "42")]
+    seed: u64,
+    /// Workload writers (the mutator's --concurrency)
+    #[arg(long, default_value = "2")]
+    writers: usize,
+    /// Workload operations per transaction (the mutator's --ops-per-transaction)
+    #[arg(long, default_value = "10")]
+    ops_per_transaction: u32,
+    #[arg(long, env = "BENCH_DB_HOST", default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, env = "BENCH_SOURCE_PORT", default_value = "55634")]
+    source_port: u16,
+    #[arg(long, env = "BENCH_WAREHOUSE_PORT", default_value = "55633")]
+    warehouse_port: u16,
+    #[arg(long, env = "BENCH_DB_USER", default_value = "postgres")]
+    user: String,
+    #[arg(
+        long,
+        env = "BENCH_DB_PASSWORD",
+        default_value = "postgres",
+        hide_env_values = true
+    )]
+    #[serde(skip)]
+    password: String,
+    /// Where the pipeline's binaries are (default: beside this one)
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// The source's init scripts
+    #[arg(long, default_value = "init-scripts")]
+    init_scripts: PathBuf,
+    /// Scratch directory (change logs, state, the binaries' logs)
+    #[arg(long, default_value = "target/bench/work")]
+    work_dir: PathBuf,
+    /// The results as JSON
+    #[arg(long, default_value = "target/bench/results.json")]
+    out: PathBuf,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Some(Command::Measure { command }) = &cli.command {
+        match procs::wrapper_main(command) {
+            Ok(code) => std::process::exit(code),
+            Err(e) => {
+                eprintln!("bench measure: {e:#}");
+                std::process::exit(1);
+            }
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    if let Err(e) = rt.block_on(run(cli.args)) {
+        eprintln!("bench: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// One throughput run: a workload of `ops` operations captured in one go and applied.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ThroughputRun {
+    pub ops: u64,
+    pub workload_secs: f64,
+    pub capture_events: u64,
+    pub capture_bytes: u64,
+    pub capture_secs: f64,
+    pub capture_passes: u32,
+    pub extractor_rss_kb: u64,
+    pub apply_secs: f64,
+    pub versions: u64,
+    pub loader_rss_kb: u64,
+    pub capture_ceiling: Option<CopyFigure>,
+    pub apply_ceiling: Option<CopyFigure>,
+    pub sql_merge: Option<CopyFigure>,
+}
+
+/// One steady run: the mutator at a fixed rate with the pipeline at its default intervals.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SteadyRun {
+    pub seconds: f64,
+    pub ops: u64,
+    pub versions: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    /// Median delay in the last third of the window minus that of the first third.
+    pub trend_ms: f64,
+    /// From the mutator's stop until the warehouse's current rows equal the source.
+    pub drain_secs: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ModeResults {
+    pub mode: String,
+    pub throughput: Vec<ThroughputRun>,
+    pub steady: Vec<SteadyRun>,
+    pub large: Option<ThroughputRun>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub cores: usize,
+    pub postgres: String,
+    pub os: String,
+}
+
+struct Bench {
+    args: BenchArgs,
+    clusters: Clusters,
+    bin_dir: PathBuf,
+    work: PathBuf,
+    spec: TableSpec,
+}
+
+async fn run(args: BenchArgs) -> Result<()> {
+    for m in &args.modes {
+        if m != "timestamp" && m != "logical" {
+            bail!("--modes: '{m}' is not a capture mode (timestamp, logical)");
+        }
+    }
+    if args.runs == 0 || args.ops == 0 {
+        bail!("--runs and --ops must be at least 1");
+    }
+    let bin_dir = match &args.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("the bench binary's directory")?
+            .to_path_buf(),
+    };
+    let work = std::path::absolute(&args.work_dir)?;
+    let clusters = Clusters {
+        host: args.host.clone(),
+        source_port: args.source_port,
+        warehouse_port: args.warehouse_port,
+        user: args.user.clone(),
+        password: args.password.clone(),
+        init_scripts: std::path::absolute(&args.init_scripts)?,
+    };
+    let version: String = clusters
+        .connect(clusters.source_port, "postgres")
+        .await?
+        .query_one("SELECT current_setting('server_version')", &[])
+        .await?
+        .get(0);
+    let machine = Machine {
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        postgres: version,
+        os: format!("{} {}", std::env::consts::OS, std::env::consts::ARCH),
+    };
+    let bench = Bench {
+        args: args.clone(),
+        clusters,
+        bin_dir,
+        work,
+        spec: TableSpec::orders(),
+    };
+    eprintln!(
+        "bench: {} cores, PostgreSQL {}, {} operations, {} run(s), modes {}",
+        machine.cores,
+        machine.postgres,
+        args.ops,
+        args.runs,
+        args.modes.join(",")
+    );
+    let mut results = Vec::new();
+    for mode in &args.modes {
+        let mut r = ModeResults {
+            mode: mode.clone(),
+            ..Default::default()
+        };
+        for i in 0..args.runs {
+            eprintln!("bench: {mode}: throughput run {}/{}", i + 1, args.runs);
+            r.throughput.push(
+                bench
+                    .throughput(mode, args.ops, args.seed + i as u64, true)
+                    .await?,
+            );
+        }
+        if args.steady_seconds > 0 {
+            for i in 0..args.runs {
+                eprintln!("bench: {mode}: steady run {}/{}", i + 1, args.runs);
+                r.steady
+                    .push(bench.steady(mode, args.seed + i as u64).await?);
+            }
+        }
+        if args.rss_factor > 1 {
+            let ops = args.ops * args.rss_factor;
+            eprintln!("bench: {mode}: memory run at {ops} operations");
+            r.large = Some(bench.throughput(mode, ops, args.seed, false).await?);
+        }
+        results.push(r);
+    }
+    let report = report::Report::new(machine, args.clone(), results);
+    print!("{}", report.table());
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)?;
+    eprintln!("bench: results written to {}", args.out.display());
+    Ok(())
+}
+
+impl Bench {
+    /// A clean scratch directory for one run, and a runner whose binaries use it.
+    fn runner(&self, mode: &str, label: &str) -> Result<Runner> {
+        let work = self.work.join(format!("{mode}-{label}"));
+        if work.exists() {
+            std::fs::remove_dir_all(&work)?;
+        }
+        std::fs::create_dir_all(&work)?;
+        Ok(Runner {
+            bin_dir: self.bin_dir.clone(),
+            env: self.clusters.env(mode, &work),
+            log_dir: work.join("logs"),
+            cwd: work,
+        })
+    }
+
+    async fn throughput(
+        &self,
+        mode: &str,
+        ops: u64,
+        seed: u64,
+        ceilings: bool,
+    ) -> Result<ThroughputRun> {
+        self.clusters.fresh().await?;
+        let runner = self.runner(mode, &format!("throughput-{ops}"))?;
+        let log_dir = runner.cwd.join("cdc_logs");
+        // The initial copy (the sample rows), applied before the measured workload.
+        runner.measured("extractor", &["--once"]).await?;
+        runner.measured("scd2-loader", &["--once"]).await?;
+        let mut run = ThroughputRun {
+            ops,
+            ..Default::default()
+        };
+        let (ops_s, seed_s) = (ops.to_string(), seed.to_string());
+        let (writers, per_tx) = (
+            self.args.writers.to_string(),
+            self.args.ops_per_transaction.to_string(),
+        );
+        let m = runner
+            .measured(
+                "mutator",
+                &[
+                    "--count",
+                    &ops_s,
+                    "--seed",
+                    &seed_s,
+                    "--concurrency",
+                    &writers,
+                    "--ops-per-transaction",
+                    &per_tx,
+                ],
+            )
+            .await?;
+        run.workload_secs = m.secs;
+
+        let source = self.clusters.source().await?;
+        if ceilings {
+            ceilings::warm(&source).await?;
+            run.capture_ceiling = Some(ceilings::capture(&source, mode).await?);
+        }
+        // Capture: passes until one finds nothing (logical passes are capped at
+        // CDC_MAX_CHANGES_PER_PASS changes); the empty pass is not counted.
+        loop {
+            let before = change_logs(&log_dir)?.len();
+            let m = runner.measured("extractor", &["--once"]).await?;
+            run.extractor_rss_kb = run.extractor_rss_kb.max(m.max_rss_kb);
+            if change_logs(&log_dir)?.len() == before {
+                break;
+            }
+            run.capture_secs += m.secs;
+            run.capture_passes += 1;
+        }
+        let files = change_logs(&log_dir)?;
+        for f in &files {
+            run.capture_bytes += std::fs::metadata(f)?.len();
+            run.capture_events += count_lines(f)?;
+        }
+        let merge_input = if ceilings {
+            Some(ceilings::merge_input(&files, &self.spec)?)
+        } else {
+            None
+        };
+
+        let mut wh = self.clusters.warehouse().await?;
+        let before: i64 = wh
+            .query_one("SELECT count(*) FROM public.dim_orders_history", &[])
+            .await?
+            .get(0);
+        let m = runner.measured("scd2-loader", &["--once"]).await?;
+        run.apply_secs = m.secs;
+        run.loader_rss_kb = m.max_rss_kb;
+        let after: i64 = wh
+            .query_one("SELECT count(*) FROM public.dim_orders_history", &[])
+            .await?
+            .get(0);
+        run.versions = (after - before) as u64;
+        let pending = change_logs(&log_dir)?.len();
+        if pending > 0 {
+            bail!(
+                "{pending} change-log file(s) were not applied; see {}",
+                runner.log_dir.display()
+            );
+        }
+        runner
+            .measured("scd2-loader", &["verify"])
+            .await
+            .context("the history the bench produced does not verify")?;
+        if let Some((input, _events)) = merge_input {
+            run.apply_ceiling = Some(ceilings::apply(&wh, &self.spec).await?);
+            run.sql_merge = Some(ceilings::sql_merge(&mut wh, &self.spec, &input).await?);
+        }
+        Ok(run)
+    }
+
+    async fn steady(&self, mode: &str, seed: u64) -> Result<SteadyRun> {
+        self.clusters.fresh().await?;
+        let runner = self.runner(mode, "steady")?;
+        let mut extractor = runner.spawn("extractor", &[])?;
+        let mut loader = runner.spawn("scd2-loader", &[])?;
+        // Wait until the initial copy is in the warehouse.
+        let wh = self.clusters.warehouse().await?;
+        let source = self.clusters.source().await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while fingerprint(&wh, WAREHOUSE_FINGERPRINT).await.ok()
+            != Some(fingerprint(&source, SOURCE_FINGERPRINT).await?)
+        {
+            extractor.check_alive()?;
+            loader.check_alive()?;
+            if Instant::now() > deadline {
+                bail!(
+                    "the initial copy did not reach the warehouse within 60 s; see {}",
+                    runner.log_dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let t0 = chrono::Utc::now();
+        let started = Instant::now();
+        let rate = self.args.rate.to_string();
+        let seed_s = seed.to_string();
+        let mutator = runner.spawn("mutator", &["--rate", &rate, "--seed", &seed_s])?;
+        tokio::time::sleep(Duration::from_secs(self.args.steady_seconds)).await;
+        extractor.check_alive()?;
+        loader.check_alive()?;
+        let mutator_log = mutator.log.clone();
+        mutator.stop().await?;
+        let seconds = started.elapsed().as_secs_f64();
+        let stopped = Instant::now();
+        let target = fingerprint(&source, SOURCE_FINGERPRINT).await?;
+        let deadline = stopped + Duration::from_secs(120);
+        while fingerprint(&wh, WAREHOUSE_FINGERPRINT).await? != target {
+            extractor.check_alive()?;
+            loader.check_alive()?;
+            if Instant::now() > deadline {
+                bail!(
+                    "the warehouse did not catch up within 120 s of the mutator's stop; see {}",
+                    runner.log_dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let drain_secs = stopped.elapsed().as_secs_f64();
+        extractor.stop().await?;
+        loader.stop().await?;
+
+        // Delay of each version: the commit of the batch that wrote it (track_commit_timestamp
+        // on the warehouse; the batch's row is never updated) minus its change time.
+        let rows = wh
+            .query(
+                "SELECT (extract(epoch FROM pg_xact_commit_timestamp(b.xmin) - h.valid_from) * 1000)::float8,
+                        extract(epoch FROM h.valid_from - $1)::float8
+                 FROM public.dim_orders_history h JOIN public.cdc_applied_batches b USING (batch_id)
+                 WHERE h.valid_from >= $1",
+                &[&t0],
+            )
+            .await
+            .context("reading the delays (the warehouse needs track_commit_timestamp = on)")?;
+        let delays: Vec<(f64, f64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        Ok(SteadyRun {
+            seconds,
+            ops: mutator_ops(&mutator_log)?,
+            versions: delays.len() as u64,
+            drain_secs,
+            ..report::delay_figures(&delays, seconds)
+        })
+    }
+}
+
+const SOURCE_FINGERPRINT: &str = "SELECT count(*)::text || ':' || coalesce(md5(string_agg(id::text || ':' || quantity || ':' || order_status, ',' ORDER BY id)), '')
+     FROM public.orders";
+const WAREHOUSE_FINGERPRINT: &str = "SELECT count(*)::text || ':' || coalesce(md5(string_agg(order_key::text || ':' || quantity || ':' || order_status, ',' ORDER BY order_key)), '')
+     FROM public.dim_orders_history WHERE is_current";
+
+async fn fingerprint(client: &tokio_postgres::Client, sql: &str) -> Result<String> {
+    Ok(client.query_one(sql, &[]).await?.get(0))
+}
+
+/// The operations the mutator reported when it stopped (its last `mutator stopped` line).
+fn mutator_ops(log: &Path) -> Result<u64> {
+    let text = std::fs::read_to_string(log)?;
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("mutator stopped"))
+        .with_context(|| format!("no 'mutator stopped' line in {}", log.display()))?;
+    let v: serde_json::Value = serde_json::from_str(line)?;
+    // tracing's JSON puts an event's fields beside `message` (or under `fields`).
+    let f = v.get("fields").unwrap_or(&v);
+    Ok(["inserts", "updates", "deletes"]
+        .iter()
+        .map(|k| f[k].as_u64().unwrap_or(0))
+        .sum())
+}
+
+/// The change-log files waiting in `dir`, in name order.
+fn change_logs(dir: &Path) -> Result<Vec<PathBuf>> {
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "jsonl")
+                && !p
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+fn count_lines(path: &Path) -> Result<u64> {
+    let bytes = std::fs::read(path)?;
+    Ok(bytes.iter().filter(|&&b| b == b'\n').count() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn flags_are_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

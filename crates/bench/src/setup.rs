@@ -1,0 +1,135 @@
+//! The bench's own databases: `bench_src` (init scripts applied) on the source cluster and
+//! `bench_wh` on the warehouse cluster, recreated for every run.
+
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+use tokio_postgres::{Client, NoTls};
+
+pub const SOURCE_DB: &str = "bench_src";
+pub const WAREHOUSE_DB: &str = "bench_wh";
+pub const SLOT: &str = "bench_slot";
+pub const PUBLICATION: &str = "bench_pub";
+
+#[derive(Debug, Clone)]
+pub struct Clusters {
+    pub host: String,
+    pub source_port: u16,
+    pub warehouse_port: u16,
+    pub user: String,
+    pub password: String,
+    pub init_scripts: PathBuf,
+}
+
+impl Clusters {
+    pub async fn connect(&self, port: u16, db: &str) -> Result<Client> {
+        let conn = format!(
+            "host={} port={port} dbname={db} user={} password={} application_name=cdc-bench",
+            self.host, self.user, self.password
+        );
+        let (client, connection) =
+            tokio_postgres::connect(&conn, NoTls)
+                .await
+                .with_context(|| {
+                    format!(
+                        "connecting to {}:{port}/{db} (start the bench clusters with `make bench`)",
+                        self.host
+                    )
+                })?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+
+    pub async fn source(&self) -> Result<Client> {
+        self.connect(self.source_port, SOURCE_DB).await
+    }
+
+    pub async fn warehouse(&self) -> Result<Client> {
+        self.connect(self.warehouse_port, WAREHOUSE_DB).await
+    }
+
+    /// Drops and recreates both databases (and the source's slots), then applies the init
+    /// scripts to the source.
+    pub async fn fresh(&self) -> Result<()> {
+        let admin = self.connect(self.source_port, "postgres").await?;
+        let source_sql = [
+            format!(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+                 WHERE database = '{SOURCE_DB}'"
+            ),
+            format!("DROP DATABASE IF EXISTS {SOURCE_DB} WITH (FORCE)"),
+            format!("CREATE DATABASE {SOURCE_DB}"),
+        ];
+        for sql in &source_sql {
+            admin
+                .batch_execute(sql)
+                .await
+                .with_context(|| format!("recreating the bench source database: {sql}"))?;
+        }
+        let admin = self.connect(self.warehouse_port, "postgres").await?;
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {WAREHOUSE_DB} WITH (FORCE)"),
+            format!("CREATE DATABASE {WAREHOUSE_DB}"),
+        ] {
+            admin
+                .batch_execute(&sql)
+                .await
+                .with_context(|| format!("recreating the bench warehouse database: {sql}"))?;
+        }
+        let source = self.source().await?;
+        for script in init_scripts(&self.init_scripts)? {
+            let sql = std::fs::read_to_string(&script)
+                .with_context(|| format!("reading {}", script.display()))?;
+            source
+                .batch_execute(&format!("SET client_min_messages = warning; {sql}"))
+                .await
+                .with_context(|| format!("applying {}", script.display()))?;
+        }
+        Ok(())
+    }
+
+    /// The environment of the pipeline's binaries for these databases and `work`.
+    pub fn env(&self, mode: &str, work: &Path) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = [
+            ("DB_HOST", self.host.as_str()),
+            ("DB_NAME", SOURCE_DB),
+            ("DB_USER", self.user.as_str()),
+            ("DB_PASSWORD", self.password.as_str()),
+            ("WAREHOUSE_DB_HOST", self.host.as_str()),
+            ("WAREHOUSE_DB_NAME", WAREHOUSE_DB),
+            ("WAREHOUSE_DB_USER", self.user.as_str()),
+            ("WAREHOUSE_DB_PASSWORD", self.password.as_str()),
+            ("CDC_CAPTURE_MODE", mode),
+            ("CDC_SLOT_NAME", SLOT),
+            ("CDC_PUBLICATION", PUBLICATION),
+            ("LOG_LEVEL", "info"),
+            ("LOG_FORMAT", "json"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        env.push(("DB_PORT".into(), self.source_port.to_string()));
+        env.push(("WAREHOUSE_DB_PORT".into(), self.warehouse_port.to_string()));
+        env.push((
+            "CDC_LOG_DIR".into(),
+            work.join("cdc_logs").display().to_string(),
+        ));
+        env.push((
+            "CDC_STATE_DIR".into(),
+            work.join("state").display().to_string(),
+        ));
+        env
+    }
+}
+
+fn init_scripts(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut scripts: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+        .collect();
+    scripts.sort();
+    Ok(scripts)
+}
