@@ -62,10 +62,10 @@ pub struct BenchArgs {
     #[arg(long, default_value = "42")]
     seed: u64,
     /// Workload writers (the mutator's --concurrency)
-    #[arg(long, default_value = "2")]
+    #[arg(long, default_value = "1")]
     writers: usize,
     /// Workload operations per transaction (the mutator's --ops-per-transaction)
-    #[arg(long, default_value = "10")]
+    #[arg(long, default_value = "100")]
     ops_per_transaction: u32,
     #[arg(long, env = "BENCH_DB_HOST", default_value = "127.0.0.1")]
     host: String,

@@ -9,9 +9,9 @@ use crate::shutdown::Shutdown;
 use fake::rand::rngs::StdRng;
 use fake::rand::{RngExt, SeedableRng};
 use fake::Fake;
+use futures_util::future::try_join_all;
 use std::time::Duration;
 use tokio::time::MissedTickBehavior;
-use tokio_postgres::GenericClient;
 
 /// Order statuses, in the order an order moves through them.
 pub const STATUSES: &[&str] = &[
@@ -64,65 +64,106 @@ fn pick(rng: &mut StdRng) -> Kind {
     }
 }
 
-/// Performs one operation of `kind`; an update or delete on an empty table becomes an
-/// insert, so that every call changes exactly one row.
-async fn one_op(client: &impl GenericClient, rng: &mut StdRng, kind: Kind) -> Result<Kind> {
+/// One planned operation, its values drawn from the generator.
+enum Plan {
+    SetStatus {
+        target: f64,
+        status: &'static str,
+    },
+    SetQuantity {
+        target: f64,
+        qty: i32,
+    },
+    Delete {
+        target: f64,
+    },
+    Insert {
+        customer: i32,
+        product: i32,
+        qty: i32,
+        price: String,
+        status: &'static str,
+    },
+}
+
+fn plan(rng: &mut StdRng, kind: Kind) -> Plan {
     let target: f64 = rng.random_range(0.0..1.0);
-    let pick_row = "(SELECT o.id FROM public.orders o, (SELECT min(id) AS lo, max(id) AS hi FROM public.orders) b
-                     WHERE o.id >= b.lo + floor($1::float8 * (b.hi - b.lo + 1))::int ORDER BY o.id LIMIT 1)";
     match kind {
-        Kind::Update => {
-            let n = if rng.random_bool(0.6) {
-                let status = STATUSES[rng.random_range(0..STATUSES.len())];
-                client
-                    .execute(
-                        &format!("UPDATE public.orders SET order_status = $2 WHERE id = {pick_row} AND order_status <> $2"),
-                        &[&target, &status],
-                    )
-                    .await
-            } else {
-                let qty: i32 = (1..20).fake_with_rng(rng);
-                client
-                    .execute(
-                        &format!("UPDATE public.orders SET quantity = $2 WHERE id = {pick_row} AND quantity <> $2"),
-                        &[&target, &qty],
-                    )
-                    .await
-            }
-            .map_err(ctx("updating an order"))?;
-            if n == 1 {
-                return Ok(Kind::Update);
-            }
-        }
-        Kind::Delete => {
-            let n = client
-                .execute(
-                    &format!("DELETE FROM public.orders WHERE id = {pick_row}"),
-                    &[&target],
-                )
-                .await
-                .map_err(ctx("deleting an order"))?;
-            if n == 1 {
-                return Ok(Kind::Delete);
-            }
-        }
-        Kind::Insert => {}
+        Kind::Update if rng.random_bool(0.6) => Plan::SetStatus {
+            target,
+            status: STATUSES[rng.random_range(0..STATUSES.len())],
+        },
+        Kind::Update => Plan::SetQuantity {
+            target,
+            qty: (1..20).fake_with_rng(rng),
+        },
+        Kind::Delete => Plan::Delete { target },
+        Kind::Insert => insert_plan(rng),
     }
-    let customer: i32 = (1000..10_000).fake_with_rng(rng);
-    let product: i32 = (100..1000).fake_with_rng(rng);
-    let qty: i32 = (1..10).fake_with_rng(rng);
+}
+
+fn insert_plan(rng: &mut StdRng) -> Plan {
     let cents: i64 = (199..50_000).fake_with_rng(rng);
-    let price = format!("{}.{:02}", cents / 100, cents % 100);
-    let status = STATUSES[rng.random_range(0..3)];
-    client
-        .execute(
-            "INSERT INTO public.orders (customer_id, product_id, quantity, unit_price, order_status)
-             VALUES ($1, $2, $3, $4::text::numeric, $5)",
-            &[&customer, &product, &qty, &price, &status],
-        )
-        .await
-        .map_err(ctx("inserting an order"))?;
-    Ok(Kind::Insert)
+    Plan::Insert {
+        customer: (1000..10_000).fake_with_rng(rng),
+        product: (100..1000).fake_with_rng(rng),
+        qty: (1..10).fake_with_rng(rng),
+        price: format!("{}.{:02}", cents / 100, cents % 100),
+        status: STATUSES[rng.random_range(0..3)],
+    }
+}
+
+// A random existing row. The bound is a scalar subquery so that it is an index condition (a
+// join with the min/max row made the planner scan the index up to the target: O(rows) an
+// operation).
+macro_rules! pick_row {
+    () => {
+        "(SELECT o.id FROM public.orders o
+          WHERE o.id >= (SELECT min(id) + floor($1::float8 * (max(id) - min(id) + 1))::int FROM public.orders)
+          ORDER BY o.id LIMIT 1)"
+    };
+}
+const SET_STATUS: &str = concat!(
+    "UPDATE public.orders SET order_status = $2 WHERE id = ",
+    pick_row!(),
+    " AND order_status <> $2"
+);
+const SET_QUANTITY: &str = concat!(
+    "UPDATE public.orders SET quantity = $2 WHERE id = ",
+    pick_row!(),
+    " AND quantity <> $2"
+);
+const DELETE: &str = concat!("DELETE FROM public.orders WHERE id = ", pick_row!());
+const INSERT: &str =
+    "INSERT INTO public.orders (customer_id, product_id, quantity, unit_price, order_status)
+     VALUES ($1, $2, $3, $4::text::numeric, $5)";
+
+/// Runs one planned operation; returns how many rows it changed (0 when an update or delete
+/// found no row to change). Statements are prepared once a connection.
+async fn execute(tx: &deadpool_postgres::Transaction<'_>, p: &Plan) -> Result<u64> {
+    let (sql, what) = match p {
+        Plan::SetStatus { .. } => (SET_STATUS, "updating an order"),
+        Plan::SetQuantity { .. } => (SET_QUANTITY, "updating an order"),
+        Plan::Delete { .. } => (DELETE, "deleting an order"),
+        Plan::Insert { .. } => (INSERT, "inserting an order"),
+    };
+    let stmt = tx.prepare_cached(sql).await.map_err(ctx(what))?;
+    match p {
+        Plan::SetStatus { target, status } => tx.execute(&stmt, &[target, status]).await,
+        Plan::SetQuantity { target, qty } => tx.execute(&stmt, &[target, qty]).await,
+        Plan::Delete { target } => tx.execute(&stmt, &[target]).await,
+        Plan::Insert {
+            customer,
+            product,
+            qty,
+            price,
+            status,
+        } => {
+            tx.execute(&stmt, &[customer, product, qty, price, status])
+                .await
+        }
+    }
+    .map_err(ctx(what))
 }
 
 /// Performs `n` operations, `per_tx` to a transaction, with its own client and generator.
@@ -183,15 +224,28 @@ async fn one_transaction(
         .transaction()
         .await
         .map_err(ctx("starting a mutation transaction"))?;
+    // The transaction's operations are sent pipelined (one round trip for all, executed in
+    // order); an update or delete that found no row becomes an insert, so that every
+    // operation changes exactly one row.
+    let plans: Vec<Plan> = (0..ops)
+        .map(|_| {
+            let kind = pick(rng);
+            plan(rng, kind)
+        })
+        .collect();
+    let changed = try_join_all(plans.iter().map(|p| execute(&tx, p))).await?;
     let mut batch = MutationStats::default();
-    for _ in 0..ops {
-        let kind = pick(rng);
-        match one_op(&*tx, rng, kind).await? {
-            Kind::Insert => batch.inserts += 1,
-            Kind::Update => batch.updates += 1,
-            Kind::Delete => batch.deletes += 1,
+    let mut fallback = Vec::new();
+    for (p, n) in plans.iter().zip(changed) {
+        match p {
+            Plan::Insert { .. } => batch.inserts += 1,
+            _ if n == 0 => fallback.push(insert_plan(rng)),
+            Plan::Delete { .. } => batch.deletes += 1,
+            _ => batch.updates += 1,
         }
     }
+    try_join_all(fallback.iter().map(|p| execute(&tx, p))).await?;
+    batch.inserts += fallback.len() as u64;
     tx.commit().await.map_err(ctx("committing mutations"))?;
     Ok(batch)
 }
