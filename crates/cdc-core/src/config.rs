@@ -411,6 +411,14 @@ pub struct LoaderArgs {
         default_value = "16"
     )]
     pub max_files_per_batch: usize,
+    /// Most change events held in memory at once; a batch is applied in chunks of this many
+    /// events (same transaction), so memory does not grow with the backlog
+    #[arg(
+        long = "max-events-in-memory",
+        env = "LOADER_MAX_EVENTS_IN_MEMORY",
+        default_value = "32768"
+    )]
+    pub max_events_in_memory: usize,
     /// Directory of the extractor's progress file (read by `status`)
     #[arg(
         long = "state-dir",
@@ -437,6 +445,7 @@ pub struct LoaderConfig {
     pub state_dir: PathBuf,
     pub poll_interval: Duration,
     pub max_files_per_batch: usize,
+    pub max_events_in_memory: usize,
     pub slot_name: String,
 }
 
@@ -446,6 +455,12 @@ impl LoaderArgs {
         if self.max_files_per_batch == 0 {
             return Err(Error::config(
                 "LOADER_MAX_FILES_PER_BATCH",
+                "must be at least 1",
+            ));
+        }
+        if self.max_events_in_memory == 0 {
+            return Err(Error::config(
+                "LOADER_MAX_EVENTS_IN_MEMORY",
                 "must be at least 1",
             ));
         }
@@ -461,6 +476,7 @@ impl LoaderArgs {
                 false,
             )?,
             max_files_per_batch: self.max_files_per_batch,
+            max_events_in_memory: self.max_events_in_memory,
             slot_name: slot_name("CDC_SLOT_NAME", &self.slot_name)?,
         })
     }

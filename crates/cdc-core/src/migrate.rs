@@ -4,7 +4,7 @@
 
 use crate::db::ctx;
 use crate::error::{Error, Result};
-use crate::table::TableSpec;
+use crate::table::{substitute_columns, Column, TableSpec};
 use tokio_postgres::Client;
 
 const LOCK_KEY: i64 = 0x0cdc_0001;
@@ -63,6 +63,7 @@ pub async fn migrate(client: &mut Client, spec: &TableSpec) -> Result<()> {
             spec.history_qualified()
         )))?;
     check_history_columns(&tx, spec).await?;
+    make_generated_columns(&tx, spec).await?;
     tx.commit().await.map_err(ctx("committing migrations"))?;
     Ok(())
 }
@@ -76,7 +77,7 @@ pub fn history_ddl(spec: &TableSpec) -> String {
     let cols: String = spec
         .columns
         .iter()
-        .map(|c| format!("    {} {},\n", spec.history_column(c), c.sql_type))
+        .map(|c| format!("    {} {},\n", spec.history_column(c), column_type(spec, c)))
         .collect();
     format!(
         "CREATE SCHEMA IF NOT EXISTS {schema};
@@ -108,6 +109,52 @@ CREATE UNIQUE INDEX IF NOT EXISTS {t}_key_position
         schema = spec.history_schema,
         key_type = spec.key.sql_type,
     )
+}
+
+/// A tracked column's type in the history table: generated columns are generated there too,
+/// from the same expression over the history's columns (logical replication does not send
+/// them, and the loader's COPY leaves them to PostgreSQL).
+fn column_type(spec: &TableSpec, c: &Column) -> String {
+    match &c.generated {
+        Some(expr) => format!(
+            "{} GENERATED ALWAYS AS (({})::{}) STORED",
+            c.sql_type,
+            substitute_columns(expr, spec, |i| spec.history_column(&spec.columns[i])),
+            c.sql_type
+        ),
+        None => c.sql_type.clone(),
+    }
+}
+
+/// Makes the generated columns of a history table created by an older version generated
+/// (their stored values are the expression's by definition, so nothing changes).
+async fn make_generated_columns(
+    tx: &tokio_postgres::Transaction<'_>,
+    spec: &TableSpec,
+) -> Result<()> {
+    for c in spec.columns.iter().filter(|c| c.generated.is_some()) {
+        let name = spec.history_column(c);
+        let plain: bool = tx
+            .query_opt(
+                "SELECT 1 FROM information_schema.columns
+                 WHERE table_schema = $1 AND table_name = $2 AND column_name = $3 AND is_generated = 'NEVER'",
+                &[&spec.history_schema, &spec.history_table, &name],
+            )
+            .await
+            .map_err(ctx("reading the history table's columns"))?
+            .is_some();
+        if plain {
+            tx.batch_execute(&format!(
+                "ALTER TABLE {h} DROP COLUMN {name}, ADD COLUMN {name} {t}",
+                h = spec.history_qualified(),
+                t = column_type(spec, c)
+            ))
+            .await
+            .map_err(ctx(format!("making {name} a generated column")))?;
+            tracing::info!(column = %name, "history column is now generated");
+        }
+    }
+    Ok(())
 }
 
 /// A history table created by an older description must still have every tracked column.

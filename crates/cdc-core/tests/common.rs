@@ -33,6 +33,15 @@ pub async fn load(db: &TestDb) -> LoaderTotals {
         .expect("loader run")
 }
 
+/// `scd2-loader --once` holding at most `events` events in memory (chunked apply).
+pub async fn load_in_chunks(db: &TestDb, events: usize) -> LoaderTotals {
+    let mut cfg = db.loader_config();
+    cfg.max_events_in_memory = events;
+    loader::run(&cfg, true, Shutdown::new())
+        .await
+        .expect("loader run")
+}
+
 /// The history equals the ground truth and every invariant holds.
 pub async fn assert_history_exact(db: &TestDb) {
     assert_history_exact_on(db, &Basis::ChangeTime).await

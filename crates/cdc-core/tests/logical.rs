@@ -2,7 +2,7 @@
 //! initial copy under load, the slot confirmed only after files are durable, heartbeats.
 //! Compared with the trigger-fed ground truth stamped with commit times.
 
-use crate::common::{assert_history_exact_on, load};
+use crate::common::{assert_history_exact_on, load, load_in_chunks};
 use cdc_core::capture::logical::{slot_lag, LogicalCapture};
 use cdc_core::capture::timestamp::PassOutcome;
 use cdc_core::progress::Progress;
@@ -252,11 +252,11 @@ async fn logical_randomized_concurrent_rounds_match_the_ground_truth_version_by_
         }
         logical_pass(&db).await;
         if rng.random_bool(0.5) {
-            load(&db).await;
+            load_in_chunks(&db, 3).await;
         }
     }
     drain(&db).await;
-    load(&db).await;
+    load_in_chunks(&db, 2).await;
     assert_history_exact_on(&db, &basis).await;
     db.cleanup().await;
 }

@@ -1,25 +1,40 @@
-//! Set-based SCD Type 2 apply of a batch of change-log files in one transaction: stream the
-//! events into a temporary staging table with binary COPY, compute the versions to keep with
-//! one statement, close the superseded current rows, insert the new versions, and record
-//! the files as applied, all in the same transaction.
+//! SCD Type 2 apply of a batch of change-log files in one transaction.
+//!
+//! The events are read in chunks of at most `CHUNK_EVENTS` (memory does not grow with the
+//! batch). For each chunk the loader asks the warehouse for the newest version of each key
+//! in it (one indexed query), computes the versions to keep in memory, closes the
+//! superseded current rows with one `UPDATE … FROM unnest(…)`, and writes the new versions
+//! with one `COPY` straight into the history table. The files are recorded as applied in the
+//! same transaction. A later chunk sees the earlier chunks' rows, exactly as a later batch
+//! sees an earlier one.
 //!
 //! Rules (see DESIGN.md): one version per distinct committed state of a key, `valid_from` =
 //! change time; events at or before the newest position the warehouse holds for a key are
-//! duplicates and dropped; of several events of one key at one instant the last (by LSN) wins;
-//! an event equal to the state before it adds nothing; a delete closes the chain.
+//! duplicates and dropped; of several events of one key at one instant the last (by LSN,
+//! then file order) wins; an event equal to the state before it adds nothing; a delete
+//! closes the chain. Generated columns are generated columns of the history table too.
 
 use crate::changelog::file_name;
 use crate::db::ctx;
 use crate::error::{Error, Result};
-use crate::event::{decode, DecodedEvent};
-use crate::table::{substitute_columns, TableSpec};
+use crate::event::{decode, DecodedEvent, Op};
+use crate::table::TableSpec;
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use futures_util::pin_mut;
+use futures_util::{pin_mut, SinkExt};
+use md5::{Digest, Md5};
+use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::io::BufRead;
-use std::path::{Path, PathBuf};
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{ToSql, Type};
+use std::path::PathBuf;
 use tokio_postgres::Transaction;
+
+/// Default of the most events held in memory at once (and handled by one set of
+/// statements): `LOADER_MAX_EVENTS_IN_MEMORY`.
+pub const CHUNK_EVENTS: usize = 32_768;
+
+/// Bytes of COPY data sent at a time.
+const COPY_FLUSH_BYTES: usize = 1 << 20;
 
 /// What applying a batch changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -29,170 +44,96 @@ pub struct ApplyStats {
     pub versions_inserted: u64,
     pub versions_closed: u64,
     pub deletes: u64,
+    /// Where the time went, in milliseconds: reading and decoding the events, reading the
+    /// newest versions and computing the new ones, closing current rows, copying versions in.
+    pub phases_ms: [u64; 4],
 }
 
 /// The SQL of the apply, rendered once for a table description.
 #[derive(Debug, Clone)]
 pub struct ApplySql {
-    create_temp: String,
-    copy_in: String,
-    kept: String,
+    latest: String,
     close: String,
-    insert: String,
+    copy_in: String,
     record_batches: String,
-    stage_types: Vec<Type>,
+    /// Indexes of the tracked columns the loader writes (the others are generated).
+    written: Vec<usize>,
+    /// Whether each tracked column is a timestamp (compared as an instant for the row hash).
+    is_time: Vec<bool>,
+    /// Most events held in memory at once.
+    chunk_events: usize,
 }
 
 impl ApplySql {
-    pub fn new(spec: &TableSpec) -> Self {
+    pub fn new(spec: &TableSpec, chunk_events: usize) -> Self {
         let h = spec.history_qualified();
         let hk = &spec.history_key_column;
         let kt = &spec.key.sql_type;
-        let n = spec.columns.len();
-        let vcols: Vec<String> = (1..=n).map(|i| format!("v{i}")).collect();
-        let ccols: Vec<String> = (1..=n).map(|i| format!("c{i}")).collect();
-        let stage_vals: String = vcols.iter().map(|v| format!(", {v} text")).collect();
-        let kept_vals: String = spec
+        let written: Vec<usize> = (0..spec.columns.len())
+            .filter(|&i| spec.columns[i].generated.is_none())
+            .collect();
+        let is_time = spec
             .columns
             .iter()
-            .zip(&ccols)
-            .map(|(c, name)| format!(", {name} {}", c.sql_type))
+            .map(|c| c.sql_type.to_ascii_lowercase().starts_with("timestamp"))
             .collect();
-        let create_temp = format!(
-            "CREATE TEMP TABLE IF NOT EXISTS cdc_stage (
-                 ord bigint NOT NULL, batch_id text NOT NULL, op text NOT NULL, k text NOT NULL,
-                 ts timestamptz NOT NULL, lsn bigint, txid bigint, cap timestamptz NOT NULL{stage_vals}
-             ) ON COMMIT DELETE ROWS;
-             CREATE TEMP TABLE IF NOT EXISTS cdc_kept (
-                 batch_id text NOT NULL, op text NOT NULL, k {kt} NOT NULL, ts timestamptz NOT NULL,
-                 lsn pg_lsn, txid bigint, cap timestamptz NOT NULL{kept_vals}, h uuid NOT NULL,
-                 next_ts timestamptz, next_lsn pg_lsn, next_op text
-             ) ON COMMIT DELETE ROWS;"
-        );
-        let copy_in = format!(
-            "COPY pg_temp.cdc_stage (ord, batch_id, op, k, ts, lsn, txid, cap, {}) FROM STDIN (FORMAT binary)",
-            vcols.join(", ")
-        );
-        let cast = |i: usize| format!("(s.{}::{})", vcols[i], spec.columns[i].sql_type);
-        let typed: String = spec
-            .columns
-            .iter()
-            .enumerate()
-            .map(|(i, c)| match &c.generated {
-                Some(expr) => format!(
-                    ", coalesce({}, ({})::{}) AS {}",
-                    cast(i),
-                    substitute_columns(expr, spec, cast),
-                    c.sql_type,
-                    ccols[i]
-                ),
-                None => format!(", {} AS {}", cast(i), ccols[i]),
-            })
-            .collect();
-        let c_list = ccols.join(", ");
-        let kept = format!(
-            "INSERT INTO pg_temp.cdc_kept
-             WITH typed AS (
-                 SELECT s.ord, s.batch_id, s.op, s.k::{kt} AS k, s.ts,
-                        CASE WHEN s.lsn IS NULL THEN NULL ELSE '0/0'::pg_lsn + s.lsn::numeric END AS lsn,
-                        s.txid, s.cap{typed}
-                 FROM pg_temp.cdc_stage s
-             ),
-             ev AS (
-                 SELECT DISTINCT ON (k, ts) typed.*, md5(ROW({c_list})::text)::uuid AS h
-                 FROM typed
-                 ORDER BY k, ts, coalesce(lsn, '0/0') DESC, ord DESC
-             ),
-             lat AS (
-                 SELECT DISTINCT ON (x.{hk}) x.{hk} AS k, x.is_current AS cur, x.row_hash AS h,
-                        CASE WHEN x.is_current THEN x.valid_from ELSE x.valid_to END AS ts,
-                        coalesce(CASE WHEN x.is_current THEN x.source_lsn ELSE x.end_lsn END, '0/0') AS pl
-                 FROM {h} x
-                 WHERE x.{hk} IN (SELECT DISTINCT k FROM ev)
-                 ORDER BY x.{hk}, x.valid_from DESC, x.source_lsn DESC NULLS LAST
-             ),
-             fresh AS (
-                 SELECT ev.* FROM ev LEFT JOIN lat ON lat.k = ev.k
-                 WHERE lat.k IS NULL OR (ev.ts, coalesce(ev.lsn, '0/0')) > (lat.ts, lat.pl)
-             ),
-             seq AS (
-                 SELECT k, ts, coalesce(lsn, '0/0') AS pl, op, h, false AS existing FROM fresh
-                 UNION ALL
-                 SELECT k, ts, pl, CASE WHEN cur THEN 'u' ELSE 'd' END, h, true FROM lat
-             ),
-             marked AS (
-                 SELECT k, ts, existing, op, h, lag(op) OVER w AS prev_op, lag(h) OVER w AS prev_h
-                 FROM seq WINDOW w AS (PARTITION BY k ORDER BY ts, pl, existing DESC)
-             ),
-             keep AS (
-                 SELECT k, ts FROM marked
-                 WHERE NOT existing AND CASE WHEN op = 'd' THEN coalesce(prev_op <> 'd', false)
-                                             ELSE prev_op IS NULL OR prev_op = 'd' OR prev_h IS DISTINCT FROM h END
-             )
-             SELECT f.batch_id, f.op, f.k, f.ts, f.lsn, f.txid, f.cap, {f_list}, f.h,
-                    lead(f.ts) OVER w2, lead(f.lsn) OVER w2, lead(f.op) OVER w2
-             FROM fresh f JOIN keep USING (k, ts)
-             WINDOW w2 AS (PARTITION BY f.k ORDER BY f.ts, coalesce(f.lsn, '0/0'))",
-            f_list = ccols.iter().map(|c| format!("f.{c}")).collect::<Vec<_>>().join(", "),
+        let latest = format!(
+            "SELECT DISTINCT ON (x.{hk}) x.{hk}::text, x.is_current, x.row_hash::text,
+                    CASE WHEN x.is_current THEN x.valid_from ELSE x.valid_to END,
+                    (coalesce(CASE WHEN x.is_current THEN x.source_lsn ELSE x.end_lsn END, '0/0') - '0/0'::pg_lsn)::int8
+             FROM {h} x
+             WHERE x.{hk} = ANY($1::text[]::{kt}[])
+             ORDER BY x.{hk}, x.valid_from DESC, x.source_lsn DESC NULLS LAST"
         );
         let close = format!(
-            "WITH first AS (
-                 SELECT DISTINCT ON (k) k, ts, lsn, op FROM pg_temp.cdc_kept ORDER BY k, ts, coalesce(lsn, '0/0')
-             )
-             UPDATE {h} x SET valid_to = first.ts, end_lsn = first.lsn, is_current = false,
-                              is_deleted = (first.op = 'd'), updated_at = now()
-             FROM first WHERE x.{hk} = first.k AND x.is_current"
+            "UPDATE {h} x SET valid_to = f.ts, end_lsn = CASE WHEN f.lsn IS NULL THEN NULL ELSE '0/0'::pg_lsn + f.lsn::numeric END,
+                              is_current = false, is_deleted = f.del, updated_at = now()
+             FROM unnest($1::text[], $2::timestamptz[], $3::int8[], $4::bool[]) AS f(k, ts, lsn, del)
+             WHERE x.{hk} = f.k::{kt} AND x.is_current"
         );
-        let insert = format!(
-            "INSERT INTO {h} ({hk}, {hist_cols}, valid_from, valid_to, is_current, is_deleted, cdc_operation,
-                              cdc_timestamp, batch_id, source_lsn, source_txid, end_lsn, row_hash)
-             SELECT k, {c_list}, ts, next_ts, next_ts IS NULL, coalesce(next_op = 'd', false), op,
-                    cap, batch_id, lsn, txid, next_lsn, h
-             FROM pg_temp.cdc_kept WHERE op <> 'd'",
-            hist_cols = spec.history_column_list(),
+        let cols: String = written
+            .iter()
+            .map(|&i| format!("{}, ", spec.history_column(&spec.columns[i])))
+            .collect();
+        let copy_in = format!(
+            "COPY {h} ({hk}, {cols}valid_from, valid_to, is_current, is_deleted, cdc_operation,
+                       cdc_timestamp, batch_id, source_lsn, source_txid, end_lsn, row_hash) FROM STDIN"
         );
         let record_batches = "INSERT INTO public.cdc_applied_batches
                  (batch_id, history_table, events, versions_inserted, versions_closed, first_change_at, last_change_at, run_id)
-             SELECT b.batch_id, $2, b.events, coalesce(k.ins, 0), coalesce(k.del, 0), b.first_at, b.last_at, $3
-             FROM unnest($1::text[], $4::int8[], $5::timestamptz[], $6::timestamptz[])
-                  AS b(batch_id, events, first_at, last_at)
-             LEFT JOIN (SELECT batch_id, count(*) FILTER (WHERE op <> 'd') AS ins, count(*) FILTER (WHERE op = 'd') AS del
-                        FROM pg_temp.cdc_kept GROUP BY batch_id) k USING (batch_id)"
+             SELECT b.batch_id, $2, b.events, b.ins, b.del, b.first_at, b.last_at, $3
+             FROM unnest($1::text[], $4::int8[], $5::int8[], $6::int8[], $7::timestamptz[], $8::timestamptz[])
+                  AS b(batch_id, events, ins, del, first_at, last_at)"
             .to_owned();
-        let mut stage_types = vec![
-            Type::INT8,
-            Type::TEXT,
-            Type::TEXT,
-            Type::TEXT,
-            Type::TIMESTAMPTZ,
-            Type::INT8,
-            Type::INT8,
-            Type::TIMESTAMPTZ,
-        ];
-        stage_types.extend(std::iter::repeat_n(Type::TEXT, n));
         ApplySql {
-            create_temp,
-            copy_in,
-            kept,
+            latest,
             close,
-            insert,
+            copy_in,
             record_batches,
-            stage_types,
+            written,
+            is_time,
+            chunk_events: chunk_events.max(1),
         }
-    }
-
-    /// Creates the session's temporary staging tables (once per connection).
-    pub fn create_temp_sql(&self) -> &str {
-        &self.create_temp
     }
 }
 
 /// Per-file facts recorded in `cdc_applied_batches`.
+#[derive(Default)]
 struct FileFacts {
     name: String,
     events: i64,
+    inserted: i64,
+    deletes: i64,
     first: Option<DateTime<Utc>>,
     last: Option<DateTime<Utc>>,
+}
+
+/// One event of a chunk.
+struct Ev {
+    ord: usize,
+    file: usize,
+    ev: DecodedEvent,
+    hash: String,
 }
 
 /// Applies `files` (in order) in the transaction `tx`; the caller commits. A line that does
@@ -204,22 +145,18 @@ pub async fn apply_files(
     files: &[PathBuf],
     run_id: &str,
 ) -> Result<ApplyStats> {
-    let sink = tx
-        .copy_in(sql.copy_in.as_str())
-        .await
-        .map_err(ctx("starting the staging COPY"))?;
-    let writer = BinaryCopyInWriter::new(sink, &sql.stage_types);
-    pin_mut!(writer);
-    let mut facts = Vec::with_capacity(files.len());
-    let mut ord: i64 = 0;
-    for path in files {
-        let name = file_name(path);
-        let mut f = FileFacts {
-            name: name.clone(),
-            events: 0,
-            first: None,
-            last: None,
-        };
+    let mut stats = ApplyStats {
+        files: files.len(),
+        ..Default::default()
+    };
+    let mut facts: Vec<FileFacts> = Vec::with_capacity(files.len());
+    let mut chunk: Vec<Ev> = Vec::with_capacity(sql.chunk_events.min(4096));
+    let mut clock = std::time::Instant::now();
+    for (fi, path) in files.iter().enumerate() {
+        facts.push(FileFacts {
+            name: file_name(path),
+            ..Default::default()
+        });
         let file =
             std::fs::File::open(path).map_err(|e| Error::io("opening change-log file", path, e))?;
         let reader = std::io::BufReader::with_capacity(1 << 20, file);
@@ -228,62 +165,50 @@ pub async fn apply_files(
             if line.trim().is_empty() {
                 continue;
             }
-            let ev = decode(&line, spec).map_err(|message| Error::Parse {
+            let bad = |message: String| Error::Parse {
                 path: path.clone(),
                 line: i as u64 + 1,
                 message,
-            })?;
-            let ts = timestamp(path, i, ev.ts_us)?;
-            let cap = timestamp(path, i, ev.captured_ms.saturating_mul(1000))?;
+            };
+            let ev = decode(&line, spec).map_err(bad)?;
+            let ts = timestamp(ev.ts_us).map_err(bad)?;
+            timestamp(ev.captured_ms.saturating_mul(1000)).map_err(bad)?;
+            let f = &mut facts[fi];
             f.first = Some(f.first.map_or(ts, |x| x.min(ts)));
             f.last = Some(f.last.map_or(ts, |x| x.max(ts)));
             f.events += 1;
-            ord += 1;
-            write_stage_row(
-                writer.as_mut(),
-                ord,
-                &name,
-                &ev,
-                ts,
-                cap,
-                spec.columns.len(),
-            )
-            .await?;
+            stats.events += 1;
+            let hash = row_hash(&ev, sql);
+            // A full chunk is applied before the next change time begins: events at one
+            // instant (a transaction, in logical mode) are never split across chunks, so a
+            // key never gets two versions at one instant.
+            if chunk.len() >= sql.chunk_events
+                && chunk.last().is_some_and(|l| l.ev.ts_us != ev.ts_us)
+            {
+                stats.phases_ms[0] += lap(&mut clock);
+                apply_chunk(
+                    tx, sql, spec, &mut chunk, &mut facts, &mut stats, &mut clock,
+                )
+                .await?;
+            }
+            chunk.push(Ev {
+                ord: stats.events as usize,
+                file: fi,
+                ev,
+                hash,
+            });
         }
-        facts.push(f);
     }
-    writer
-        .finish()
-        .await
-        .map_err(ctx("finishing the staging COPY"))?;
+    stats.phases_ms[0] += lap(&mut clock);
+    if !chunk.is_empty() {
+        apply_chunk(
+            tx, sql, spec, &mut chunk, &mut facts, &mut stats, &mut clock,
+        )
+        .await?;
+    }
 
-    tx.execute(sql.kept.as_str(), &[])
-        .await
-        .map_err(ctx(format!(
-            "computing versions for {}",
-            spec.history_qualified()
-        )))?;
-    let closed = tx
-        .execute(sql.close.as_str(), &[])
-        .await
-        .map_err(ctx(format!(
-            "closing current versions in {}",
-            spec.history_qualified()
-        )))?;
-    let inserted = tx
-        .execute(sql.insert.as_str(), &[])
-        .await
-        .map_err(ctx(format!(
-            "inserting versions into {}",
-            spec.history_qualified()
-        )))?;
-    let deletes: i64 = tx
-        .query_one("SELECT count(*) FROM pg_temp.cdc_kept WHERE op = 'd'", &[])
-        .await
-        .map_err(ctx("counting deletes"))?
-        .get(0);
     let names: Vec<&str> = facts.iter().map(|f| f.name.as_str()).collect();
-    let events: Vec<i64> = facts.iter().map(|f| f.events).collect();
+    let col = |g: fn(&FileFacts) -> i64| facts.iter().map(g).collect::<Vec<i64>>();
     let firsts: Vec<Option<DateTime<Utc>>> = facts.iter().map(|f| f.first).collect();
     let lasts: Vec<Option<DateTime<Utc>>> = facts.iter().map(|f| f.last).collect();
     tx.execute(
@@ -292,48 +217,350 @@ pub async fn apply_files(
             &names,
             &spec.history_qualified(),
             &run_id,
-            &events,
+            &col(|f| f.events),
+            &col(|f| f.inserted),
+            &col(|f| f.deletes),
             &firsts,
             &lasts,
         ],
     )
     .await
     .map_err(ctx("recording applied batches"))?;
-    Ok(ApplyStats {
-        files: files.len(),
-        events: ord as u64,
-        versions_inserted: inserted,
-        versions_closed: closed,
-        deletes: deletes as u64,
-    })
+    Ok(stats)
 }
 
-fn timestamp(path: &Path, line: usize, us: i64) -> Result<DateTime<Utc>> {
-    DateTime::<Utc>::from_timestamp_micros(us).ok_or_else(|| Error::Parse {
-        path: path.to_path_buf(),
-        line: line as u64 + 1,
-        message: format!("time {us} µs is out of range"),
-    })
+fn lap(clock: &mut std::time::Instant) -> u64 {
+    let ms = clock.elapsed().as_millis() as u64;
+    *clock = std::time::Instant::now();
+    ms
 }
 
-async fn write_stage_row(
-    writer: std::pin::Pin<&mut BinaryCopyInWriter>,
-    ord: i64,
-    batch: &str,
-    ev: &DecodedEvent,
-    ts: DateTime<Utc>,
-    cap: DateTime<Utc>,
-    ncols: usize,
+/// The newest version the warehouse holds for a key: its state and position.
+struct Latest {
+    current: bool,
+    hash: String,
+    ts_us: i64,
+    pos: i64,
+}
+
+/// A version to write, or a delete that ends a chain.
+struct Kept {
+    idx: usize,
+    next: Option<usize>,
+}
+
+async fn apply_chunk(
+    tx: &Transaction<'_>,
+    sql: &ApplySql,
+    spec: &TableSpec,
+    chunk: &mut Vec<Ev>,
+    facts: &mut [FileFacts],
+    stats: &mut ApplyStats,
+    clock: &mut std::time::Instant,
 ) -> Result<()> {
-    let op = ev.op.as_char().to_string();
-    let none: Option<String> = None;
-    let mut row: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(8 + ncols);
-    row.extend_from_slice(&[&ord, &batch, &op, &ev.key, &ts, &ev.lsn, &ev.tx_id, &cap]);
-    for i in 0..ncols {
-        row.push(ev.values.get(i).unwrap_or(&none));
-    }
-    writer
-        .write(&row)
+    let hist = spec.history_qualified();
+    // Group by key, in change order; of one key's events at one instant the last wins.
+    chunk.sort_by(|a, b| {
+        (a.ev.key.as_str(), a.ev.ts_us, a.ev.lsn.unwrap_or(0), a.ord).cmp(&(
+            b.ev.key.as_str(),
+            b.ev.ts_us,
+            b.ev.lsn.unwrap_or(0),
+            b.ord,
+        ))
+    });
+    let mut keys: Vec<&str> = chunk.iter().map(|e| e.ev.key.as_str()).collect();
+    keys.dedup();
+    let rows = tx
+        .query(sql.latest.as_str(), &[&keys])
         .await
-        .map_err(ctx("streaming events into staging"))
+        .map_err(ctx(format!("reading the newest versions in {hist}")))?;
+    let mut latest: HashMap<String, Latest> = HashMap::with_capacity(rows.len());
+    for r in rows {
+        let ts: DateTime<Utc> = r.get(3);
+        latest.insert(
+            r.get(0),
+            Latest {
+                current: r.get(1),
+                hash: r.get(2),
+                ts_us: ts.timestamp_micros(),
+                pos: r.get(4),
+            },
+        );
+    }
+
+    // Decide, key by key, which events become versions (see the module's rules).
+    let mut kept: Vec<Kept> = Vec::new();
+    let mut closes: Vec<usize> = Vec::new();
+    let mut start = 0;
+    while start < chunk.len() {
+        let key = chunk[start].ev.key.as_str();
+        let mut end = start;
+        while end < chunk.len() && chunk[end].ev.key == key {
+            end += 1;
+        }
+        let lat = latest.get(key);
+        // (op is a delete, hash) of the state before the next event.
+        let mut prev: Option<(bool, &str)> = lat.map(|l| (!l.current, l.hash.as_str()));
+        let first_kept = kept.len();
+        for i in start..end {
+            let e = &chunk[i];
+            let last_at_instant = i + 1 == end || chunk[i + 1].ev.ts_us != e.ev.ts_us;
+            let fresh = lat.is_none_or(|l| (e.ev.ts_us, e.ev.lsn.unwrap_or(0)) > (l.ts_us, l.pos));
+            if !last_at_instant || !fresh {
+                continue;
+            }
+            let delete = e.ev.op == Op::Delete;
+            let keep = match prev {
+                None => !delete,
+                Some((prev_deleted, prev_hash)) => {
+                    if delete {
+                        !prev_deleted
+                    } else {
+                        prev_deleted || prev_hash != e.hash
+                    }
+                }
+            };
+            prev = Some((delete, e.hash.as_str()));
+            if keep {
+                if kept.len() > first_kept {
+                    let last = kept.len() - 1;
+                    kept[last].next = Some(i);
+                }
+                kept.push(Kept { idx: i, next: None });
+            }
+        }
+        if kept.len() > first_kept && lat.is_some_and(|l| l.current) {
+            closes.push(kept[first_kept].idx);
+        }
+        start = end;
+    }
+    stats.phases_ms[1] += lap(clock);
+
+    // Close the current rows the first new event of their key supersedes.
+    if !closes.is_empty() {
+        let ks: Vec<&str> = closes.iter().map(|&i| chunk[i].ev.key.as_str()).collect();
+        let ts: Vec<DateTime<Utc>> = closes
+            .iter()
+            .map(|&i| timestamp(chunk[i].ev.ts_us).unwrap_or_default())
+            .collect();
+        let lsn: Vec<Option<i64>> = closes.iter().map(|&i| chunk[i].ev.lsn).collect();
+        let del: Vec<bool> = closes
+            .iter()
+            .map(|&i| chunk[i].ev.op == Op::Delete)
+            .collect();
+        stats.versions_closed += tx
+            .execute(sql.close.as_str(), &[&ks, &ts, &lsn, &del])
+            .await
+            .map_err(ctx(format!("closing current versions in {hist}")))?;
+    }
+    stats.phases_ms[2] += lap(clock);
+
+    // Write the new versions.
+    let sink = tx
+        .copy_in(sql.copy_in.as_str())
+        .await
+        .map_err(ctx(format!("starting the COPY into {hist}")))?;
+    pin_mut!(sink);
+    let mut buf = String::with_capacity(COPY_FLUSH_BYTES + 4096);
+    for k in &kept {
+        let e = &chunk[k.idx];
+        if e.ev.op == Op::Delete {
+            stats.deletes += 1;
+            facts[e.file].deletes += 1;
+            continue;
+        }
+        let next = k.next.map(|n| &chunk[n].ev);
+        copy_row(&mut buf, sql, e, next, &facts[e.file].name);
+        stats.versions_inserted += 1;
+        facts[e.file].inserted += 1;
+        if buf.len() >= COPY_FLUSH_BYTES {
+            sink.send(Bytes::from(std::mem::take(&mut buf)))
+                .await
+                .map_err(ctx(format!("copying versions into {hist}")))?;
+        }
+    }
+    if !buf.is_empty() {
+        sink.send(Bytes::from(buf))
+            .await
+            .map_err(ctx(format!("copying versions into {hist}")))?;
+    }
+    sink.finish()
+        .await
+        .map_err(ctx(format!("copying versions into {hist}")))?;
+    stats.phases_ms[3] += lap(clock);
+    chunk.clear();
+    Ok(())
+}
+
+/// One line of COPY text for the version `e`, closed by `next` if any.
+fn copy_row(buf: &mut String, sql: &ApplySql, e: &Ev, next: Option<&DecodedEvent>, batch: &str) {
+    let ev = &e.ev;
+    push_text(buf, &ev.key);
+    for &i in &sql.written {
+        buf.push('\t');
+        match ev.values.get(i).and_then(|v| v.as_deref()) {
+            Some(v) => push_text(buf, v),
+            None => buf.push_str("\\N"),
+        }
+    }
+    buf.push('\t');
+    push_time(buf, ev.ts_us);
+    buf.push('\t');
+    match next {
+        Some(n) => push_time(buf, n.ts_us),
+        None => buf.push_str("\\N"),
+    }
+    let is_deleted = next.is_some_and(|n| n.op == Op::Delete);
+    let _ = write!(
+        buf,
+        "\t{}\t{}\t{}\t",
+        if next.is_none() { 't' } else { 'f' },
+        if is_deleted { 't' } else { 'f' },
+        ev.op.as_char()
+    );
+    push_time(buf, ev.captured_ms.saturating_mul(1000));
+    buf.push('\t');
+    push_text(buf, batch);
+    buf.push('\t');
+    push_lsn(buf, ev.lsn);
+    buf.push('\t');
+    match ev.tx_id {
+        Some(t) => {
+            let _ = write!(buf, "{t}");
+        }
+        None => buf.push_str("\\N"),
+    }
+    buf.push('\t');
+    push_lsn(buf, next.and_then(|n| n.lsn));
+    buf.push('\t');
+    buf.push_str(&e.hash);
+    buf.push('\n');
+}
+
+/// A value in COPY text format.
+fn push_text(buf: &mut String, v: &str) {
+    for c in v.chars() {
+        match c {
+            '\\' => buf.push_str("\\\\"),
+            '\t' => buf.push_str("\\t"),
+            '\n' => buf.push_str("\\n"),
+            '\r' => buf.push_str("\\r"),
+            c => buf.push(c),
+        }
+    }
+}
+
+fn push_time(buf: &mut String, us: i64) {
+    match timestamp(us) {
+        Ok(t) => {
+            let _ = write!(buf, "{}", t.format("%Y-%m-%d %H:%M:%S%.6f+00"));
+        }
+        Err(_) => buf.push_str("\\N"),
+    }
+}
+
+fn push_lsn(buf: &mut String, lsn: Option<i64>) {
+    match lsn {
+        Some(l) => {
+            let l = l as u64;
+            let _ = write!(buf, "{:X}/{:X}", l >> 32, l & 0xffff_ffff);
+        }
+        None => buf.push_str("\\N"),
+    }
+}
+
+fn timestamp(us: i64) -> std::result::Result<DateTime<Utc>, String> {
+    DateTime::<Utc>::from_timestamp_micros(us)
+        .ok_or_else(|| format!("time {us} µs is out of range"))
+}
+
+/// The row hash of an event's state: MD5 over the written columns' values, timestamps as
+/// instants (so that the same state hashes the same whichever capture mode wrote it), as a
+/// UUID. Deletes carry no state.
+fn row_hash(ev: &DecodedEvent, sql: &ApplySql) -> String {
+    let mut md5 = Md5::new();
+    if ev.op != Op::Delete {
+        for &i in &sql.written {
+            match ev.values.get(i).and_then(|v| v.as_deref()) {
+                None => md5.update(b"\x00N"),
+                Some(v) => {
+                    match sql.is_time[i]
+                        .then(|| DateTime::parse_from_rfc3339(v).ok())
+                        .flatten()
+                    {
+                        Some(t) => md5.update(t.timestamp_micros().to_le_bytes()),
+                        None => md5.update(v.as_bytes()),
+                    }
+                    md5.update(b"\x1f");
+                }
+            }
+        }
+    }
+    let d = md5.finalize();
+    let mut s = String::with_capacity(36);
+    for (i, b) in d.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            s.push('-');
+        }
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(values: &[Option<&str>]) -> DecodedEvent {
+        DecodedEvent {
+            op: Op::Update,
+            key: "1".into(),
+            ts_us: 0,
+            lsn: None,
+            tx_id: None,
+            captured_ms: 0,
+            values: values.iter().map(|v| v.map(str::to_owned)).collect(),
+        }
+    }
+
+    #[test]
+    fn the_row_hash_sees_instants_and_nulls_not_spelling() {
+        let sql = ApplySql::new(&TableSpec::orders(), CHUNK_EVENTS);
+        let base = [
+            Some("1"),
+            Some("2"),
+            Some("3"),
+            Some("4.50"),
+            None,
+            Some("pending"),
+            Some("2026-01-01T00:00:00+00:00"),
+            Some("2026-01-01T00:00:00.5+00:00"),
+        ];
+        let h = row_hash(&ev(&base), &sql);
+        assert_eq!(h.len(), 36);
+        // The same instant in another zone, and a generated column's value, change nothing.
+        let mut same = base;
+        same[6] = Some("2026-01-01T01:00:00+01:00");
+        same[4] = Some("13.50");
+        assert_eq!(row_hash(&ev(&same), &sql), h);
+        let mut other = base;
+        other[5] = Some("shipped");
+        assert_ne!(row_hash(&ev(&other), &sql), h);
+        let mut null = base;
+        null[3] = None;
+        assert_ne!(row_hash(&ev(&null), &sql), h);
+    }
+
+    #[test]
+    fn copy_text_is_escaped_and_positions_are_lsns() {
+        let mut b = String::new();
+        push_text(&mut b, "a\tb\\c\nd");
+        assert_eq!(b, "a\\tb\\\\c\\nd");
+        let mut b = String::new();
+        push_lsn(&mut b, Some(0x1_0000_00AB));
+        assert_eq!(b, "1/AB");
+        let mut b = String::new();
+        push_time(&mut b, 1_500_000);
+        assert_eq!(b, "1970-01-01 00:00:01.500000+00");
+    }
 }

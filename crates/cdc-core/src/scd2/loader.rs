@@ -52,11 +52,7 @@ impl Applier {
                 "another scd2-loader is applying to it; stop that one first",
             ));
         }
-        let sql = ApplySql::new(&cfg.table);
-        client
-            .batch_execute(sql.create_temp_sql())
-            .await
-            .map_err(ctx("creating the staging tables"))?;
+        let sql = ApplySql::new(&cfg.table, cfg.max_events_in_memory);
         Ok(Applier {
             client,
             sql,
@@ -200,6 +196,7 @@ async fn apply_pending(
                         closed = stats.versions_closed,
                         deletes = stats.deletes,
                         ms = clock.elapsed().as_millis() as u64,
+                        phases_ms = ?stats.phases_ms,
                         "applied change-log files"
                     );
                     add(&mut totals.applied, &stats);
