@@ -147,8 +147,8 @@ pub fn merge_input(files: &[PathBuf], spec: &TableSpec) -> Result<(Vec<u8>, u64)
             );
             for i in 0..spec.columns.len() {
                 out.push('\t');
-                match ev.values.get(i).cloned().flatten() {
-                    Some(v) if ev.op != Op::Delete => escape(&mut out, &v),
+                match ev.values.get(i) {
+                    Some(v) if ev.op != Op::Delete => escape(&mut out, v),
                     _ => out.push_str("\\N"),
                 }
             }

@@ -9,7 +9,6 @@ use crate::table::TableSpec;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::borrow::Cow;
-use std::collections::HashMap;
 
 /// The change-event format this build writes and the newest it reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -77,7 +76,61 @@ pub struct DecodedEvent {
     pub tx_id: Option<i64>,
     pub captured_ms: i64,
     /// Tracked column values (text form), `None` for SQL NULL. Empty for deletes.
-    pub values: Vec<Option<String>>,
+    pub values: Values,
+}
+
+/// Column values in text form, kept compactly: one string and where each value ends.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Values {
+    text: String,
+    /// End offset of each value in `text`, `NULL_END` for SQL NULL.
+    ends: Vec<u32>,
+}
+
+const NULL_END: u32 = u32::MAX;
+
+impl Values {
+    pub fn push(&mut self, v: Option<&str>) {
+        match v {
+            Some(v) => {
+                self.text.push_str(v);
+                self.ends.push(self.text.len() as u32);
+            }
+            None => self.ends.push(NULL_END),
+        }
+    }
+
+    /// Value `i`: `None` for SQL NULL or past the end.
+    pub fn get(&self, i: usize) -> Option<&str> {
+        let end = *self.ends.get(i)?;
+        if end == NULL_END {
+            return None;
+        }
+        let start = self.ends[..i]
+            .iter()
+            .rev()
+            .find(|&&e| e != NULL_END)
+            .map_or(0, |&e| e as usize);
+        Some(&self.text[start..end as usize])
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+}
+
+impl<'a> FromIterator<Option<&'a str>> for Values {
+    fn from_iter<I: IntoIterator<Item = Option<&'a str>>>(iter: I) -> Self {
+        let mut v = Values::default();
+        for x in iter {
+            v.push(x);
+        }
+        v
+    }
 }
 
 /// Decodes one line against the table description. The error says what is wrong with it.
@@ -109,27 +162,29 @@ pub fn decode(line: &str, spec: &TableSpec) -> Result<DecodedEvent, String> {
             .after
             .ok_or_else(|| format!("op {} needs `after`", env.op.as_char()))?,
     };
-    let row: HashMap<Cow<'_, str>, &RawValue> = serde_json::from_str(image.get())
+    let row: Image<'_> = serde_json::from_str(image.get())
         .map_err(|e| format!("row image is not an object: {e}"))?;
     let key = match row.get(spec.key.name.as_str()).map(|v| json_text(v)) {
-        Some(Ok(Some(k))) => k,
+        Some(Ok(Some(k))) => k.into_owned(),
         Some(Ok(None)) => return Err(format!("key column {} is null", spec.key.name)),
         Some(Err(e)) => return Err(format!("key column {}: {e}", spec.key.name)),
         None => return Err(format!("row image has no key column {}", spec.key.name)),
     };
-    let values = if env.op == Op::Delete {
-        Vec::new()
-    } else {
-        spec.columns
-            .iter()
-            .map(|c| match row.get(c.name.as_str()) {
-                Some(v) => json_text(v).map_err(|e| format!("column {}: {e}", c.name)),
-                // Not sent by logical replication; the loader computes it.
-                None if c.generated.is_some() => Ok(None),
-                None => Err(format!("row image has no column {}", c.name)),
-            })
-            .collect::<Result<Vec<_>, _>>()?
-    };
+    let mut values = Values::default();
+    if env.op != Op::Delete {
+        for c in &spec.columns {
+            match row.get(c.name.as_str()) {
+                Some(v) => values.push(
+                    json_text(v)
+                        .map_err(|e| format!("column {}: {e}", c.name))?
+                        .as_deref(),
+                ),
+                // Not sent by logical replication; the history table generates it.
+                None if c.generated.is_some() => values.push(None),
+                None => return Err(format!("row image has no column {}", c.name)),
+            }
+        }
+    }
     Ok(DecodedEvent {
         op: env.op,
         key,
@@ -141,16 +196,49 @@ pub fn decode(line: &str, spec: &TableSpec) -> Result<DecodedEvent, String> {
     })
 }
 
+/// A row image's fields in the order written (a handful: a linear search beats hashing).
+struct Image<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'a> Image<'a> {
+    fn get(&self, name: &str) -> Option<&'a RawValue> {
+        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| *v)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Image<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = Image<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut m: M,
+            ) -> Result<Image<'a>, M::Error> {
+                let mut fields = Vec::with_capacity(m.size_hint().unwrap_or(12));
+                while let Some((k, v)) = m.next_entry::<Cow<'de, str>, &'de RawValue>()? {
+                    fields.push((k, v));
+                }
+                Ok(Image(fields))
+            }
+        }
+        d.deserialize_map(Visit(std::marker::PhantomData))
+    }
+}
+
 /// The text form of a JSON value: strings unescaped, numbers and booleans as written,
 /// objects and arrays as their JSON, null as `None`.
-fn json_text(v: &RawValue) -> Result<Option<String>, String> {
+fn json_text(v: &RawValue) -> Result<Option<Cow<'_, str>>, String> {
     let raw = v.get();
     match raw.as_bytes().first() {
+        Some(b'"') if !raw.contains('\\') => Ok(Some(Cow::Borrowed(&raw[1..raw.len() - 1]))),
         Some(b'"') => serde_json::from_str::<String>(raw)
-            .map(Some)
+            .map(|s| Some(Cow::Owned(s)))
             .map_err(|e| e.to_string()),
         Some(b'n') if raw == "null" => Ok(None),
-        Some(_) => Ok(Some(raw.to_owned())),
+        Some(_) => Ok(Some(Cow::Borrowed(raw))),
         None => Err("empty value".into()),
     }
 }
@@ -167,9 +255,20 @@ mod tests {
         assert_eq!(e.op, Op::Update);
         assert_eq!(e.key, "7");
         assert_eq!(e.ts_us, 1_767_312_000_000_000);
-        assert_eq!(e.values[3].as_deref(), Some("4.50"));
-        assert_eq!(e.values[5].as_deref(), Some("it's \"ok\""));
+        assert_eq!(e.values.get(3), Some("4.50"));
+        assert_eq!(e.values.get(4), Some("13.50"));
+        assert_eq!(e.values.get(5), Some("it's \"ok\""));
         assert_eq!(e.values.len(), 8);
+    }
+
+    #[test]
+    fn values_keep_nulls_and_empty_strings_apart() {
+        let v: Values = [Some("a"), None, Some(""), Some("bc"), None]
+            .into_iter()
+            .collect();
+        let got: Vec<Option<&str>> = (0..6).map(|i| v.get(i)).collect();
+        assert_eq!(got, [Some("a"), None, Some(""), Some("bc"), None, None]);
+        assert_eq!(v.len(), 5);
     }
 
     #[test]

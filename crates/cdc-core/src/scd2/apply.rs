@@ -44,8 +44,9 @@ pub struct ApplyStats {
     pub versions_inserted: u64,
     pub versions_closed: u64,
     pub deletes: u64,
-    /// Where the time went, in milliseconds: reading and decoding the events, reading the
-    /// newest versions and computing the new ones, closing current rows, copying versions in.
+    /// Where the time went, in milliseconds: waiting for decoded events (reading runs
+    /// ahead on its own thread), reading the newest versions and computing the new ones,
+    /// closing current rows, copying versions in.
     pub phases_ms: [u64; 4],
 }
 
@@ -78,7 +79,7 @@ impl ApplySql {
             .map(|c| c.sql_type.to_ascii_lowercase().starts_with("timestamp"))
             .collect();
         let latest = format!(
-            "SELECT DISTINCT ON (x.{hk}) x.{hk}::text, x.is_current, x.row_hash::text,
+            "SELECT DISTINCT ON (x.{hk}) x.{hk}::text, x.is_current, decode(replace(x.row_hash::text, '-', ''), 'hex'),
                     CASE WHEN x.is_current THEN x.valid_from ELSE x.valid_to END,
                     (coalesce(CASE WHEN x.is_current THEN x.source_lsn ELSE x.end_lsn END, '0/0') - '0/0'::pg_lsn)::int8
              FROM {h} x
@@ -133,11 +134,25 @@ struct Ev {
     ord: usize,
     file: usize,
     ev: DecodedEvent,
-    hash: String,
+    hash: [u8; 16],
 }
+
+/// What the reading thread hands to the applier.
+enum Read {
+    /// The next chunk of decoded events.
+    Chunk(Vec<Ev>),
+    /// All read: per file, its events and first and last change times.
+    Done(Vec<FileRead>),
+}
+
+/// What the reader learned of one file: its events and first and last change times.
+type FileRead = (i64, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
 
 /// Applies `files` (in order) in the transaction `tx`; the caller commits. A line that does
 /// not decode fails the batch with `Error::Parse` naming the file and line.
+///
+/// Reading, decoding and hashing run on a thread of their own, one chunk ahead of the
+/// database work on the previous chunk.
 pub async fn apply_files(
     tx: &Transaction<'_>,
     sql: &ApplySql,
@@ -149,62 +164,43 @@ pub async fn apply_files(
         files: files.len(),
         ..Default::default()
     };
-    let mut facts: Vec<FileFacts> = Vec::with_capacity(files.len());
-    let mut chunk: Vec<Ev> = Vec::with_capacity(sql.chunk_events.min(4096));
-    let mut clock = std::time::Instant::now();
-    for (fi, path) in files.iter().enumerate() {
-        facts.push(FileFacts {
-            name: file_name(path),
+    let mut facts: Vec<FileFacts> = files
+        .iter()
+        .map(|p| FileFacts {
+            name: file_name(p),
             ..Default::default()
-        });
-        let file =
-            std::fs::File::open(path).map_err(|e| Error::io("opening change-log file", path, e))?;
-        let reader = std::io::BufReader::with_capacity(1 << 20, file);
-        for (i, line) in reader.lines().enumerate() {
-            let line = line.map_err(|e| Error::io("reading change-log file", path, e))?;
-            if line.trim().is_empty() {
-                continue;
-            }
-            let bad = |message: String| Error::Parse {
-                path: path.clone(),
-                line: i as u64 + 1,
-                message,
-            };
-            let ev = decode(&line, spec).map_err(bad)?;
-            let ts = timestamp(ev.ts_us).map_err(bad)?;
-            timestamp(ev.captured_ms.saturating_mul(1000)).map_err(bad)?;
-            let f = &mut facts[fi];
-            f.first = Some(f.first.map_or(ts, |x| x.min(ts)));
-            f.last = Some(f.last.map_or(ts, |x| x.max(ts)));
-            f.events += 1;
-            stats.events += 1;
-            let hash = row_hash(&ev, sql);
-            // A full chunk is applied before the next change time begins: events at one
-            // instant (a transaction, in logical mode) are never split across chunks, so a
-            // key never gets two versions at one instant.
-            if chunk.len() >= sql.chunk_events
-                && chunk.last().is_some_and(|l| l.ev.ts_us != ev.ts_us)
-            {
-                stats.phases_ms[0] += lap(&mut clock);
+        })
+        .collect();
+    let (send, mut recv) = tokio::sync::mpsc::channel::<Result<Read>>(1);
+    {
+        let (sql, spec, files) = (sql.clone(), spec.clone(), files.to_vec());
+        // If the applier fails first, it drops `recv` and the reader stops at its next send.
+        tokio::task::spawn_blocking(move || read_chunks(&sql, &spec, &files, &send));
+    }
+    let mut clock = std::time::Instant::now();
+    loop {
+        let msg = recv.recv().await.ok_or_else(|| {
+            Error::setup(
+                "change-log reader",
+                "stopped without finishing (it panicked)",
+            )
+        })??;
+        stats.phases_ms[0] += lap(&mut clock);
+        match msg {
+            Read::Chunk(mut chunk) => {
+                stats.events += chunk.len() as u64;
                 apply_chunk(
                     tx, sql, spec, &mut chunk, &mut facts, &mut stats, &mut clock,
                 )
                 .await?;
             }
-            chunk.push(Ev {
-                ord: stats.events as usize,
-                file: fi,
-                ev,
-                hash,
-            });
+            Read::Done(read) => {
+                for (f, (events, first, last)) in facts.iter_mut().zip(read) {
+                    (f.events, f.first, f.last) = (events, first, last);
+                }
+                break;
+            }
         }
-    }
-    stats.phases_ms[0] += lap(&mut clock);
-    if !chunk.is_empty() {
-        apply_chunk(
-            tx, sql, spec, &mut chunk, &mut facts, &mut stats, &mut clock,
-        )
-        .await?;
     }
 
     let names: Vec<&str> = facts.iter().map(|f| f.name.as_str()).collect();
@@ -229,6 +225,73 @@ pub async fn apply_files(
     Ok(stats)
 }
 
+/// The reading thread: decodes and hashes the events of `files` and sends them in chunks of
+/// at most `sql.chunk_events` (never splitting one change time: events at one instant, a
+/// transaction in logical mode, stay together, so a key never gets two versions at one
+/// instant), then the per-file facts. Stops when the applier has gone.
+fn read_chunks(
+    sql: &ApplySql,
+    spec: &TableSpec,
+    files: &[PathBuf],
+    send: &tokio::sync::mpsc::Sender<Result<Read>>,
+) {
+    let new_chunk = || Vec::with_capacity(sql.chunk_events.min(1 << 16));
+    let mut chunk: Vec<Ev> = new_chunk();
+    let mut read = Vec::with_capacity(files.len());
+    let mut ord = 0;
+    let result = (|| -> Result<bool> {
+        for (fi, path) in files.iter().enumerate() {
+            let (mut events, mut first, mut last) = (0, None, None);
+            let file = std::fs::File::open(path)
+                .map_err(|e| Error::io("opening change-log file", path, e))?;
+            let reader = std::io::BufReader::with_capacity(1 << 20, file);
+            for (i, line) in reader.lines().enumerate() {
+                let line = line.map_err(|e| Error::io("reading change-log file", path, e))?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let bad = |message: String| Error::Parse {
+                    path: path.clone(),
+                    line: i as u64 + 1,
+                    message,
+                };
+                let ev = decode(&line, spec).map_err(bad)?;
+                let ts = timestamp(ev.ts_us).map_err(bad)?;
+                timestamp(ev.captured_ms.saturating_mul(1000)).map_err(bad)?;
+                first = Some(first.map_or(ts, |x: DateTime<Utc>| x.min(ts)));
+                last = Some(last.map_or(ts, |x: DateTime<Utc>| x.max(ts)));
+                events += 1;
+                ord += 1;
+                if chunk.len() >= sql.chunk_events
+                    && chunk.last().is_some_and(|l| l.ev.ts_us != ev.ts_us)
+                    && send
+                        .blocking_send(Ok(Read::Chunk(std::mem::take(&mut chunk))))
+                        .is_err()
+                {
+                    return Ok(false);
+                }
+                let hash = row_hash(&ev, sql);
+                chunk.push(Ev {
+                    ord,
+                    file: fi,
+                    ev,
+                    hash,
+                });
+            }
+            read.push((events, first, last));
+        }
+        Ok(true)
+    })();
+    let _ = match result {
+        Ok(false) => return,
+        Ok(true) if !chunk.is_empty() => send
+            .blocking_send(Ok(Read::Chunk(chunk)))
+            .and_then(|()| send.blocking_send(Ok(Read::Done(read)))),
+        Ok(true) => send.blocking_send(Ok(Read::Done(read))),
+        Err(e) => send.blocking_send(Err(e)),
+    };
+}
+
 fn lap(clock: &mut std::time::Instant) -> u64 {
     let ms = clock.elapsed().as_millis() as u64;
     *clock = std::time::Instant::now();
@@ -238,9 +301,17 @@ fn lap(clock: &mut std::time::Instant) -> u64 {
 /// The newest version the warehouse holds for a key: its state and position.
 struct Latest {
     current: bool,
-    hash: String,
+    hash: [u8; 16],
     ts_us: i64,
     pos: i64,
+}
+
+fn hash16(b: &[u8]) -> [u8; 16] {
+    let mut h = [0; 16];
+    if b.len() == 16 {
+        h.copy_from_slice(b);
+    }
+    h
 }
 
 /// A version to write, or a delete that ends a chain.
@@ -281,7 +352,7 @@ async fn apply_chunk(
             r.get(0),
             Latest {
                 current: r.get(1),
-                hash: r.get(2),
+                hash: hash16(r.get(2)),
                 ts_us: ts.timestamp_micros(),
                 pos: r.get(4),
             },
@@ -300,7 +371,7 @@ async fn apply_chunk(
         }
         let lat = latest.get(key);
         // (op is a delete, hash) of the state before the next event.
-        let mut prev: Option<(bool, &str)> = lat.map(|l| (!l.current, l.hash.as_str()));
+        let mut prev: Option<(bool, [u8; 16])> = lat.map(|l| (!l.current, l.hash));
         let first_kept = kept.len();
         for i in start..end {
             let e = &chunk[i];
@@ -320,7 +391,7 @@ async fn apply_chunk(
                     }
                 }
             };
-            prev = Some((delete, e.hash.as_str()));
+            prev = Some((delete, e.hash));
             if keep {
                 if kept.len() > first_kept {
                     let last = kept.len() - 1;
@@ -398,7 +469,7 @@ fn copy_row(buf: &mut String, sql: &ApplySql, e: &Ev, next: Option<&DecodedEvent
     push_text(buf, &ev.key);
     for &i in &sql.written {
         buf.push('\t');
-        match ev.values.get(i).and_then(|v| v.as_deref()) {
+        match ev.values.get(i) {
             Some(v) => push_text(buf, v),
             None => buf.push_str("\\N"),
         }
@@ -433,7 +504,12 @@ fn copy_row(buf: &mut String, sql: &ApplySql, e: &Ev, next: Option<&DecodedEvent
     buf.push('\t');
     push_lsn(buf, next.and_then(|n| n.lsn));
     buf.push('\t');
-    buf.push_str(&e.hash);
+    for (i, b) in e.hash.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            buf.push('-');
+        }
+        let _ = write!(buf, "{b:02x}");
+    }
     buf.push('\n');
 }
 
@@ -474,14 +550,14 @@ fn timestamp(us: i64) -> std::result::Result<DateTime<Utc>, String> {
         .ok_or_else(|| format!("time {us} µs is out of range"))
 }
 
-/// The row hash of an event's state: MD5 over the written columns' values, timestamps as
-/// instants (so that the same state hashes the same whichever capture mode wrote it), as a
-/// UUID. Deletes carry no state.
-fn row_hash(ev: &DecodedEvent, sql: &ApplySql) -> String {
+/// The row hash of an event's state, stored as a UUID: MD5 over the written columns'
+/// values, timestamps as instants (so that the same state hashes the same whichever capture
+/// mode wrote it). Deletes carry no state.
+fn row_hash(ev: &DecodedEvent, sql: &ApplySql) -> [u8; 16] {
     let mut md5 = Md5::new();
     if ev.op != Op::Delete {
         for &i in &sql.written {
-            match ev.values.get(i).and_then(|v| v.as_deref()) {
+            match ev.values.get(i) {
                 None => md5.update(b"\x00N"),
                 Some(v) => {
                     match sql.is_time[i]
@@ -496,15 +572,7 @@ fn row_hash(ev: &DecodedEvent, sql: &ApplySql) -> String {
             }
         }
     }
-    let d = md5.finalize();
-    let mut s = String::with_capacity(36);
-    for (i, b) in d.iter().enumerate() {
-        if matches!(i, 4 | 6 | 8 | 10) {
-            s.push('-');
-        }
-        let _ = write!(s, "{b:02x}");
-    }
-    s
+    md5.finalize().into()
 }
 
 #[cfg(test)]
@@ -519,7 +587,7 @@ mod tests {
             lsn: None,
             tx_id: None,
             captured_ms: 0,
-            values: values.iter().map(|v| v.map(str::to_owned)).collect(),
+            values: values.iter().copied().collect(),
         }
     }
 
@@ -537,7 +605,6 @@ mod tests {
             Some("2026-01-01T00:00:00.5+00:00"),
         ];
         let h = row_hash(&ev(&base), &sql);
-        assert_eq!(h.len(), 36);
         // The same instant in another zone, and a generated column's value, change nothing.
         let mut same = base;
         same[6] = Some("2026-01-01T01:00:00+01:00");
