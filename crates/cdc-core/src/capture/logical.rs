@@ -8,20 +8,18 @@
 //! snapshot already shows are skipped when they come out of the slot, all others are applied.
 //! So no change is missed or applied twice at the boundary, however busy the table.
 
+use super::json::{json_str, write_event, write_value, Header, ImageColumns, TEXT_OUTPUT_SETTINGS};
 use super::pgoutput::{self, Message, Relation, Value};
-use super::timestamp::{check_source_table, snapshot_copy_sql, PassOutcome};
+use super::timestamp::{check_source_table, read_rows, snapshot_copy_sql, PassOutcome};
 use crate::changelog::ChangeLogWriter;
 use crate::db::ctx;
 use crate::error::{Error, Result};
-use crate::event::{CONNECTOR, FORMAT_VERSION};
 use crate::progress::{LogicalState, Progress, SnapshotFilter};
 use crate::table::TableSpec;
 use chrono::Utc;
 use futures_util::{pin_mut, TryStreamExt};
 use std::collections::HashMap;
 use std::path::PathBuf;
-use tokio_postgres::binary_copy::BinaryCopyOutStream;
-use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
 /// Slot settings.
@@ -266,24 +264,26 @@ impl LogicalCapture {
             self.progress.next_file_seq,
             self.max_rows_per_file,
         );
-        let sql = snapshot_copy_sql(&self.spec, now.timestamp_millis(), "logical");
         let result: Result<u64> = async {
+            tx.batch_execute(TEXT_OUTPUT_SETTINGS)
+                .await
+                .map_err(ctx("setting the output format"))?;
+            let cols = ImageColumns::load(&tx, &self.spec).await?;
             let stream = tx
-                .copy_out(sql.as_str())
+                .copy_out(snapshot_copy_sql(&self.spec, &cols).as_str())
                 .await
                 .map_err(ctx("reading the initial copy"))?;
-            let rows = BinaryCopyOutStream::new(stream, &[Type::INT8, Type::TEXT, Type::TEXT]);
-            pin_mut!(rows);
-            let mut n = 0;
-            while let Some(row) = rows
-                .try_next()
-                .await
-                .map_err(ctx("reading the initial copy"))?
-            {
-                writer.write_event(row.get::<&str>(2).as_bytes(), false)?;
-                n += 1;
-            }
-            Ok(n)
+            read_rows(
+                stream,
+                &self.spec,
+                &cols,
+                "logical",
+                true,
+                now.timestamp_millis(),
+                &mut writer,
+                |_, _| {},
+            )
+            .await
         }
         .await;
         let rows = match result {
@@ -651,38 +651,27 @@ impl<'a> TxDecoder<'a> {
                 ))
             }
         };
-        b.extend_from_slice(
-            format!("{{\"format_version\":{FORMAT_VERSION},\"op\":\"{op}\",\"before\":").as_bytes(),
-        );
-        write_image(b, r, before);
-        b.extend_from_slice(b",\"after\":");
-        write_image(b, r, after);
-        b.extend_from_slice(
-            format!(
-                ",\"source\":{{\"version\":\"{}\",\"connector\":\"{CONNECTOR}\",\"schema\":",
-                env!("CARGO_PKG_VERSION")
-            )
-            .as_bytes(),
-        );
-        json_str(b, &self.spec.schema);
-        b.extend_from_slice(b",\"table\":");
-        json_str(b, &self.spec.name);
-        b.extend_from_slice(b",\"capture_mode\":\"logical\",\"snapshot\":false,\"key\":");
-        json_str(b, key);
-        b.extend_from_slice(
-            format!(
-                ",\"ts_us\":{},\"lsn\":{},\"txId\":{}}},\"ts_ms\":{}}}",
-                self.commit_ts_us, self.change_lsn, self.xid, self.captured_ms
-            )
-            .as_bytes(),
+        let op = op.to_string();
+        let h = Header {
+            op: &op,
+            mode: "logical",
+            snapshot: false,
+            db: None,
+            ts_us: self.commit_ts_us,
+            key,
+            lsn: Some(self.change_lsn),
+            tx_id: Some(self.xid),
+            captured_ms: self.captured_ms,
+        };
+        write_event(
+            b,
+            self.spec,
+            &h,
+            |b| write_image(b, r, before),
+            |b| write_image(b, r, after),
         );
         Ok(true)
     }
-}
-
-fn json_str(b: &mut Vec<u8>, s: &str) {
-    // serde_json escapes exactly as JSON needs; writing into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *b, s);
 }
 
 /// A row image as a JSON object, each value typed by its column's type.
@@ -713,33 +702,6 @@ fn write_image(b: &mut Vec<u8>, r: &Relation, tuple: Option<&[Value]>) {
     b.push(b'}');
 }
 
-/// Integers and finite floats as JSON numbers, booleans as booleans, json as JSON,
-/// timestamps as ISO-8601, everything else (numeric included) as its exact text.
-fn write_value(b: &mut Vec<u8>, oid: u32, s: &str) {
-    match oid {
-        20 | 21 | 23 | 26 => b.extend_from_slice(s.as_bytes()),
-        700 | 701 if s.parse::<f64>().is_ok_and(f64::is_finite) => {
-            b.extend_from_slice(s.as_bytes())
-        }
-        16 => b.extend_from_slice(if s == "t" { b"true" } else { b"false" }),
-        114 | 3802 => b.extend_from_slice(s.as_bytes()),
-        1184 => json_str(b, &iso_timestamptz(s)),
-        1114 => json_str(b, &s.replacen(' ', "T", 1)),
-        _ => json_str(b, s),
-    }
-}
-
-/// `2026-11-24 12:34:29.714732+00` (ISO DateStyle) as `2026-11-24T12:34:29.714732+00:00`.
-fn iso_timestamptz(s: &str) -> String {
-    let mut t = s.replacen(' ', "T", 1);
-    let bytes = t.as_bytes();
-    let n = bytes.len();
-    if n >= 3 && (bytes[n - 3] == b'+' || bytes[n - 3] == b'-') && bytes[n - 2].is_ascii_digit() {
-        t.push_str(":00");
-    }
-    t
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -757,23 +719,5 @@ mod tests {
         assert!(!f.shows(103), "in progress at the snapshot");
         assert!(!f.shows(110), "started after");
         assert!(!f.shows(5000));
-    }
-
-    #[test]
-    fn timestamps_become_iso_8601() {
-        assert_eq!(
-            iso_timestamptz("2026-11-24 12:34:29.714732+00"),
-            "2026-11-24T12:34:29.714732+00:00"
-        );
-        assert_eq!(
-            iso_timestamptz("2026-11-24 12:34:29+05:30"),
-            "2026-11-24T12:34:29+05:30"
-        );
-        let mut b = Vec::new();
-        write_value(&mut b, 1700, "12.50");
-        write_value(&mut b, 23, "7");
-        write_value(&mut b, 701, "NaN");
-        write_value(&mut b, 16, "t");
-        assert_eq!(String::from_utf8(b).unwrap(), "\"12.50\"7\"NaN\"true");
     }
 }

@@ -1,6 +1,7 @@
 //! Capture: the extractor's loop around a capture strategy (timestamp now; logical later).
 //! Each pass is recorded in `pipeline_metadata`; a lost connection is retried with backoff.
 
+pub mod json;
 pub mod logical;
 pub mod pgoutput;
 pub mod timestamp;

@@ -1,17 +1,17 @@
 //! Timestamp capture: a high-watermark on the change-time column, made correct.
 //!
 //! Each pass reads, in one REPEATABLE READ snapshot, the delete tombstones and every row whose
-//! `(change_time, key)` is past the watermark, and streams them (binary COPY, PostgreSQL builds
-//! each event's JSON) into change-log files. The new watermark is bounded by the oldest
+//! `(change_time, key)` is past the watermark, and streams them (a binary COPY of the columns'
+//! text; the extractor writes each event's JSON) into change-log files. The new watermark is bounded by the oldest
 //! transaction that was writing when the pass began, so a transaction that started before a
 //! poll and commits after it is still found by the next one; the rows re-read because of that
 //! bound are duplicates the loader drops. Tombstones are removed, in the same snapshot, only
 //! after the files holding them are durable; the progress file is written last.
 
+use super::json::{write_event, Header, ImageColumns, TEXT_OUTPUT_SETTINGS};
 use crate::changelog::ChangeLogWriter;
 use crate::db::ctx;
 use crate::error::{Error, Result};
-use crate::event::{CONNECTOR, FORMAT_VERSION};
 use crate::progress::{Progress, Watermark};
 use crate::table::{sql_literal, TableSpec};
 use chrono::{DateTime, Utc};
@@ -142,42 +142,81 @@ impl TimestampCapture {
         };
 
         let result: Result<(Option<i64>, Option<Watermark>)> = async {
+            tx.batch_execute(TEXT_OUTPUT_SETTINGS)
+                .await
+                .map_err(ctx("setting the output format"))?;
+            let cols = ImageColumns::load(&tx, spec).await?;
+            let n = cols.names.len();
+            let mut buf = Vec::with_capacity(1024);
             // 1. Deletes, first: for one key a tombstone is always older than a row that exists.
-            let sql = tombstone_copy_sql(spec, prev.as_ref(), captured_ms);
+            let sql = tombstone_copy_sql(spec, &cols, prev.as_ref());
             let stream = tx
                 .copy_out(sql.as_str())
                 .await
                 .map_err(ctx("reading tombstones"))?;
-            let rows = BinaryCopyOutStream::new(stream, &[Type::INT8, Type::TEXT, Type::TEXT]);
+            let mut types = vec![Type::INT8, Type::INT8, Type::INT8, Type::TEXT, Type::TEXT];
+            types.extend(std::iter::repeat_n(Type::TEXT, n));
+            let rows = BinaryCopyOutStream::new(stream, &types);
             pin_mut!(rows);
             let mut max_tomb = None;
             while let Some(row) = rows.try_next().await.map_err(ctx("reading tombstones"))? {
                 max_tomb = Some(row.get::<i64>(0));
-                writer.write_event(row.get::<&str>(1).as_bytes(), false)?;
-                writer.write_event(row.get::<&str>(2).as_bytes(), true)?;
+                let values: Vec<Option<&str>> = (5..5 + n).map(|i| row.get(i)).collect();
+                let key: &str = row.get(4);
+                let mut h = Header {
+                    op: row.get(3),
+                    mode: "timestamp",
+                    snapshot: false,
+                    db: Some(&cols.db),
+                    ts_us: row.get(1),
+                    key,
+                    lsn: None,
+                    tx_id: None,
+                    captured_ms,
+                };
+                // The deleted row's last state (a version this pass may not have seen), then
+                // the delete.
+                buf.clear();
+                write_event(&mut buf, spec, &h, null, |b| {
+                    cols.write_image(b, Some(&values))
+                });
+                writer.write_event(&buf, false)?;
+                (h.op, h.ts_us) = ("d", row.get(2));
+                buf.clear();
+                write_event(
+                    &mut buf,
+                    spec,
+                    &h,
+                    |b| cols.write_image(b, Some(&values)),
+                    null,
+                );
+                writer.write_event(&buf, true)?;
                 out.deletes += 1;
             }
             // 2. Rows changed since the watermark, in (change time, key) order.
-            let sql = rows_copy_sql(spec, prev.as_ref(), captured_ms, "timestamp");
+            let sql = rows_copy_sql(spec, &cols, prev.as_ref());
             let stream = tx
                 .copy_out(sql.as_str())
                 .await
                 .map_err(ctx(format!("reading changed rows of {}", spec.qualified())))?;
-            let rows = BinaryCopyOutStream::new(stream, &[Type::INT8, Type::TEXT, Type::TEXT]);
-            pin_mut!(rows);
             let mut last: Option<Watermark> = None;
-            while let Some(row) = rows
-                .try_next()
-                .await
-                .map_err(ctx(format!("reading changed rows of {}", spec.qualified())))?
-            {
-                writer.write_event(row.get::<&str>(2).as_bytes(), false)?;
-                out.rows += 1;
-                last = Some(Watermark {
-                    ts_us: row.get::<i64>(0),
-                    key: Some(row.get::<&str>(1).to_owned()),
-                });
-            }
+            let rows = read_rows(
+                stream,
+                spec,
+                &cols,
+                "timestamp",
+                prev.is_none(),
+                captured_ms,
+                &mut writer,
+                |ts_us, key| {
+                    last = Some(Watermark {
+                        ts_us,
+                        key: Some(key.to_owned()),
+                    });
+                },
+            )
+            .await?;
+            out.rows += rows;
             Ok((max_tomb, last))
         }
         .await;
@@ -270,52 +309,8 @@ fn ts_literal(us: i64) -> String {
     format!("'{}'::timestamptz", t.format("%Y-%m-%d %H:%M:%S%.6f+00"))
 }
 
-/// `json_build_object(...)` of a full row image from the relation alias `r`.
-fn row_image(spec: &TableSpec, r: &str) -> String {
-    let mut parts = vec![format!("'{k}', {r}.{k}", k = spec.key.name)];
-    for c in &spec.columns {
-        if c.is_exact_text() {
-            parts.push(format!("'{n}', {r}.{n}::text", n = c.name));
-        } else {
-            parts.push(format!("'{n}', {r}.{n}", n = c.name));
-        }
-    }
-    parts.push(format!("'{n}', {r}.{n}", n = spec.change_time_column));
-    format!("json_build_object({})", parts.join(", "))
-}
-
-/// SQL expressions for the parts of one event.
-struct EventParts<'a> {
-    op: &'a str,
-    before: &'a str,
-    after: &'a str,
-    ts_us: &'a str,
-    key: &'a str,
-}
-
-/// The SQL of one event object.
-fn event_json(
-    spec: &TableSpec,
-    p: EventParts<'_>,
-    snapshot: bool,
-    captured_ms: i64,
-    mode: &str,
-) -> String {
-    format!(
-        "json_build_object('format_version', {FORMAT_VERSION}, 'op', {op}, 'before', {before}, 'after', {after}, \
-         'source', json_build_object('version', {version}, 'connector', {connector}, 'db', current_database(), \
-         'schema', {schema}, 'table', {table}, 'capture_mode', '{mode}', 'snapshot', {snapshot}, \
-         'ts_us', {ts_us}, 'key', {key}::text, 'lsn', NULL, 'txId', NULL), 'ts_ms', {captured_ms})::text",
-        op = p.op,
-        before = p.before,
-        after = p.after,
-        ts_us = p.ts_us,
-        key = p.key,
-        version = sql_literal(env!("CARGO_PKG_VERSION")),
-        connector = sql_literal(CONNECTOR),
-        schema = sql_literal(&spec.schema),
-        table = sql_literal(&spec.name),
-    )
+fn null(b: &mut Vec<u8>) {
+    b.extend_from_slice(b"null");
 }
 
 /// `c` for a row created after the watermark, else `u`; `r` during the initial snapshot.
@@ -330,17 +325,62 @@ fn op_expr(spec: &TableSpec, r: &str, prev: Option<&Watermark>) -> String {
     }
 }
 
-/// The initial copy: every row as an `r` event at its change time.
-pub fn snapshot_copy_sql(spec: &TableSpec, captured_ms: i64, mode: &str) -> String {
-    rows_copy_sql(spec, None, captured_ms, mode)
+/// Streams a rows COPY (`rows_copy_sql`) into events; `on_row(change_us, key)` sees each row.
+/// Returns the number of rows.
+#[allow(clippy::too_many_arguments)]
+pub async fn read_rows(
+    stream: tokio_postgres::CopyOutStream,
+    spec: &TableSpec,
+    cols: &ImageColumns,
+    mode: &str,
+    snapshot: bool,
+    captured_ms: i64,
+    writer: &mut ChangeLogWriter,
+    mut on_row: impl FnMut(i64, &str),
+) -> Result<u64> {
+    let n = cols.names.len();
+    let mut types = vec![Type::INT8, Type::TEXT, Type::TEXT];
+    types.extend(std::iter::repeat_n(Type::TEXT, n));
+    let rows = BinaryCopyOutStream::new(stream, &types);
+    pin_mut!(rows);
+    let mut buf = Vec::with_capacity(1024);
+    let mut count = 0;
+    while let Some(row) = rows
+        .try_next()
+        .await
+        .map_err(ctx(format!("reading rows of {}", spec.qualified())))?
+    {
+        let values: Vec<Option<&str>> = (3..3 + n).map(|i| row.get(i)).collect();
+        let key: &str = row.get(1);
+        let h = Header {
+            op: row.get(2),
+            mode,
+            snapshot,
+            db: Some(&cols.db),
+            ts_us: row.get(0),
+            key,
+            lsn: None,
+            tx_id: None,
+            captured_ms,
+        };
+        buf.clear();
+        write_event(&mut buf, spec, &h, null, |b| {
+            cols.write_image(b, Some(&values))
+        });
+        writer.write_event(&buf, false)?;
+        on_row(h.ts_us, key);
+        count += 1;
+    }
+    Ok(count)
 }
 
-fn rows_copy_sql(
-    spec: &TableSpec,
-    prev: Option<&Watermark>,
-    captured_ms: i64,
-    mode: &str,
-) -> String {
+/// The initial copy: every row as an `r` event at its change time.
+pub fn snapshot_copy_sql(spec: &TableSpec, cols: &ImageColumns) -> String {
+    rows_copy_sql(spec, cols, None)
+}
+
+/// Change time (µs), key, op and the image columns as text of every row past the watermark.
+fn rows_copy_sql(spec: &TableSpec, cols: &ImageColumns, prev: Option<&Watermark>) -> String {
     let t = "t";
     let ct = format!("{t}.{}", spec.change_time_column);
     let key = format!("{t}.{}", spec.key.name);
@@ -357,49 +397,32 @@ fn rows_copy_sql(
             spec.key.sql_type
         ),
     };
-    let ts = micros(&ct);
-    let parts = EventParts {
-        op: &op_expr(spec, t, prev),
-        before: "NULL",
-        after: &row_image(spec, t),
-        ts_us: &ts,
-        key: &key,
-    };
-    let event = event_json(spec, parts, prev.is_none(), captured_ms, mode);
     format!(
-        "COPY (SELECT {ts}, {key}::text, {event} FROM {table} {t} WHERE {filter} ORDER BY {ct}, {key}) TO STDOUT (FORMAT binary)",
+        "COPY (SELECT {ts}, {key}::text, {op}, {list} FROM {table} {t} WHERE {filter} ORDER BY {ct}, {key})
+         TO STDOUT (FORMAT binary)",
+        ts = micros(&ct),
+        op = op_expr(spec, t, prev),
+        list = cols.select_list(t),
         table = spec.qualified()
     )
 }
 
 /// Each tombstone gives two events: the deleted row's last state (a version the pass may not
-/// have seen, at its change time) and the delete itself, at the delete time.
-fn tombstone_copy_sql(spec: &TableSpec, prev: Option<&Watermark>, captured_ms: i64) -> String {
+/// have seen, at its change time) and the delete itself, at the delete time. Columns: id,
+/// change time (µs), delete time (µs), op of the last state, key, the image columns.
+fn tombstone_copy_sql(spec: &TableSpec, cols: &ImageColumns, prev: Option<&Watermark>) -> String {
     let r = "r";
-    let image = row_image(spec, r);
-    let key = format!("{r}.{}", spec.key.name);
-    let last_state = EventParts {
-        op: &op_expr(spec, r, prev),
-        before: "NULL",
-        after: &image,
-        ts_us: &micros(&format!("{r}.{}", spec.change_time_column)),
-        key: &key,
-    };
-    let last_state = event_json(spec, last_state, false, captured_ms, "timestamp");
-    let delete = EventParts {
-        op: "'d'",
-        before: &image,
-        after: "NULL",
-        ts_us: &micros("tb.deleted_at"),
-        key: &key,
-    };
-    let delete = event_json(spec, delete, false, captured_ms, "timestamp");
     format!(
-        "COPY (SELECT tb.tombstone_id, {last_state}, {delete}
+        "COPY (SELECT tb.tombstone_id, {ts}, {deleted}, {op}, {r}.{key}::text, {list}
                FROM public.cdc_tombstones tb
                CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, tb.old_row) {r}
                WHERE tb.table_schema = {schema} AND tb.table_name = {name}
                ORDER BY tb.deleted_at, tb.tombstone_id) TO STDOUT (FORMAT binary)",
+        ts = micros(&format!("{r}.{}", spec.change_time_column)),
+        deleted = micros("tb.deleted_at"),
+        op = op_expr(spec, r, prev),
+        key = spec.key.name,
+        list = cols.select_list(r),
         table = spec.qualified(),
         schema = sql_literal(&spec.schema),
         name = sql_literal(&spec.name),
