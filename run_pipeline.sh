@@ -539,7 +539,7 @@ Main settings (environment, or .env — see .env.example):
   MUTATION_INTERVAL_SECONDS, MUTATION_BATCH_SIZE   simulated traffic (2 s, 5 operations)
   CDC_CAPTURE_MODE                                 timestamp | logical (timestamp)
   CDC_EXTRACTION_INTERVAL_SECONDS                  seconds between capture passes (5)
-  LOADER_POLL_INTERVAL_SECONDS                     seconds between looks for files (1)
+  LOADER_POLL_INTERVAL_SECONDS                     seconds between looks for files (0.5)
   LOG_LEVEL, LOG_FORMAT                            info, text | json
   LOG_DIR                                          where the logs go (logs)
   CDC_BIN_DIR                                      use binaries from here; no build

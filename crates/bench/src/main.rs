@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 /// Measures capture, apply, steady end-to-end delay and peak memory of the pipeline against
 /// bare COPY ceilings measured in the same run; prints a table and writes it as JSON.
 #[derive(Parser, Debug)]
-#[command(name = "bench", version)]
+#[command(name = "bench", version, args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,

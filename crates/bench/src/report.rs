@@ -109,7 +109,7 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "{:<10} {:<40} {:>12} {:>23}   {:>12}   {:>17}",
+            "{:<10} {:<50} {:>12} {:>23}   {:>12}   {:>17}",
             "mode", "figure", "median", "[min–max]", "ceiling", "ratio [min–max]"
         );
         for l in &self.lines {
@@ -119,7 +119,7 @@ impl Report {
             });
             let _ = writeln!(
                 s,
-                "{:<10} {:<40} {:>12} {:>23}   {:>12}   {:>17}",
+                "{:<10} {:<50} {:>12} {:>23}   {:>12}   {:>17}",
                 l.mode,
                 format!("{} ({})", l.figure, l.unit),
                 num(l.value.median),

@@ -401,7 +401,7 @@ pub struct LoaderArgs {
     #[arg(
         long = "poll-interval",
         env = "LOADER_POLL_INTERVAL_SECONDS",
-        default_value = "1"
+        default_value = "0.5"
     )]
     pub poll_interval_seconds: f64,
     /// Most files applied in one transaction when there is a backlog
