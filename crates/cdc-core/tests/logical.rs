@@ -11,12 +11,17 @@ use fake::rand::rngs::StdRng;
 use fake::rand::{RngExt, SeedableRng};
 
 async fn logical_pass(db: &TestDb) -> PassOutcome {
+    logical_pass_with(db, 50_000).await
+}
+
+/// One pass writing files of at most `max_rows` events (plus the rest of a transaction).
+async fn logical_pass_with(db: &TestDb, max_rows: u64) -> PassOutcome {
     let cfg = db.extractor_config();
     let mut cap = LogicalCapture::new(
         cfg.table.clone(),
         cfg.log_dir.clone(),
         cfg.state_dir.clone(),
-        50_000,
+        max_rows,
         cfg.slot.clone(),
     )
     .unwrap();
@@ -245,12 +250,12 @@ async fn logical_randomized_concurrent_rounds_match_the_ground_truth_version_by_
                 }
             }));
         }
-        // Capture while they write.
-        logical_pass(&db).await;
+        // Capture while they write, in small files (a transaction is never split).
+        logical_pass_with(&db, 4).await;
         for t in tasks {
             t.await.unwrap();
         }
-        logical_pass(&db).await;
+        logical_pass_with(&db, 4).await;
         if rng.random_bool(0.5) {
             load_in_chunks(&db, 3).await;
         }
@@ -258,6 +263,16 @@ async fn logical_randomized_concurrent_rounds_match_the_ground_truth_version_by_
     drain(&db).await;
     load_in_chunks(&db, 2).await;
     assert_history_exact_on(&db, &basis).await;
+    // Files are cut at transaction boundaries once full: at most 4 events plus the rest of
+    // one transaction (3 statements, a key change being two events).
+    let processed = db.log_dir().join("processed");
+    let mut sizes = Vec::new();
+    for f in std::fs::read_dir(&processed).unwrap() {
+        let text = std::fs::read_to_string(f.unwrap().path()).unwrap();
+        sizes.push(text.lines().count());
+    }
+    assert!(sizes.len() > 8, "{sizes:?}");
+    assert!(sizes.iter().all(|&n| n <= 4 + 6), "{sizes:?}");
     db.cleanup().await;
 }
 

@@ -519,6 +519,9 @@ struct TxDecoder<'a> {
     /// LSN of the change being decoded (from the slot's output).
     change_lsn: u64,
     skip: bool,
+    /// No event of the current transaction written yet: the writer may start a new file
+    /// before it (never inside a transaction).
+    tx_first: bool,
     buf: Vec<u8>,
 }
 
@@ -532,6 +535,7 @@ impl<'a> TxDecoder<'a> {
             xid: 0,
             change_lsn: 0,
             skip: false,
+            tx_first: true,
             buf: Vec::with_capacity(1024),
         }
     }
@@ -548,6 +552,7 @@ impl<'a> TxDecoder<'a> {
             } => {
                 self.commit_ts_us = commit_ts_us;
                 self.xid = xid;
+                self.tx_first = true;
             }
             Message::Relation(r) => {
                 self.relations.insert(r.oid, r);
@@ -611,7 +616,10 @@ impl<'a> TxDecoder<'a> {
         b.clear();
         let ours = self.build_event(&mut b, rel, op, before, after);
         let result = match ours {
-            Ok(true) => writer.write_event(&b, true),
+            Ok(true) => {
+                let keep_together = !std::mem::replace(&mut self.tx_first, false);
+                writer.write_event(&b, keep_together)
+            }
             Ok(false) => Ok(()),
             Err(e) => Err(e),
         };
