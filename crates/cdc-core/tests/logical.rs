@@ -6,6 +6,7 @@ use crate::common::{assert_history_exact_on, load, load_in_chunks};
 use cdc_core::capture::logical::{slot_lag, LogicalCapture};
 use cdc_core::capture::timestamp::PassOutcome;
 use cdc_core::progress::Progress;
+use cdc_core::table::Column;
 use cdc_core::test_utils::{connect, install_audit, Basis, TestDb};
 use fake::rand::rngs::StdRng;
 use fake::rand::{RngExt, SeedableRng};
@@ -312,5 +313,54 @@ async fn logical_an_idle_table_still_advances_its_slot() {
         "confirmed position moved past {end_of_other}: {:?}",
         slot_lag(&source, &db.name).await
     );
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn logical_unchanged_toasted_values_are_taken_from_the_old_image() {
+    let mut db = TestDb::new("logical_toast").await;
+    let source = db.source_client().await;
+    source
+        .batch_execute("ALTER TABLE orders ADD COLUMN note text")
+        .await
+        .unwrap();
+    db.spec.columns.push(Column {
+        name: "note".into(),
+        sql_type: "text".into(),
+        generated: None,
+    });
+    logical_snapshot(&db).await;
+    // A value large and random enough to be stored out of line (TOASTed), then an update
+    // that leaves it alone: pgoutput does not resend it.
+    for sql in [
+        "UPDATE orders SET note = (SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 4000)) WHERE id = 1",
+        "UPDATE orders SET quantity = quantity + 1 WHERE id = 1",
+    ] {
+        source.batch_execute(sql).await.unwrap();
+    }
+    drain(&db).await;
+    let totals = load(&db).await;
+    assert_eq!(totals.quarantined, 0);
+    let note_len: i32 = source
+        .query_one("SELECT length(note) FROM orders WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let rows = db
+        .warehouse_client()
+        .await
+        .query(
+            "SELECT length(note), quantity FROM dim_orders_history WHERE order_key = 1 ORDER BY valid_from",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(Option<i32>, i32)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert_eq!(
+        (got[0].0, got[1].0, got[2].0),
+        (None, Some(note_len), Some(note_len))
+    );
+    assert_eq!(got[2].1, got[1].1 + 1);
     db.cleanup().await;
 }

@@ -561,7 +561,18 @@ impl<'a> TxDecoder<'a> {
                 self.emit(writer, rel, 'c', None, Some(&new))?;
                 out.rows += 1;
             }
-            Message::Update { rel, old, new } if !self.skip => {
+            Message::Update { rel, old, mut new } if !self.skip => {
+                // pgoutput does not resend an unchanged TOASTed value; under REPLICA IDENTITY
+                // FULL the old image carries it (detoasted), so the new image is completed
+                // from it. Without a full old image the column stays missing and the
+                // loader quarantines the file rather than write a wrong value.
+                if let Some(o) = &old {
+                    for (n, v) in new.iter_mut().zip(o) {
+                        if matches!(n, Value::Unchanged) && !matches!(v, Value::Unchanged) {
+                            *n = v.clone();
+                        }
+                    }
+                }
                 let rel_info = self.relation(rel)?;
                 let key_idx = rel_info
                     .columns
