@@ -149,6 +149,8 @@ pub struct SteadyRun {
     pub trend_ms: f64,
     /// From the mutator's stop until the warehouse's current rows equal the source.
     pub drain_secs: f64,
+    /// Logical mode: the most WAL the slot held unconfirmed (sampled every 0.5 s).
+    pub slot_lag_max_bytes: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -404,7 +406,22 @@ impl Bench {
         let rate = self.args.rate.to_string();
         let seed_s = seed.to_string();
         let mutator = runner.spawn("mutator", &["--rate", &rate, "--seed", &seed_s])?;
-        tokio::time::sleep(Duration::from_secs(self.args.steady_seconds)).await;
+        // Logical mode: how much WAL the slot holds unconfirmed, sampled twice a second.
+        let mut slot_lag = Vec::new();
+        let until = Instant::now() + Duration::from_secs(self.args.steady_seconds);
+        while let Some(left) = until.checked_duration_since(Instant::now()) {
+            if mode == "logical" {
+                let lag = source
+                    .query_opt(
+                        "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::float8
+                         FROM pg_replication_slots WHERE slot_name = $1",
+                        &[&setup::SLOT],
+                    )
+                    .await?;
+                slot_lag.extend(lag.map(|r| r.get::<_, f64>(0)));
+            }
+            tokio::time::sleep(left.min(Duration::from_millis(500))).await;
+        }
         extractor.check_alive()?;
         loader.check_alive()?;
         let mutator_log = mutator.log.clone();
@@ -446,6 +463,7 @@ impl Bench {
             ops: mutator_ops(&mutator_log)?,
             versions: delays.len() as u64,
             drain_secs,
+            slot_lag_max_bytes: slot_lag.iter().copied().reduce(f64::max),
             ..report::delay_figures(&delays, seconds)
         })
     }

@@ -293,6 +293,19 @@ fn mode_lines(r: &ModeResults) -> Vec<Line> {
         None,
         None,
     ));
+    let lag: Vec<f64> = s
+        .iter()
+        .filter_map(|x| x.slot_lag_max_bytes)
+        .map(|b| b / 1024.0)
+        .collect();
+    out.push(line(
+        m,
+        "steady: slot lag (unconfirmed WAL), max",
+        "KiB",
+        &lag,
+        None,
+        None,
+    ));
     let kib = |k: u64| k as f64 / 1024.0;
     out.push(line(
         m,
