@@ -416,7 +416,7 @@ pub struct LoaderArgs {
     #[arg(
         long = "max-events-in-memory",
         env = "LOADER_MAX_EVENTS_IN_MEMORY",
-        default_value = "32768"
+        default_value = "16384"
     )]
     pub max_events_in_memory: usize,
     /// Directory of the extractor's progress file (read by `status`)

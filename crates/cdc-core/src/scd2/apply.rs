@@ -31,7 +31,7 @@ use tokio_postgres::Transaction;
 
 /// Default of the most events held in memory at once (and handled by one set of
 /// statements): `LOADER_MAX_EVENTS_IN_MEMORY`.
-pub const CHUNK_EVENTS: usize = 32_768;
+pub const CHUNK_EVENTS: usize = 16_384;
 
 /// Bytes of COPY data sent at a time.
 const COPY_FLUSH_BYTES: usize = 1 << 20;
@@ -235,61 +235,94 @@ fn read_chunks(
     files: &[PathBuf],
     send: &tokio::sync::mpsc::Sender<Result<Read>>,
 ) {
-    let new_chunk = || Vec::with_capacity(sql.chunk_events.min(1 << 16));
-    let mut chunk: Vec<Ev> = new_chunk();
+    // A chunk is started only once the channel has room for it, that is once the applier has
+    // taken the previous one: at most two chunks live (one applied, one being read).
+    let rt = tokio::runtime::Handle::current();
+    let mut permit: Option<tokio::sync::mpsc::Permit<'_, Result<Read>>> = None;
+    let mut chunk: Vec<Ev> = Vec::new();
     let mut read = Vec::with_capacity(files.len());
     let mut ord = 0;
-    let result = (|| -> Result<bool> {
-        for (fi, path) in files.iter().enumerate() {
-            let (mut events, mut first, mut last) = (0, None, None);
-            let file = std::fs::File::open(path)
-                .map_err(|e| Error::io("opening change-log file", path, e))?;
-            let reader = std::io::BufReader::with_capacity(1 << 20, file);
-            for (i, line) in reader.lines().enumerate() {
-                let line = line.map_err(|e| Error::io("reading change-log file", path, e))?;
-                if line.trim().is_empty() {
-                    continue;
-                }
-                let bad = |message: String| Error::Parse {
-                    path: path.clone(),
-                    line: i as u64 + 1,
-                    message,
-                };
-                let ev = decode(&line, spec).map_err(bad)?;
-                let ts = timestamp(ev.ts_us).map_err(bad)?;
-                timestamp(ev.captured_ms.saturating_mul(1000)).map_err(bad)?;
-                first = Some(first.map_or(ts, |x: DateTime<Utc>| x.min(ts)));
-                last = Some(last.map_or(ts, |x: DateTime<Utc>| x.max(ts)));
-                events += 1;
-                ord += 1;
-                if chunk.len() >= sql.chunk_events
-                    && chunk.last().is_some_and(|l| l.ev.ts_us != ev.ts_us)
-                    && send
-                        .blocking_send(Ok(Read::Chunk(std::mem::take(&mut chunk))))
-                        .is_err()
-                {
-                    return Ok(false);
-                }
-                let hash = row_hash(&ev, sql);
-                chunk.push(Ev {
-                    ord,
-                    file: fi,
-                    ev,
-                    hash,
-                });
+    let mut result = Ok(());
+    'files: for (fi, path) in files.iter().enumerate() {
+        let (mut events, mut first, mut last) = (0, None, None);
+        let reader = match std::fs::File::open(path) {
+            Ok(f) => std::io::BufReader::with_capacity(1 << 20, f),
+            Err(e) => {
+                result = Err(Error::io("opening change-log file", path, e));
+                break;
             }
-            read.push((events, first, last));
+        };
+        for (i, line) in reader.lines().enumerate() {
+            let decoded = line
+                .map_err(|e| Error::io("reading change-log file", path, e))
+                .and_then(|line| {
+                    if line.trim().is_empty() {
+                        return Ok(None);
+                    }
+                    let bad = |message: String| Error::Parse {
+                        path: path.clone(),
+                        line: i as u64 + 1,
+                        message,
+                    };
+                    let ev = decode(&line, spec).map_err(bad)?;
+                    let ts = timestamp(ev.ts_us).map_err(bad)?;
+                    timestamp(ev.captured_ms.saturating_mul(1000)).map_err(bad)?;
+                    Ok(Some((ev, ts)))
+                });
+            let (ev, ts) = match decoded {
+                Ok(Some(x)) => x,
+                Ok(None) => continue,
+                Err(e) => {
+                    result = Err(e);
+                    break 'files;
+                }
+            };
+            first = Some(first.map_or(ts, |x: DateTime<Utc>| x.min(ts)));
+            last = Some(last.map_or(ts, |x: DateTime<Utc>| x.max(ts)));
+            events += 1;
+            ord += 1;
+            if chunk.len() >= sql.chunk_events
+                && chunk.last().is_some_and(|l| l.ev.ts_us != ev.ts_us)
+            {
+                if let Some(p) = permit.take() {
+                    p.send(Ok(Read::Chunk(std::mem::take(&mut chunk))));
+                }
+            }
+            if permit.is_none() {
+                match rt.block_on(send.reserve()) {
+                    Ok(p) => permit = Some(p),
+                    // The applier has gone (it failed): stop.
+                    Err(_) => return,
+                }
+                chunk.reserve(sql.chunk_events.min(1 << 16));
+            }
+            let hash = row_hash(&ev, sql);
+            chunk.push(Ev {
+                ord,
+                file: fi,
+                ev,
+                hash,
+            });
         }
-        Ok(true)
-    })();
-    let _ = match result {
-        Ok(false) => return,
-        Ok(true) if !chunk.is_empty() => send
-            .blocking_send(Ok(Read::Chunk(chunk)))
-            .and_then(|()| send.blocking_send(Ok(Read::Done(read)))),
-        Ok(true) => send.blocking_send(Ok(Read::Done(read))),
-        Err(e) => send.blocking_send(Err(e)),
+        read.push((events, first, last));
+    }
+    let last_msg = match result {
+        Ok(()) => Ok(Read::Done(read)),
+        Err(e) => Err(e),
     };
+    match permit {
+        Some(p) => {
+            if last_msg.is_ok() {
+                p.send(Ok(Read::Chunk(chunk)));
+                let _ = send.blocking_send(last_msg);
+            } else {
+                p.send(last_msg);
+            }
+        }
+        None => {
+            let _ = send.blocking_send(last_msg);
+        }
+    }
 }
 
 fn lap(clock: &mut std::time::Instant) -> u64 {
