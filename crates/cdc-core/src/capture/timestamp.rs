@@ -163,17 +163,15 @@ impl TimestampCapture {
                 max_tomb = Some(row.get::<i64>(0));
                 let values: Vec<Option<&str>> = (5..5 + n).map(|i| row.get(i)).collect();
                 let key: &str = row.get(4);
-                let mut h = Header {
-                    op: row.get(3),
-                    mode: "timestamp",
-                    snapshot: false,
-                    db: Some(&cols.db),
-                    ts_us: row.get(1),
+                let mut h = row_header(
+                    &cols,
+                    row.get(3),
+                    "timestamp",
+                    false,
+                    row.get(1),
                     key,
-                    lsn: None,
-                    tx_id: None,
                     captured_ms,
-                };
+                );
                 // The deleted row's last state (a version this pass may not have seen), then
                 // the delete.
                 buf.clear();
@@ -352,17 +350,15 @@ pub async fn read_rows(
     {
         let values: Vec<Option<&str>> = (3..3 + n).map(|i| row.get(i)).collect();
         let key: &str = row.get(1);
-        let h = Header {
-            op: row.get(2),
+        let h = row_header(
+            cols,
+            row.get(2),
             mode,
             snapshot,
-            db: Some(&cols.db),
-            ts_us: row.get(0),
+            row.get(0),
             key,
-            lsn: None,
-            tx_id: None,
             captured_ms,
-        };
+        );
         buf.clear();
         write_event(&mut buf, spec, &h, null, |b| {
             cols.write_image(b, Some(&values))
@@ -372,6 +368,29 @@ pub async fn read_rows(
         count += 1;
     }
     Ok(count)
+}
+
+/// The header of an event read from a table row (no log position).
+fn row_header<'a>(
+    cols: &'a ImageColumns,
+    op: &'a str,
+    mode: &'a str,
+    snapshot: bool,
+    ts_us: i64,
+    key: &'a str,
+    captured_ms: i64,
+) -> Header<'a> {
+    Header {
+        op,
+        mode,
+        snapshot,
+        db: Some(&cols.db),
+        ts_us,
+        key,
+        lsn: None,
+        tx_id: None,
+        captured_ms,
+    }
 }
 
 /// The initial copy: every row as an `r` event at its change time.
