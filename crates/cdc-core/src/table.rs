@@ -32,7 +32,8 @@ pub struct Column {
     #[serde(rename = "type")]
     pub sql_type: String,
     /// For a generated column: its expression over the other tracked columns. Logical
-    /// replication (PostgreSQL 15) does not send generated columns; the loader computes them.
+    /// replication (PostgreSQL 15) does not send generated columns; the history table generates
+    /// them from the same expression.
     #[serde(default)]
     pub generated: Option<String>,
 }
