@@ -174,6 +174,9 @@ pub fn decode(line: &str, spec: &TableSpec) -> Result<DecodedEvent, String> {
     if env.op != Op::Delete {
         for c in &spec.columns {
             match row.get(c.name.as_str()) {
+                // json/jsonb values are JSON in the event: their text is the raw JSON (a JSON
+                // string stays quoted); only a JSON null is SQL NULL.
+                Some(v) if c.is_json() => values.push((v.get() != "null").then(|| v.get())),
                 Some(v) => values.push(
                     json_text(v)
                         .map_err(|e| format!("column {}: {e}", c.name))?
@@ -269,6 +272,32 @@ mod tests {
         let got: Vec<Option<&str>> = (0..6).map(|i| v.get(i)).collect();
         assert_eq!(got, [Some("a"), None, Some(""), Some("bc"), None, None]);
         assert_eq!(v.len(), 5);
+    }
+
+    #[test]
+    fn json_columns_keep_their_json() {
+        let mut spec = TableSpec::orders();
+        spec.columns.push(crate::table::Column {
+            name: "doc".into(),
+            sql_type: "jsonb".into(),
+            generated: None,
+        });
+        let with = |doc: &str| {
+            UPDATE.replace(
+                "\"last_updated\"",
+                &format!("\"doc\":{doc},\"last_updated\""),
+            )
+        };
+        let value = |doc: &str| {
+            decode(&with(doc), &spec)
+                .expect("decode")
+                .values
+                .get(8)
+                .map(str::to_owned)
+        };
+        assert_eq!(value("\"hello\"").as_deref(), Some("\"hello\""));
+        assert_eq!(value("{\"a\": [1]}").as_deref(), Some("{\"a\": [1]}"));
+        assert_eq!(value("null"), None);
     }
 
     #[test]

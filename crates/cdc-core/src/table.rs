@@ -52,6 +52,12 @@ impl Column {
         self
     }
 
+    /// Whether the column holds JSON (`json`, `jsonb`): its event value is JSON itself.
+    pub fn is_json(&self) -> bool {
+        let t = self.sql_type.to_ascii_lowercase();
+        t == "json" || t == "jsonb"
+    }
+
     /// Whether the value goes into an event as a JSON string of its exact text (numeric and
     /// other types that JSON numbers would round).
     pub fn is_exact_text(&self) -> bool {

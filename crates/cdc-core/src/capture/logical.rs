@@ -561,12 +561,18 @@ impl<'a> TxDecoder<'a> {
                 self.emit(writer, rel, 'c', None, Some(&new))?;
                 out.rows += 1;
             }
-            Message::Update { rel, old, mut new } if !self.skip => {
+            Message::Update {
+                rel,
+                old,
+                old_is_full,
+                mut new,
+            } if !self.skip => {
                 // pgoutput does not resend an unchanged TOASTed value; under REPLICA IDENTITY
-                // FULL the old image carries it (detoasted), so the new image is completed
-                // from it. Without a full old image the column stays missing and the
-                // loader quarantines the file rather than write a wrong value.
-                if let Some(o) = &old {
+                // FULL the old image (`O`) carries it detoasted, so the new image is
+                // completed from it. A key image (`K`) has NULL in the other columns: then
+                // the column stays missing and the loader quarantines the file rather than
+                // write a wrong value.
+                if let Some(o) = old.as_ref().filter(|_| old_is_full) {
                     for (n, v) in new.iter_mut().zip(o) {
                         if matches!(n, Value::Unchanged) && !matches!(v, Value::Unchanged) {
                             *n = v.clone();

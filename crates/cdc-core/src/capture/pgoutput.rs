@@ -52,6 +52,8 @@ pub enum Message {
         rel: u32,
         /// The old key (`K`) or old row (`O`, replica identity full), when sent.
         old: Option<Vec<Value>>,
+        /// Whether `old` is the whole old row (`O`); a key image (`K`) has NULL elsewhere.
+        old_is_full: bool,
         new: Vec<Value>,
     },
     Delete {
@@ -192,6 +194,7 @@ pub fn decode(buf: &[u8]) -> Result<Message, String> {
             let rel = r.u32()?;
             let mut old = None;
             let mut kind = r.u8()?;
+            let old_is_full = kind == b'O';
             if kind == b'K' || kind == b'O' {
                 old = Some(r.tuple()?);
                 kind = r.u8()?;
@@ -202,6 +205,7 @@ pub fn decode(buf: &[u8]) -> Result<Message, String> {
             Message::Update {
                 rel,
                 old,
+                old_is_full,
                 new: r.tuple()?,
             }
         }
@@ -294,6 +298,7 @@ mod tests {
             Message::Update {
                 rel: 16384,
                 old: Some(vec![Value::Text("1".into()), Value::Text("2.50".into())]),
+                old_is_full: true,
                 new: vec![Value::Text("1".into()), Value::Null],
             }
         );

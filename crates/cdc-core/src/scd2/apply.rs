@@ -590,18 +590,23 @@ fn row_hash(ev: &DecodedEvent, sql: &ApplySql) -> [u8; 16] {
     let mut md5 = Md5::new();
     if ev.op != Op::Delete {
         for &i in &sql.written {
+            // Each value is tagged and length-prefixed, so no two value lists share bytes.
             match ev.values.get(i) {
-                None => md5.update(b"\x00N"),
-                Some(v) => {
-                    match sql.is_time[i]
-                        .then(|| DateTime::parse_from_rfc3339(v).ok())
-                        .flatten()
-                    {
-                        Some(t) => md5.update(t.timestamp_micros().to_le_bytes()),
-                        None => md5.update(v.as_bytes()),
+                None => md5.update(b"N"),
+                Some(v) => match sql.is_time[i]
+                    .then(|| DateTime::parse_from_rfc3339(v).ok())
+                    .flatten()
+                {
+                    Some(t) => {
+                        md5.update(b"T");
+                        md5.update(t.timestamp_micros().to_le_bytes());
                     }
-                    md5.update(b"\x1f");
-                }
+                    None => {
+                        md5.update(b"V");
+                        md5.update((v.len() as u64).to_le_bytes());
+                        md5.update(v.as_bytes());
+                    }
+                },
             }
         }
     }
@@ -649,6 +654,12 @@ mod tests {
         let mut null = base;
         null[3] = None;
         assert_ne!(row_hash(&ev(&null), &sql), h);
+        // Values cannot run into each other.
+        let mut a = base;
+        (a[0], a[1]) = (Some("1\x1f"), Some("2"));
+        let mut b = base;
+        (b[0], b[1]) = (Some("1"), Some("\x1f2"));
+        assert_ne!(row_hash(&ev(&a), &sql), row_hash(&ev(&b), &sql));
     }
 
     #[test]
