@@ -7,6 +7,7 @@ use crate::setup::{PUBLICATION, SLOT};
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use cdc_core::event::{decode, Op};
+use cdc_core::scd2::apply::{push_text, push_time};
 use cdc_core::table::TableSpec;
 use futures_util::{pin_mut, SinkExt, TryStreamExt};
 use serde::Serialize;
@@ -136,20 +137,21 @@ pub fn merge_input(files: &[PathBuf], spec: &TableSpec) -> Result<(Vec<u8>, u64)
         for (i, line) in text.lines().enumerate() {
             let ev = decode(line, spec)
                 .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))?;
+            let _ = write!(out, "{}\t", ev.op.as_char());
+            push_text(&mut out, &ev.key);
+            out.push('\t');
+            push_time(&mut out, ev.ts_us);
             let _ = write!(
                 out,
-                "{}\t{}\t{}\t{}\t{}\t{}",
-                ev.op.as_char(),
-                ev.key,
-                micros(ev.ts_us),
+                "\t{}\t{}\t",
                 ev.lsn.map_or("\\N".to_owned(), |l| l.to_string()),
                 ev.tx_id.map_or("\\N".to_owned(), |t| t.to_string()),
-                micros(ev.captured_ms * 1000),
             );
+            push_time(&mut out, ev.captured_ms * 1000);
             for i in 0..spec.columns.len() {
                 out.push('\t');
                 match ev.values.get(i) {
-                    Some(v) if ev.op != Op::Delete => escape(&mut out, v),
+                    Some(v) if ev.op != Op::Delete => push_text(&mut out, v),
                     _ => out.push_str("\\N"),
                 }
             }
@@ -158,24 +160,6 @@ pub fn merge_input(files: &[PathBuf], spec: &TableSpec) -> Result<(Vec<u8>, u64)
         }
     }
     Ok((out.into_bytes(), n))
-}
-
-fn micros(us: i64) -> String {
-    chrono::DateTime::from_timestamp_micros(us)
-        .map(|t| t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string())
-        .unwrap_or_else(|| "\\N".into())
-}
-
-fn escape(out: &mut String, v: &str) {
-    for c in v.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\t' => out.push_str("\\t"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            c => out.push(c),
-        }
-    }
 }
 
 /// A hand-written set-based merge in plain SQL into an empty copy of the history table, in

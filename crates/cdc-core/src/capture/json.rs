@@ -75,24 +75,39 @@ impl ImageColumns {
 
     /// The image's values as a JSON object.
     pub fn write_image(&self, b: &mut Vec<u8>, values: Option<&[Option<&str>]>) {
-        let Some(values) = values else {
-            b.extend_from_slice(b"null");
-            return;
-        };
-        b.push(b'{');
-        for (i, (name, v)) in self.names.iter().zip(values).enumerate() {
-            if i > 0 {
-                b.push(b',');
-            }
-            json_str(b, name);
-            b.push(b':');
-            match v {
-                None => b.extend_from_slice(b"null"),
-                Some(s) => write_value(b, self.oids[i], s),
-            }
+        match values {
+            Some(v) => write_object(
+                b,
+                self.names
+                    .iter()
+                    .zip(&self.oids)
+                    .zip(v)
+                    .map(|((n, &o), &v)| (n.as_str(), o, v)),
+            ),
+            None => b.extend_from_slice(b"null"),
         }
-        b.push(b'}');
     }
+}
+
+/// A JSON object of `(column, type OID, text value or NULL)` fields, each value typed by its
+/// column's type (see `write_value`).
+pub fn write_object<'a>(
+    b: &mut Vec<u8>,
+    fields: impl Iterator<Item = (&'a str, u32, Option<&'a str>)>,
+) {
+    b.push(b'{');
+    for (i, (name, oid, v)) in fields.enumerate() {
+        if i > 0 {
+            b.push(b',');
+        }
+        json_str(b, name);
+        b.push(b':');
+        match v {
+            None => b.extend_from_slice(b"null"),
+            Some(s) => write_value(b, oid, s),
+        }
+    }
+    b.push(b'}');
 }
 
 /// The parts of an event besides its row images.

@@ -8,7 +8,7 @@
 //! snapshot already shows are skipped when they come out of the slot, all others are applied.
 //! So no change is missed or applied twice at the boundary, however busy the table.
 
-use super::json::{json_str, write_event, write_value, Header, ImageColumns, TEXT_OUTPUT_SETTINGS};
+use super::json::{write_event, write_object, Header, ImageColumns, TEXT_OUTPUT_SETTINGS};
 use super::pgoutput::{self, Message, Relation, Value};
 use super::timestamp::{check_source_table, read_rows, snapshot_copy_sql, PassOutcome};
 use crate::changelog::ChangeLogWriter;
@@ -705,26 +705,14 @@ fn write_image(b: &mut Vec<u8>, r: &Relation, tuple: Option<&[Value]>) {
         b.extend_from_slice(b"null");
         return;
     };
-    b.push(b'{');
-    let mut first = true;
-    for (c, v) in r.columns.iter().zip(t) {
-        let text = match v {
-            Value::Unchanged => continue,
-            Value::Null => None,
-            Value::Text(s) => Some(s.as_str()),
-        };
-        if !first {
-            b.push(b',');
-        }
-        first = false;
-        json_str(b, &c.name);
-        b.push(b':');
-        match text {
-            None => b.extend_from_slice(b"null"),
-            Some(s) => write_value(b, c.type_oid, s),
-        }
-    }
-    b.push(b'}');
+    // An unchanged TOASTed value that could not be filled is left out (the loader then
+    // quarantines the file rather than store a wrong value).
+    let fields = r.columns.iter().zip(t).filter_map(|(c, v)| match v {
+        Value::Unchanged => None,
+        Value::Null => Some((c.name.as_str(), c.type_oid, None)),
+        Value::Text(s) => Some((c.name.as_str(), c.type_oid, Some(s.as_str()))),
+    });
+    write_object(b, fields);
 }
 
 #[cfg(test)]

@@ -547,7 +547,7 @@ fn copy_row(buf: &mut String, sql: &ApplySql, e: &Ev, next: Option<&DecodedEvent
 }
 
 /// A value in COPY text format.
-fn push_text(buf: &mut String, v: &str) {
+pub fn push_text(buf: &mut String, v: &str) {
     for c in v.chars() {
         match c {
             '\\' => buf.push_str("\\\\"),
@@ -559,7 +559,8 @@ fn push_text(buf: &mut String, v: &str) {
     }
 }
 
-fn push_time(buf: &mut String, us: i64) {
+/// A time in microseconds since the epoch, in COPY text format (`\N` when out of range).
+pub fn push_time(buf: &mut String, us: i64) {
     match timestamp(us) {
         Ok(t) => {
             let _ = write!(buf, "{}", t.format("%Y-%m-%d %H:%M:%S%.6f+00"));
