@@ -140,7 +140,7 @@ fmt: ## Format the code (cargo fmt)
 
 lint: ## rustfmt check and clippy with -D warnings
 	cargo fmt --all -- --check
-	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy --workspace --all-targets --all-features -- -D warnings
 
 test: ## Whole test suite against throw-away clusters on ports 55433/55434
 	@command -v cargo-nextest >/dev/null 2>&1 || cargo nextest --version >/dev/null 2>&1 || { \

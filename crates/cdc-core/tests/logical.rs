@@ -285,7 +285,10 @@ async fn logical_an_idle_table_still_advances_its_slot() {
     // WAL from another table: nothing for us, but the slot must not hold it.
     source
         .batch_execute(
-            "CREATE TABLE other (x int); INSERT INTO other SELECT generate_series(1, 20000)",
+            // A synchronous commit, so that its WAL is written before the lag is read (the
+            // test clusters commit asynchronously).
+            "SET synchronous_commit = on; CREATE TABLE other (x int);
+             INSERT INTO other SELECT generate_series(1, 20000)",
         )
         .await
         .unwrap();
