@@ -2,6 +2,7 @@
 //! moments: the history must still hold every committed version exactly once.
 
 use crate::{cmd, run, text};
+use cdc_core::event::CaptureMode;
 use cdc_core::progress::Progress;
 use cdc_core::test_utils::{
     actual_history, assert_same_history, expected_history_on, install_audit, Basis, TestDb,
@@ -24,7 +25,7 @@ async fn logical_kill_9_restarts_of_the_extractor_lose_and_double_nothing() {
     let out = run(first);
     assert!(out.status.success(), "{}", text(&out));
     let basis = Basis::Commit {
-        snapshot: Progress::load(&db.state_dir(), &db.spec, "logical")
+        snapshot: Progress::load(&db.state_dir(), &db.spec, CaptureMode::Logical)
             .unwrap()
             .logical
             .and_then(|l| l.filter),

@@ -1,9 +1,10 @@
 //! Change-log files: JSON Lines written to a temporary dot-file, fsynced, renamed to their
-//! final `*.jsonl` name and the directory fsynced, so a reader never sees half a file.
-//! Also the reader's side: which files are pending, and moving a file to `processed/` or
-//! quarantining it in `dead_letter/` with a reason beside it.
+//! final `*.jsonl` name and the directory fsynced, so a reader never sees half a file (the
+//! extractor's `ChangeSink`). Also the reader's side: which files are pending, and moving a
+//! file to `processed/` or quarantining it in `dead_letter/` with a reason beside it.
 
 use crate::error::{Error, Result};
+use crate::sink::{ChangeSink, Durable, WrittenFile};
 use chrono::{DateTime, Utc};
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
@@ -13,14 +14,6 @@ pub const DEAD_LETTER_DIR: &str = "dead_letter";
 pub const PROCESSED_DIR: &str = "processed";
 const TEMP_PREFIX: &str = ".tmp-";
 
-/// A finished, durable change-log file.
-#[derive(Debug, Clone)]
-pub struct WrittenFile {
-    pub path: PathBuf,
-    pub events: u64,
-    pub bytes: u64,
-}
-
 struct OpenFile {
     temp: PathBuf,
     final_path: PathBuf,
@@ -29,9 +22,10 @@ struct OpenFile {
     bytes: u64,
 }
 
-/// Writes the events of one capture pass into one or more files of at most `max_events`.
-/// Files become visible only in `finish`, all durable, in sequence order.
-pub struct ChangeLogWriter {
+/// Writes the events of each capture pass into one or more files of at most `max_events`
+/// (more only to keep a transaction together). Files become visible only in `commit`, all
+/// durable, in sequence order.
+pub struct ChangeLogSink {
     dir: PathBuf,
     prefix: String,
     stamp: String,
@@ -41,65 +35,25 @@ pub struct ChangeLogWriter {
     done: Vec<OpenFile>,
 }
 
-impl ChangeLogWriter {
-    /// `prefix` is the table name; `first_seq` continues the extractor's file sequence.
-    pub fn new(
-        dir: &Path,
-        prefix: &str,
-        captured_at: DateTime<Utc>,
-        first_seq: u64,
-        max_events: u64,
-    ) -> Self {
-        ChangeLogWriter {
+impl ChangeLogSink {
+    /// Files named `<prefix>_<capture time>_<seq>.jsonl` in `dir`; `prefix` is the table name.
+    pub fn new(dir: &Path, prefix: &str, max_events: u64) -> Self {
+        ChangeLogSink {
             dir: dir.to_path_buf(),
             prefix: prefix.to_owned(),
-            stamp: captured_at.format("%Y%m%dT%H%M%S%.6fZ").to_string(),
+            stamp: String::new(),
             max_events: max_events.max(1),
-            next_seq: first_seq,
+            next_seq: 1,
             current: None,
             done: Vec::new(),
         }
     }
 
-    /// The sequence number the next file will get.
-    pub fn next_seq(&self) -> u64 {
-        self.next_seq
-    }
-
-    pub fn events_written(&self) -> u64 {
-        self.done
-            .iter()
-            .chain(self.current.iter())
-            .map(|f| f.events)
-            .sum()
-    }
-
-    /// Whether the current file is full, so that a caller that must keep a group of events
-    /// together (one transaction) can cut the file between groups.
-    pub fn current_is_full(&self) -> bool {
+    /// Whether the current file is full.
+    fn current_is_full(&self) -> bool {
         self.current
             .as_ref()
             .is_some_and(|f| f.events >= self.max_events)
-    }
-
-    /// Appends one event (a JSON object without the trailing newline). Starts a new file when
-    /// the current one is full, unless `keep_together` asks to stay in the current file.
-    pub fn write_event(&mut self, json: &[u8], keep_together: bool) -> Result<()> {
-        if self.current_is_full() && !keep_together {
-            self.seal_current()?;
-        }
-        if self.current.is_none() {
-            self.open_next()?;
-        }
-        let f = self.current.as_mut().expect("a file was just opened");
-        let io = |e| Error::io("writing change-log file", &f.temp, e);
-        f.out.write_all(json).map_err(io)?;
-        f.out
-            .write_all(b"\n")
-            .map_err(|e| Error::io("writing change-log file", &f.temp, e))?;
-        f.events += 1;
-        f.bytes += json.len() as u64 + 1;
-        Ok(())
     }
 
     fn open_next(&mut self) -> Result<()> {
@@ -134,9 +88,44 @@ impl ChangeLogWriter {
         }
         Ok(())
     }
+}
 
-    /// Makes every file of the pass durable under its final name, in order. Returns them.
-    pub fn finish(mut self) -> Result<Vec<WrittenFile>> {
+impl ChangeSink for ChangeLogSink {
+    fn begin(&mut self, captured_at: DateTime<Utc>, first_seq: u64) {
+        self.abort();
+        self.stamp = captured_at.format("%Y%m%dT%H%M%S%.6fZ").to_string();
+        self.next_seq = first_seq;
+    }
+
+    /// Starts a new file when the current one is full, unless `keep_together` asks to stay.
+    fn write(&mut self, json: &[u8], keep_together: bool) -> Result<()> {
+        if self.current_is_full() && !keep_together {
+            self.seal_current()?;
+        }
+        if self.current.is_none() {
+            self.open_next()?;
+        }
+        let f = self.current.as_mut().expect("a file was just opened");
+        let io = |e| Error::io("writing change-log file", &f.temp, e);
+        f.out.write_all(json).map_err(io)?;
+        f.out
+            .write_all(b"\n")
+            .map_err(|e| Error::io("writing change-log file", &f.temp, e))?;
+        f.events += 1;
+        f.bytes += json.len() as u64 + 1;
+        Ok(())
+    }
+
+    fn events_written(&self) -> u64 {
+        self.done
+            .iter()
+            .chain(self.current.iter())
+            .map(|f| f.events)
+            .sum()
+    }
+
+    /// Makes every file of the pass durable under its final name, in order.
+    fn commit(&mut self) -> Result<Durable> {
         self.seal_current()?;
         let mut written = Vec::with_capacity(self.done.len());
         for f in self.done.drain(..) {
@@ -151,11 +140,11 @@ impl ChangeLogWriter {
         if !written.is_empty() {
             sync_dir(&self.dir)?;
         }
-        Ok(written)
+        Ok(Durable::new(written, self.next_seq))
     }
 
-    /// Drops the pass: removes its temporary files (nothing was renamed yet).
-    pub fn abandon(mut self) {
+    /// Removes the pass's temporary files (nothing was renamed yet).
+    fn abort(&mut self) {
         self.current
             .take()
             .into_iter()
@@ -294,16 +283,18 @@ mod tests {
     #[test]
     fn writer_splits_files_and_publishes_only_on_finish() {
         let dir = tempdir("split");
-        let mut w = ChangeLogWriter::new(&dir, "orders", Utc::now(), 7, 2);
+        let mut w = ChangeLogSink::new(&dir, "orders", 2);
+        w.begin(Utc::now(), 7);
         for i in 0..5 {
-            w.write_event(format!("{{\"n\":{i}}}").as_bytes(), false)
+            w.write(format!("{{\"n\":{i}}}").as_bytes(), false)
                 .expect("write");
         }
         assert!(
             pending_files(&dir).expect("list").is_empty(),
             "nothing visible before finish"
         );
-        let files = w.finish().expect("finish");
+        let durable = w.commit().expect("finish");
+        let files = durable.files();
         assert_eq!(
             files.iter().map(|f| f.events).collect::<Vec<_>>(),
             vec![2, 2, 1]
@@ -322,11 +313,13 @@ mod tests {
     #[test]
     fn keep_together_stays_in_the_current_file() {
         let dir = tempdir("together");
-        let mut w = ChangeLogWriter::new(&dir, "orders", Utc::now(), 1, 1);
-        w.write_event(b"{}", false).expect("write");
-        w.write_event(b"{}", true).expect("write");
-        w.write_event(b"{}", false).expect("write");
-        let files = w.finish().expect("finish");
+        let mut w = ChangeLogSink::new(&dir, "orders", 1);
+        w.begin(Utc::now(), 1);
+        w.write(b"{}", false).expect("write");
+        w.write(b"{}", true).expect("write");
+        w.write(b"{}", false).expect("write");
+        let durable = w.commit().expect("finish");
+        let files = durable.files();
         assert_eq!(
             files.iter().map(|f| f.events).collect::<Vec<_>>(),
             vec![2, 1]

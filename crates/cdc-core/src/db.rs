@@ -1,11 +1,88 @@
-//! Database connections: connect with retry and backoff, pools, and the backoff policy used
-//! when a connection is lost in the middle of work.
+//! Database connections: where a database is (`DbSettings`), connect with retry and backoff,
+//! pools, and the backoff policy used when a connection is lost in the middle of work.
 
-use crate::config::DbSettings;
 use crate::error::{is_transient_pg, Error, Result};
 use crate::shutdown::Shutdown;
+use std::fmt;
 use std::time::{Duration, Instant};
 use tokio_postgres::{Client, NoTls};
+
+/// A password: never printed by `Debug` or `Display`.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+/// Which of the pipeline's two databases a connection is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DbRole {
+    /// The operational database the changes come from.
+    Source,
+    /// The warehouse that holds the history.
+    Warehouse,
+}
+
+impl DbRole {
+    /// The prefix of the settings users know it by: `DB_HOST`, `WAREHOUSE_DB_HOST`, ...
+    pub fn setting_prefix(self) -> &'static str {
+        match self {
+            DbRole::Source => "DB",
+            DbRole::Warehouse => "WAREHOUSE_DB",
+        }
+    }
+
+    /// The database's name in messages.
+    pub fn noun(self) -> &'static str {
+        match self {
+            DbRole::Source => "source",
+            DbRole::Warehouse => "warehouse",
+        }
+    }
+}
+
+/// Where one database is and how to log in. `Debug` hides the password.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DbSettings {
+    pub role: DbRole,
+    pub host: String,
+    pub port: u16,
+    pub dbname: String,
+    pub user: String,
+    pub password: Secret,
+    /// How long to keep retrying the first connection before giving up.
+    pub connect_retry: Duration,
+}
+
+impl DbSettings {
+    pub fn pg_config(&self) -> tokio_postgres::Config {
+        let mut c = tokio_postgres::Config::new();
+        c.host(&self.host)
+            .port(self.port)
+            .dbname(&self.dbname)
+            .user(&self.user)
+            .password(self.password.0.as_bytes())
+            .application_name("cdc-historical-warehouse")
+            .options("-c TimeZone=UTC -c DateStyle=ISO")
+            .connect_timeout(Duration::from_secs(10));
+        c
+    }
+
+    /// `host:port/dbname`, safe to log (no user, no password).
+    pub fn display(&self) -> String {
+        format!("{}:{}/{}", self.host, self.port, self.dbname)
+    }
+}
 
 /// Exponential backoff with jitter: 250 ms doubling up to 10 s.
 #[derive(Debug, Clone)]
@@ -58,15 +135,12 @@ pub async fn connect(db: &DbSettings, shutdown: &Shutdown) -> Result<Client> {
                 let retryable = is_transient_pg(&e);
                 let delay = backoff.next_delay();
                 if !retryable || started.elapsed() + delay > db.connect_retry {
+                    let p = db.role.setting_prefix();
                     return Err(Error::Db {
                         context: format!(
-                            "connecting to the {} database at {} (settings {}_HOST, {}_PORT, {}_NAME, {}_USER)",
-                            if db.label == "DB" { "source" } else { "warehouse" },
+                            "connecting to the {} database at {} (settings {p}_HOST, {p}_PORT, {p}_NAME, {p}_USER)",
+                            db.role.noun(),
                             db.display(),
-                            db.label,
-                            db.label,
-                            db.label,
-                            db.label
                         ),
                         source: e,
                     });

@@ -44,6 +44,15 @@ pub enum Error {
         message: String,
     },
 
+    /// Input from the source or a file that cannot be decoded (a pgoutput message that breaks
+    /// the protocol): a data error, not a setting to fix.
+    #[error("{what}: {message}")]
+    Decode { what: String, message: String },
+
+    /// A fault of this program (a worker thread that panicked): nothing the user set.
+    #[error("internal error in {what}: {message}")]
+    Internal { what: String, message: String },
+
     /// A persisted state file (progress) that cannot be read.
     #[error("state file {path} is unreadable: {message}")]
     State { path: PathBuf, message: String },
@@ -62,6 +71,20 @@ impl Error {
 
     pub fn setup(what: impl Into<String>, message: impl Into<String>) -> Self {
         Error::Setup {
+            what: what.into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn decode(what: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Decode {
+            what: what.into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn internal(what: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Internal {
             what: what.into(),
             message: message.into(),
         }
@@ -97,7 +120,7 @@ impl Error {
     /// the connection or the server: such a batch is quarantined, not retried.
     pub fn is_data_error(&self) -> bool {
         match self {
-            Error::Parse { .. } => true,
+            Error::Parse { .. } | Error::Decode { .. } => true,
             Error::Db { source, .. } => source
                 .code()
                 .map(|c| {

@@ -1,6 +1,7 @@
 //! Core of the CDC Historical Warehouse: configuration, database access, the change-event
-//! format and its files, capture, SCD Type 2 apply, run metadata, shutdown and logging.
-//! The three binaries (`mutator`, `extractor`, `scd2-loader`) are thin wiring over this crate.
+//! format, capture (change sources), the change-log sink, SCD Type 2 apply (the history
+//! store), run metadata, shutdown and logging. The binaries (`extractor`, `scd2-loader`,
+//! and the `mutator`'s traffic generator) are thin wiring over this crate.
 
 pub mod capture;
 pub mod changelog;
@@ -11,14 +12,15 @@ pub mod error;
 pub mod event;
 pub mod metadata;
 pub mod migrate;
-pub mod mutator;
 pub mod progress;
 pub mod scd2;
 pub mod shutdown;
+pub mod sink;
+pub mod slot;
 pub mod table;
 pub mod telemetry;
 
-#[cfg(feature = "test-utils")]
+#[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 
 pub use error::{Error, Result};

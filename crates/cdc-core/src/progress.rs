@@ -3,6 +3,8 @@
 
 use crate::changelog::write_atomic;
 use crate::error::{Error, Result};
+use crate::event::CaptureMode;
+use crate::sink::Durable;
 use crate::table::TableSpec;
 use serde::{Deserialize, Serialize};
 use std::cmp::Ordering;
@@ -39,7 +41,7 @@ impl Watermark {
 pub struct Progress {
     pub format_version: u32,
     pub table: String,
-    pub capture_mode: String,
+    pub capture_mode: CaptureMode,
     /// `None` until the first pass (the initial snapshot) has been written.
     pub watermark: Option<Watermark>,
     pub next_file_seq: u64,
@@ -71,11 +73,11 @@ impl Progress {
         state_dir.join(format!("extractor-{}.{}.json", spec.schema, spec.name))
     }
 
-    fn fresh(spec: &TableSpec, mode: &str) -> Self {
+    fn fresh(spec: &TableSpec, mode: CaptureMode) -> Self {
         Progress {
             format_version: PROGRESS_VERSION,
             table: spec.qualified(),
-            capture_mode: mode.to_owned(),
+            capture_mode: mode,
             watermark: None,
             next_file_seq: 1,
             updated_at: None,
@@ -85,7 +87,7 @@ impl Progress {
 
     /// Reads the progress file; a missing file means "never captured". A file that exists but
     /// cannot be read is an error: starting over silently would re-capture or skip changes.
-    pub fn load(state_dir: &Path, spec: &TableSpec, mode: &str) -> Result<Self> {
+    pub fn load(state_dir: &Path, spec: &TableSpec, mode: CaptureMode) -> Result<Self> {
         let path = Self::path(state_dir, spec);
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
@@ -140,12 +142,14 @@ impl Progress {
         }
     }
 
-    /// Saves atomically. The watermark never moves backwards.
+    /// Saves atomically. The watermark never moves backwards. `_durable` is the sink's proof
+    /// that the changes this progress covers are durable: progress never runs ahead of them.
     pub fn save(
         &mut self,
         state_dir: &Path,
         spec: &TableSpec,
         previous: Option<&Watermark>,
+        _durable: &Durable,
     ) -> Result<()> {
         if let (Some(prev), Some(new)) = (previous, &self.watermark) {
             if new.cmp_pos(prev) == Ordering::Less {

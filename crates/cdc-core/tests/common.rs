@@ -1,6 +1,8 @@
 //! Shared steps: one capture pass, one loader run, the ground-truth comparison.
 
-use cdc_core::capture::timestamp::{PassOutcome, TimestampCapture};
+use cdc_core::capture::timestamp::TimestampCapture;
+use cdc_core::capture::{ChangeSource, PassOutcome};
+use cdc_core::changelog::ChangeLogSink;
 use cdc_core::scd2::loader::{self, LoaderTotals};
 use cdc_core::scd2::verify;
 use cdc_core::shutdown::Shutdown;
@@ -15,15 +17,13 @@ pub async fn capture(db: &TestDb) -> PassOutcome {
 
 pub async fn capture_with(db: &TestDb, max_rows_per_file: u64) -> PassOutcome {
     let cfg = db.extractor_config();
-    let mut cap = TimestampCapture::new(
-        cfg.table.clone(),
-        cfg.log_dir.clone(),
-        cfg.state_dir.clone(),
-        max_rows_per_file,
-    )
-    .expect("load progress");
+    let mut cap =
+        TimestampCapture::new(cfg.table.clone(), cfg.state_dir.clone()).expect("load progress");
+    let mut sink = ChangeLogSink::new(&cfg.log_dir, &cfg.table.name, max_rows_per_file);
     let mut client = connect(&cfg.source).await;
-    cap.pass(&mut client).await.expect("capture pass")
+    cap.pass(&mut client, &mut sink)
+        .await
+        .expect("capture pass")
 }
 
 /// `scd2-loader --once`.

@@ -3,9 +3,12 @@
 //! Compared with the trigger-fed ground truth stamped with commit times.
 
 use crate::common::{assert_history_exact_on, load, load_in_chunks};
-use cdc_core::capture::logical::{slot_lag, LogicalCapture};
-use cdc_core::capture::timestamp::PassOutcome;
+use cdc_core::capture::logical::LogicalCapture;
+use cdc_core::capture::{ChangeSource, PassOutcome};
+use cdc_core::changelog::ChangeLogSink;
+use cdc_core::event::CaptureMode;
 use cdc_core::progress::Progress;
+use cdc_core::slot::lag as slot_lag;
 use cdc_core::table::Column;
 use cdc_core::test_utils::{connect, install_audit, Basis, TestDb};
 use fake::rand::rngs::StdRng;
@@ -18,24 +21,19 @@ async fn logical_pass(db: &TestDb) -> PassOutcome {
 /// One pass writing files of at most `max_rows` events (plus the rest of a transaction).
 async fn logical_pass_with(db: &TestDb, max_rows: u64) -> PassOutcome {
     let cfg = db.extractor_config();
-    let mut cap = LogicalCapture::new(
-        cfg.table.clone(),
-        cfg.log_dir.clone(),
-        cfg.state_dir.clone(),
-        max_rows,
-        cfg.slot.clone(),
-    )
-    .unwrap();
+    let mut cap =
+        LogicalCapture::new(cfg.table.clone(), cfg.state_dir.clone(), cfg.slot.clone()).unwrap();
+    let mut sink = ChangeLogSink::new(&cfg.log_dir, &cfg.table.name, max_rows);
     let mut client = connect(&cfg.source).await;
     cap.prepare(&client).await.unwrap();
-    cap.pass(&mut client).await.unwrap()
+    cap.pass(&mut client, &mut sink).await.unwrap()
 }
 
 /// The initial copy, and the snapshot filter it recorded (for the ground truth).
 async fn logical_snapshot(db: &TestDb) -> Basis {
     let out = logical_pass(db).await;
     assert!(out.snapshot);
-    let p = Progress::load(&db.state_dir(), &db.spec, "logical").unwrap();
+    let p = Progress::load(&db.state_dir(), &db.spec, CaptureMode::Logical).unwrap();
     Basis::Commit {
         snapshot: p.logical.and_then(|l| l.filter),
     }

@@ -1,6 +1,7 @@
 //! `extractor`: captures changes of the source table into change-log files.
 
-use cdc_core::config::{ExtractorArgs, LogArgs};
+use cdc_core::config::extractor::ExtractorArgs;
+use cdc_core::config::LogArgs;
 use clap::{Parser, Subcommand};
 
 /// Captures every change of the source table into timestamped JSON change-log files.

@@ -1,7 +1,11 @@
 //! `mutator`: simulated application traffic on the source `orders` table.
 
-use cdc_core::config::{LogArgs, MutatorArgs};
+mod config;
+mod traffic;
+
+use cdc_core::config::LogArgs;
 use clap::Parser;
+use config::MutatorArgs;
 
 /// Simulates application traffic: inserts, updates and deletes on the source orders table.
 #[derive(Parser, Debug)]
@@ -23,7 +27,7 @@ fn main() {
     cdc_core::telemetry::init(&cli.log);
     let code = cdc_core::cli::run_main("mutator", || async move {
         let shutdown = cdc_core::shutdown::Shutdown::from_signals();
-        let stats = cdc_core::mutator::run(&cfg, shutdown).await?;
+        let stats = traffic::run(&cfg, shutdown).await?;
         println!(
             "mutator: {} operations ({} inserts, {} updates, {} deletes), seed {}",
             stats.total(),

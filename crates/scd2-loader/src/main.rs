@@ -1,6 +1,7 @@
 //! `scd2-loader`: applies change-log files as SCD Type 2 history; `verify` and `status`.
 
-use cdc_core::config::{LoaderArgs, LogArgs};
+use cdc_core::config::loader::LoaderArgs;
+use cdc_core::config::LogArgs;
 use clap::{Parser, Subcommand};
 
 /// Applies change-log files to the warehouse as SCD Type 2 history.

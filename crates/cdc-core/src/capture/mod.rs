@@ -1,25 +1,78 @@
-//! Capture: the extractor's loop around a capture strategy (timestamp now; logical later).
-//! Each pass is recorded in `pipeline_metadata`; a lost connection is retried with backoff.
+//! Capture: the change-source seam and the extractor's loop around it. A `ChangeSource`
+//! (timestamp or logical capture) writes each pass into a `ChangeSink` (the change-log
+//! directory) and moves its progress only with the sink's `Durable` proof. Each pass is
+//! recorded in `pipeline_metadata`; a lost connection is retried with backoff.
 
-pub mod json;
 pub mod logical;
-pub mod pgoutput;
+mod rows;
 pub mod timestamp;
 
-use crate::changelog::clean_leftovers;
-use crate::config::{CaptureMode, ExtractorConfig};
+use crate::changelog::{clean_leftovers, ChangeLogSink};
+use crate::config::extractor::ExtractorConfig;
 use crate::db::{self, Backoff};
 use crate::error::{error_chain, Result};
+use crate::event::CaptureMode;
 use crate::metadata::{self, RunCounts, RunRecord};
 use crate::migrate;
+use crate::progress::{Progress, Watermark};
 use crate::shutdown::Shutdown;
+use crate::sink::{ChangeSink, Durable};
+use crate::slot;
 use chrono::Utc;
 use logical::LogicalCapture;
+use std::future::Future;
+use std::path::PathBuf;
 use std::time::Instant;
-use timestamp::{PassOutcome, TimestampCapture};
+use timestamp::TimestampCapture;
 use tokio_postgres::Client;
+use tracing::Instrument;
 
 pub const PIPELINE_NAME: &str = "cdc_extractor";
+
+/// A source of changes: prepares the source, then captures pass by pass into a sink. A pass
+/// commits the sink and moves its progress (watermark, slot) only with the `Durable` proof
+/// the commit returns.
+pub trait ChangeSource {
+    fn mode(&self) -> CaptureMode;
+
+    /// Whether the next pass takes the initial copy of the table.
+    fn snapshot_needed(&self) -> bool;
+
+    /// Checks (and where needed prepares: publication, slot) the source.
+    fn prepare(&mut self, client: &Client) -> impl Future<Output = Result<()>> + Send;
+
+    /// One pass: the changes since the last saved progress, written into `sink` and made
+    /// durable there, then the progress moved.
+    fn pass(
+        &mut self,
+        client: &mut Client,
+        sink: &mut dyn ChangeSink,
+    ) -> impl Future<Output = Result<PassOutcome>> + Send;
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Default)]
+pub struct PassOutcome {
+    pub events: u64,
+    pub rows: u64,
+    pub deletes: u64,
+    pub files: Vec<PathBuf>,
+    pub bytes: u64,
+    pub snapshot: bool,
+    pub watermark: Option<Watermark>,
+}
+
+impl PassOutcome {
+    /// The outcome's sink side: what the committed batch holds.
+    pub fn written(durable: &Durable) -> Self {
+        PassOutcome {
+            events: durable.events(),
+            bytes: durable.bytes(),
+            files: durable.files().iter().map(|f| f.path.clone()).collect(),
+            ..PassOutcome::default()
+        }
+    }
+}
 
 /// Runs the extractor until shutdown (or one pass with `once`).
 pub async fn run(cfg: ExtractorConfig, shutdown: Shutdown) -> Result<()> {
@@ -30,7 +83,27 @@ pub async fn run(cfg: ExtractorConfig, shutdown: Shutdown) -> Result<()> {
             "removed temporary files left by an interrupted run"
         );
     }
-    let mut capture = Strategy::new(&cfg)?;
+    let sink = ChangeLogSink::new(&cfg.log_dir, &cfg.table.name, cfg.max_rows_per_file);
+    match cfg.capture_mode {
+        CaptureMode::Timestamp => {
+            let source = TimestampCapture::new(cfg.table.clone(), cfg.state_dir.clone())?;
+            Box::pin(run_source(source, sink, &cfg, shutdown)).await
+        }
+        CaptureMode::Logical => {
+            let source =
+                LogicalCapture::new(cfg.table.clone(), cfg.state_dir.clone(), cfg.slot.clone())?;
+            Box::pin(run_source(source, sink, &cfg, shutdown)).await
+        }
+    }
+}
+
+/// The extractor's loop over any source and sink.
+async fn run_source(
+    mut capture: impl ChangeSource,
+    mut sink: impl ChangeSink,
+    cfg: &ExtractorConfig,
+    shutdown: Shutdown,
+) -> Result<()> {
     let run_id = metadata::new_run_id("extractor");
     let mut source = db::connect(&cfg.source, &shutdown).await?;
     capture.prepare(&source).await?;
@@ -40,17 +113,30 @@ pub async fn run(cfg: ExtractorConfig, shutdown: Shutdown) -> Result<()> {
         table = %cfg.table.qualified(),
         source = %cfg.source.display(),
         log_dir = %cfg.log_dir.display(),
-        mode = cfg.capture_mode.as_str(),
+        mode = %capture.mode(),
         snapshot_needed = capture.snapshot_needed(),
         "extractor started"
     );
 
     let mut backoff = Backoff::default();
+    let mut pass_no: u64 = 0;
     loop {
+        pass_no += 1;
         let started = Utc::now();
         let clock = Instant::now();
-        let result = capture.pass(&mut source).await;
+        let span = tracing::info_span!(
+            "capture_pass",
+            table = %cfg.table.qualified(),
+            mode = %capture.mode(),
+            pass = pass_no,
+            snapshot = capture.snapshot_needed(),
+        );
+        let result = capture
+            .pass(&mut source, &mut sink)
+            .instrument(span.clone())
+            .await;
         let elapsed = clock.elapsed();
+        let _entered = span.enter();
         match &result {
             Ok(out) => {
                 backoff.reset();
@@ -71,9 +157,10 @@ pub async fn run(cfg: ExtractorConfig, shutdown: Shutdown) -> Result<()> {
             }
             Err(e) => tracing::warn!(error = %error_chain(e), "capture pass failed"),
         }
+        drop(_entered);
         record_pass(
             &mut warehouse,
-            &cfg,
+            cfg,
             &run_id,
             started,
             elapsed,
@@ -105,9 +192,9 @@ pub async fn run(cfg: ExtractorConfig, shutdown: Shutdown) -> Result<()> {
 /// (the next logical start takes a new initial copy). Returns what was done.
 pub async fn drop_slot(cfg: &ExtractorConfig, shutdown: &Shutdown) -> Result<String> {
     let source = db::connect(&cfg.source, shutdown).await?;
-    let (slot, publication) = logical::drop_slot(&source, &cfg.slot).await?;
-    let path = crate::progress::Progress::path(&cfg.state_dir, &cfg.table);
-    let removed = match crate::progress::Progress::load(&cfg.state_dir, &cfg.table, "logical") {
+    let (slot, publication) = slot::drop(&source, &cfg.slot).await?;
+    let path = Progress::path(&cfg.state_dir, &cfg.table);
+    let removed = match Progress::load(&cfg.state_dir, &cfg.table, CaptureMode::Logical) {
         Ok(p) if p.logical.is_some() => std::fs::remove_file(&path).is_ok(),
         _ => false,
     };
@@ -123,61 +210,6 @@ pub async fn drop_slot(cfg: &ExtractorConfig, shutdown: &Shutdown) -> Result<Str
         },
         if removed { "removed" } else { "left as it was" }
     ))
-}
-
-/// The capture strategy chosen by `CDC_CAPTURE_MODE`.
-pub enum Strategy {
-    Timestamp(TimestampCapture),
-    Logical(LogicalCapture),
-}
-
-impl Strategy {
-    pub fn new(cfg: &ExtractorConfig) -> Result<Self> {
-        let (spec, log, state, max) = (
-            cfg.table.clone(),
-            cfg.log_dir.clone(),
-            cfg.state_dir.clone(),
-            cfg.max_rows_per_file,
-        );
-        Ok(match cfg.capture_mode {
-            CaptureMode::Timestamp => {
-                Strategy::Timestamp(TimestampCapture::new(spec, log, state, max)?)
-            }
-            CaptureMode::Logical => Strategy::Logical(LogicalCapture::new(
-                spec,
-                log,
-                state,
-                max,
-                cfg.slot.clone(),
-            )?),
-        })
-    }
-
-    /// Checks (and for logical mode prepares) the source.
-    pub async fn prepare(&mut self, client: &Client) -> Result<()> {
-        match self {
-            Strategy::Timestamp(t) => t.check_source(client).await,
-            Strategy::Logical(l) => l.prepare(client).await,
-        }
-    }
-
-    pub async fn pass(&mut self, client: &mut Client) -> Result<PassOutcome> {
-        match self {
-            Strategy::Timestamp(t) => t.pass(client).await,
-            Strategy::Logical(l) => l.pass(client).await,
-        }
-    }
-
-    pub fn snapshot_needed(&self) -> bool {
-        match self {
-            Strategy::Timestamp(t) => t.progress().watermark.is_none(),
-            Strategy::Logical(l) => !l
-                .progress()
-                .logical
-                .as_ref()
-                .is_some_and(|s| s.snapshot_done),
-        }
-    }
 }
 
 /// Records a pass; the warehouse being down must not stop capture, so failures only warn.

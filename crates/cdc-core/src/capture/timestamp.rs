@@ -2,17 +2,22 @@
 //!
 //! Each pass reads, in one REPEATABLE READ snapshot, the delete tombstones and every row whose
 //! `(change_time, key)` is past the watermark, and streams them (a binary COPY of the columns'
-//! text; the extractor writes each event's JSON) into change-log files. The new watermark is bounded by the oldest
-//! transaction that was writing when the pass began, so a transaction that started before a
+//! text; the extractor writes each event's JSON) into the sink. The new watermark is bounded by the
+//! oldest transaction that was writing when the pass began, so a transaction that started before a
 //! poll and commits after it is still found by the next one; the rows re-read because of that
 //! bound are duplicates the loader drops. Tombstones are removed, in the same snapshot, only
-//! after the files holding them are durable; the progress file is written last.
+//! after the sink made the events holding them durable; the progress file is written last.
 
-use super::json::{write_event, Header, ImageColumns, TEXT_OUTPUT_SETTINGS};
-use crate::changelog::ChangeLogWriter;
+use super::rows::{
+    check_source_table, micros, null, op_expr, read_rows, row_header, rows_copy_sql, ImageColumns,
+};
+use super::{ChangeSource, PassOutcome};
 use crate::db::ctx;
 use crate::error::{Error, Result};
+use crate::event::encode::{write_event, TEXT_OUTPUT_SETTINGS};
+use crate::event::{CaptureMode, Op};
 use crate::progress::{Progress, Watermark};
+use crate::sink::ChangeSink;
 use crate::table::{sql_literal, TableSpec};
 use chrono::{DateTime, Utc};
 use futures_util::{pin_mut, TryStreamExt};
@@ -21,39 +26,18 @@ use tokio_postgres::binary_copy::BinaryCopyOutStream;
 use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
-/// What one pass did.
-#[derive(Debug, Clone, Default)]
-pub struct PassOutcome {
-    pub events: u64,
-    pub rows: u64,
-    pub deletes: u64,
-    pub files: Vec<PathBuf>,
-    pub bytes: u64,
-    pub snapshot: bool,
-    pub watermark: Option<Watermark>,
-}
-
 pub struct TimestampCapture {
     spec: TableSpec,
-    log_dir: PathBuf,
     state_dir: PathBuf,
-    max_rows_per_file: u64,
     progress: Progress,
 }
 
 impl TimestampCapture {
-    pub fn new(
-        spec: TableSpec,
-        log_dir: PathBuf,
-        state_dir: PathBuf,
-        max_rows_per_file: u64,
-    ) -> Result<Self> {
-        let progress = Progress::load(&state_dir, &spec, "timestamp")?;
+    pub fn new(spec: TableSpec, state_dir: PathBuf) -> Result<Self> {
+        let progress = Progress::load(&state_dir, &spec, CaptureMode::Timestamp)?;
         Ok(TimestampCapture {
             spec,
-            log_dir,
             state_dir,
-            max_rows_per_file,
             progress,
         })
     }
@@ -61,10 +45,20 @@ impl TimestampCapture {
     pub fn progress(&self) -> &Progress {
         &self.progress
     }
+}
+
+impl ChangeSource for TimestampCapture {
+    fn mode(&self) -> CaptureMode {
+        CaptureMode::Timestamp
+    }
+
+    fn snapshot_needed(&self) -> bool {
+        self.progress.watermark.is_none()
+    }
 
     /// Checks that the source has the table, its columns, the tombstone table, and that this
     /// role can see other sessions' transactions (needed to bound the watermark).
-    pub async fn check_source(&self, client: &Client) -> Result<()> {
+    async fn prepare(&mut self, client: &Client) -> Result<()> {
         check_source_table(client, &self.spec).await?;
         let row = client
             .query_one(
@@ -97,8 +91,12 @@ impl TimestampCapture {
         Ok(())
     }
 
-    /// One capture pass. Files are durable before tombstones are removed and progress moves.
-    pub async fn pass(&mut self, client: &mut Client) -> Result<PassOutcome> {
+    /// One capture pass. Events are durable before tombstones are removed and progress moves.
+    async fn pass(
+        &mut self,
+        client: &mut Client,
+        sink: &mut dyn ChangeSink,
+    ) -> Result<PassOutcome> {
         let spec = &self.spec;
         let prev = self.progress.watermark.clone();
         // The bound: now, and the start of the oldest transaction that holds an xid (a writer).
@@ -128,13 +126,7 @@ impl TimestampCapture {
             .await
             .map_err(ctx("starting the capture snapshot"))?;
 
-        let mut writer = ChangeLogWriter::new(
-            &self.log_dir,
-            &spec.name,
-            now,
-            self.progress.next_file_seq,
-            self.max_rows_per_file,
-        );
+        sink.begin(now, self.progress.next_file_seq);
         let snapshot = prev.is_none();
         let mut out = PassOutcome {
             snapshot,
@@ -163,10 +155,14 @@ impl TimestampCapture {
                 max_tomb = Some(row.get::<i64>(0));
                 let values: Vec<Option<&str>> = (5..5 + n).map(|i| row.get(i)).collect();
                 let key: &str = row.get(4);
+                let op = row.get::<&str>(3);
+                let op = Op::from_code(op).ok_or_else(|| {
+                    Error::decode("tombstone", format!("unknown operation {op:?}"))
+                })?;
                 let mut h = row_header(
                     &cols,
-                    row.get(3),
-                    "timestamp",
+                    op,
+                    CaptureMode::Timestamp,
                     false,
                     row.get(1),
                     key,
@@ -178,8 +174,8 @@ impl TimestampCapture {
                 write_event(&mut buf, spec, &h, null, |b| {
                     cols.write_image(b, Some(&values))
                 });
-                writer.write_event(&buf, false)?;
-                (h.op, h.ts_us) = ("d", row.get(2));
+                sink.write(&buf, false)?;
+                (h.op, h.ts_us) = (Op::Delete, row.get(2));
                 buf.clear();
                 write_event(
                     &mut buf,
@@ -188,7 +184,7 @@ impl TimestampCapture {
                     |b| cols.write_image(b, Some(&values)),
                     null,
                 );
-                writer.write_event(&buf, true)?;
+                sink.write(&buf, true)?;
                 out.deletes += 1;
             }
             // 2. Rows changed since the watermark, in (change time, key) order.
@@ -202,10 +198,10 @@ impl TimestampCapture {
                 stream,
                 spec,
                 &cols,
-                "timestamp",
+                CaptureMode::Timestamp,
                 prev.is_none(),
                 captured_ms,
-                &mut writer,
+                &mut *sink,
                 |ts_us, key| {
                     last = Some(Watermark {
                         ts_us,
@@ -222,15 +218,18 @@ impl TimestampCapture {
         let (max_tomb, last) = match result {
             Ok(v) => v,
             Err(e) => {
-                writer.abandon();
+                sink.abort();
                 return Err(e);
             }
         };
-        out.events = writer.events_written();
-        let next_seq = writer.next_seq();
-        let written = writer.finish()?;
-        out.bytes = written.iter().map(|f| f.bytes).sum();
-        out.files = written.into_iter().map(|f| f.path).collect();
+        let durable = sink.commit()?;
+        let next_seq = durable.next_seq();
+        out = PassOutcome {
+            rows: out.rows,
+            deletes: out.deletes,
+            snapshot,
+            ..PassOutcome::written(&durable)
+        };
 
         // The files are durable: the tombstones they hold may go (only those in our snapshot).
         if let Some(max) = max_tomb {
@@ -261,169 +260,12 @@ impl TimestampCapture {
         if prev.as_ref() != Some(&new) || next_seq != self.progress.next_file_seq {
             self.progress.watermark = Some(new);
             self.progress.next_file_seq = next_seq;
-            self.progress.save(&self.state_dir, spec, prev.as_ref())?;
+            self.progress
+                .save(&self.state_dir, spec, prev.as_ref(), &durable)?;
         }
         out.watermark = self.progress.watermark.clone();
         Ok(out)
     }
-}
-
-/// Verifies that the source table has the key, the tracked columns and the change-time column.
-pub async fn check_source_table(client: &Client, spec: &TableSpec) -> Result<()> {
-    let rows = client
-        .query(
-            "SELECT column_name::text FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2",
-            &[&spec.schema, &spec.name],
-        )
-        .await
-        .map_err(ctx(format!("reading the columns of {}", spec.qualified())))?;
-    if rows.is_empty() {
-        return Err(Error::setup(
-            format!("source table {}", spec.qualified()),
-            "does not exist (or is not visible to DB_USER); apply init-scripts/*.sql to the source database",
-        ));
-    }
-    let have: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-    let missing: Vec<&str> = std::iter::once(spec.key.name.as_str())
-        .chain(spec.columns.iter().map(|c| c.name.as_str()))
-        .chain(std::iter::once(spec.change_time_column.as_str()))
-        .filter(|c| !have.iter().any(|h| h == c))
-        .collect();
-    if !missing.is_empty() {
-        return Err(Error::setup(
-            format!("source table {}", spec.qualified()),
-            format!("has no column(s) {}", missing.join(", ")),
-        ));
-    }
-    Ok(())
-}
-
-fn micros(expr: &str) -> String {
-    format!("(extract(epoch FROM {expr}) * 1000000)::int8")
-}
-
-fn ts_literal(us: i64) -> String {
-    let t = DateTime::<Utc>::from_timestamp_micros(us).unwrap_or_default();
-    format!("'{}'::timestamptz", t.format("%Y-%m-%d %H:%M:%S%.6f+00"))
-}
-
-fn null(b: &mut Vec<u8>) {
-    b.extend_from_slice(b"null");
-}
-
-/// `c` for a row created after the watermark, else `u`; `r` during the initial snapshot.
-fn op_expr(spec: &TableSpec, r: &str, prev: Option<&Watermark>) -> String {
-    match (prev, &spec.created_time_column) {
-        (None, _) => "'r'".into(),
-        (Some(w), Some(created)) => format!(
-            "CASE WHEN {r}.{created} >= {} THEN 'c' ELSE 'u' END",
-            ts_literal(w.ts_us)
-        ),
-        (Some(_), None) => "'u'".into(),
-    }
-}
-
-/// Streams a rows COPY (`rows_copy_sql`) into events; `on_row(change_us, key)` sees each row.
-/// Returns the number of rows.
-#[allow(clippy::too_many_arguments)]
-pub async fn read_rows(
-    stream: tokio_postgres::CopyOutStream,
-    spec: &TableSpec,
-    cols: &ImageColumns,
-    mode: &str,
-    snapshot: bool,
-    captured_ms: i64,
-    writer: &mut ChangeLogWriter,
-    mut on_row: impl FnMut(i64, &str),
-) -> Result<u64> {
-    let n = cols.names.len();
-    let mut types = vec![Type::INT8, Type::TEXT, Type::TEXT];
-    types.extend(std::iter::repeat_n(Type::TEXT, n));
-    let rows = BinaryCopyOutStream::new(stream, &types);
-    pin_mut!(rows);
-    let mut buf = Vec::with_capacity(1024);
-    let mut count = 0;
-    while let Some(row) = rows
-        .try_next()
-        .await
-        .map_err(ctx(format!("reading rows of {}", spec.qualified())))?
-    {
-        let values: Vec<Option<&str>> = (3..3 + n).map(|i| row.get(i)).collect();
-        let key: &str = row.get(1);
-        let h = row_header(
-            cols,
-            row.get(2),
-            mode,
-            snapshot,
-            row.get(0),
-            key,
-            captured_ms,
-        );
-        buf.clear();
-        write_event(&mut buf, spec, &h, null, |b| {
-            cols.write_image(b, Some(&values))
-        });
-        writer.write_event(&buf, false)?;
-        on_row(h.ts_us, key);
-        count += 1;
-    }
-    Ok(count)
-}
-
-/// The header of an event read from a table row (no log position).
-fn row_header<'a>(
-    cols: &'a ImageColumns,
-    op: &'a str,
-    mode: &'a str,
-    snapshot: bool,
-    ts_us: i64,
-    key: &'a str,
-    captured_ms: i64,
-) -> Header<'a> {
-    Header {
-        op,
-        mode,
-        snapshot,
-        db: Some(&cols.db),
-        ts_us,
-        key,
-        lsn: None,
-        tx_id: None,
-        captured_ms,
-    }
-}
-
-/// The initial copy: every row as an `r` event at its change time.
-pub fn snapshot_copy_sql(spec: &TableSpec, cols: &ImageColumns) -> String {
-    rows_copy_sql(spec, cols, None)
-}
-
-/// Change time (µs), key, op and the image columns as text of every row past the watermark.
-fn rows_copy_sql(spec: &TableSpec, cols: &ImageColumns, prev: Option<&Watermark>) -> String {
-    let t = "t";
-    let ct = format!("{t}.{}", spec.change_time_column);
-    let key = format!("{t}.{}", spec.key.name);
-    let filter = match prev {
-        None => "true".to_owned(),
-        Some(Watermark { ts_us, key: None }) => format!("{ct} >= {}", ts_literal(*ts_us)),
-        Some(Watermark {
-            ts_us,
-            key: Some(k),
-        }) => format!(
-            "({ct}, {key}) > ({}, {}::{})",
-            ts_literal(*ts_us),
-            sql_literal(k),
-            spec.key.sql_type
-        ),
-    };
-    format!(
-        "COPY (SELECT {ts}, {key}::text, {op}, {list} FROM {table} {t} WHERE {filter} ORDER BY {ct}, {key})
-         TO STDOUT (FORMAT binary)",
-        ts = micros(&ct),
-        op = op_expr(spec, t, prev),
-        list = cols.select_list(t),
-        table = spec.qualified()
-    )
 }
 
 /// Each tombstone gives two events: the deleted row's last state (a version the pass may not

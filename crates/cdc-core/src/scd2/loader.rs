@@ -4,7 +4,7 @@
 
 use super::apply::{apply_files, ApplySql, ApplyStats};
 use crate::changelog::{self, file_name};
-use crate::config::LoaderConfig;
+use crate::config::loader::LoaderConfig;
 use crate::db::{self, ctx, Backoff};
 use crate::error::{error_chain, Error, Result};
 use crate::metadata::{self, RunCounts, RunRecord};

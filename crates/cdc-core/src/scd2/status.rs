@@ -2,10 +2,12 @@
 //! (the watermark's age in timestamp mode; the slot's retained WAL in logical mode).
 
 use crate::changelog::{self, DEAD_LETTER_DIR};
-use crate::config::LoaderConfig;
-use crate::db::ctx;
+use crate::config::loader::LoaderConfig;
+use crate::db::{ctx, DbSettings};
 use crate::error::Result;
+use crate::event::CaptureMode;
 use crate::progress::Progress;
+use crate::slot;
 use chrono::{DateTime, Utc};
 use std::fmt::Write as _;
 use tokio_postgres::Client;
@@ -47,7 +49,7 @@ pub async fn status(
     let _ = writeln!(s, "  dead-lettered      {dead}");
 
     match Progress::peek(&cfg.state_dir, spec) {
-        Ok(Some(p)) if p.capture_mode == "logical" => {
+        Ok(Some(p)) if p.capture_mode == CaptureMode::Logical => {
             let _ = writeln!(s, "extractor (logical mode, slot {})", cfg.slot_name);
             let _ = writeln!(
                 s,
@@ -64,7 +66,7 @@ pub async fn status(
                 p.updated_at.as_deref().unwrap_or("-")
             );
             match source {
-                Some(src) => match crate::capture::logical::slot_lag(src, &cfg.slot_name).await {
+                Some(src) => match slot::lag(src, &cfg.slot_name).await {
                     Ok(Some(lag)) => {
                         let _ =
                             writeln!(s, "  slot retained WAL  {} bytes", lag.retained_wal_bytes);
@@ -216,7 +218,7 @@ fn secs(d: chrono::Duration) -> f64 {
 
 /// `status` as the binary runs it: the warehouse part is left out if it is unreachable.
 pub async fn run(cfg: &LoaderConfig, shutdown: &crate::shutdown::Shutdown) -> Result<String> {
-    let quick = |db: &crate::config::DbSettings| {
+    let quick = |db: &DbSettings| {
         let mut d = db.clone();
         d.connect_retry = std::time::Duration::from_secs(2);
         d

@@ -311,7 +311,7 @@ async fn compare_current_with_source(
 
 /// `verify` as the binary runs it: connects, checks, returns the report.
 pub async fn run(
-    cfg: &crate::config::LoaderConfig,
+    cfg: &crate::config::loader::LoaderConfig,
     with_source: bool,
     shutdown: &crate::shutdown::Shutdown,
 ) -> Result<Report> {

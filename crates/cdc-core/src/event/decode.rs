@@ -1,42 +1,11 @@
-//! The change event: one JSON object a line in the Debezium envelope (`op`, `before`,
-//! `after`, `source`, `ts_ms`) plus `format_version`. Values keep their exact types: integers
-//! as JSON numbers, numeric as strings, timestamps as ISO-8601 strings with zone.
-//!
-//! The extractor has PostgreSQL build these objects (see `capture`); this module decodes them
-//! for the loader without building a `serde_json::Value` per row.
+//! Reading change events (the loader's side of the format) without building a
+//! `serde_json::Value` per row.
 
+use super::{Op, FORMAT_VERSION};
 use crate::table::TableSpec;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::borrow::Cow;
-
-/// The change-event format this build writes and the newest it reads.
-pub const FORMAT_VERSION: u32 = 1;
-/// `source.connector` of events written by this pipeline.
-pub const CONNECTOR: &str = "cdc-historical-warehouse";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum Op {
-    #[serde(rename = "c")]
-    Create,
-    #[serde(rename = "u")]
-    Update,
-    #[serde(rename = "d")]
-    Delete,
-    #[serde(rename = "r")]
-    Read,
-}
-
-impl Op {
-    pub fn as_char(self) -> char {
-        match self {
-            Op::Create => 'c',
-            Op::Update => 'u',
-            Op::Delete => 'd',
-            Op::Read => 'r',
-        }
-    }
-}
 
 #[derive(Deserialize)]
 struct Envelope<'a> {
@@ -66,7 +35,7 @@ struct Source<'a> {
     tx_id: Option<i64>,
 }
 
-/// One decoded event, ready for the staging table: values as text in the spec's column order.
+/// One decoded event, ready to apply: values as text in the spec's column order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecodedEvent {
     pub op: Op,

@@ -3,9 +3,9 @@
 //! operations.
 
 use crate::config::MutatorConfig;
-use crate::db::{self, ctx};
-use crate::error::{Error, Result};
-use crate::shutdown::Shutdown;
+use cdc_core::db::{self, ctx};
+use cdc_core::error::{error_chain, Error, Result};
+use cdc_core::shutdown::Shutdown;
 use fake::rand::rngs::StdRng;
 use fake::rand::{RngExt, SeedableRng};
 use fake::Fake;
@@ -195,7 +195,7 @@ async fn run_ops(
                 }
                 Err(e) if e.is_retryable() && attempts < MAX_ATTEMPTS => {
                     attempts += 1;
-                    tracing::debug!(error = %crate::error::error_chain(&e), attempts, "mutation transaction failed; retrying");
+                    tracing::debug!(error = %error_chain(&e), attempts, "mutation transaction failed; retrying");
                     if shutdown.sleep(backoff.next_delay()).await {
                         return Ok(stats);
                     }
@@ -337,7 +337,7 @@ pub async fn run(cfg: &MutatorConfig, shutdown: Shutdown) -> Result<MutationStat
                     total.add(&s);
                 }
                 Err(e) if e.is_retryable() => {
-                    tracing::warn!(error = %crate::error::error_chain(&e), "mutation batch failed; will retry");
+                    tracing::warn!(error = %error_chain(&e), "mutation batch failed; will retry");
                 }
                 Err(e) => return Err(e),
             }

@@ -1,93 +1,10 @@
-//! Change events as JSON, written by the extractor from column values in PostgreSQL's text
-//! form (a binary COPY of `col::text` in timestamp mode and the initial copy, pgoutput's text
-//! values in logical mode). Building the JSON here rather than with `json_build_object` in
-//! the source leaves the source only the work of a plain COPY.
+//! Writing change events (the extractor's side of the format) from column values in
+//! PostgreSQL's text form (a binary COPY of `col::text` in timestamp mode and the initial
+//! copy, pgoutput's text values in logical mode). Building the JSON here rather than with
+//! `json_build_object` in the source leaves the source only the work of a plain COPY.
 
-use crate::db::ctx;
-use crate::error::{Error, Result};
-use crate::event::{CONNECTOR, FORMAT_VERSION};
+use super::{CaptureMode, Op, CONNECTOR, FORMAT_VERSION};
 use crate::table::TableSpec;
-use tokio_postgres::GenericClient;
-
-/// The columns of a row image as the extractor reads them: the key, the tracked columns and
-/// the change-time column (each once), with their type OIDs.
-#[derive(Debug, Clone)]
-pub struct ImageColumns {
-    pub names: Vec<String>,
-    pub oids: Vec<u32>,
-    /// The source database's name (`source.db`).
-    pub db: String,
-}
-
-impl ImageColumns {
-    /// Looks up the types of the image's columns in the source.
-    pub async fn load(client: &impl GenericClient, spec: &TableSpec) -> Result<Self> {
-        let mut names = vec![spec.key.name.clone()];
-        for n in spec
-            .columns
-            .iter()
-            .map(|c| &c.name)
-            .chain(std::iter::once(&spec.change_time_column))
-        {
-            if !names.contains(n) {
-                names.push(n.clone());
-            }
-        }
-        let rows = client
-            .query(
-                "SELECT a.attname::text, a.atttypid::int8, current_database()::text
-                 FROM pg_attribute a
-                 WHERE a.attrelid = (quote_ident($1) || '.' || quote_ident($2))::regclass
-                   AND a.attnum > 0 AND NOT a.attisdropped",
-                &[&spec.schema, &spec.name],
-            )
-            .await
-            .map_err(ctx(format!(
-                "reading the column types of {}",
-                spec.qualified()
-            )))?;
-        let mut oids = Vec::with_capacity(names.len());
-        for n in &names {
-            let oid = rows
-                .iter()
-                .find(|r| r.get::<_, String>(0) == *n)
-                .map(|r| r.get::<_, i64>(1) as u32)
-                .ok_or_else(|| {
-                    Error::setup(
-                        format!("source table {}", spec.qualified()),
-                        format!("has no column {n}"),
-                    )
-                })?;
-            oids.push(oid);
-        }
-        let db = rows.first().map(|r| r.get(2)).unwrap_or_default();
-        Ok(ImageColumns { names, oids, db })
-    }
-
-    /// `alias.col::text, …` in image order.
-    pub fn select_list(&self, alias: &str) -> String {
-        self.names
-            .iter()
-            .map(|n| format!("{alias}.{n}::text"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-
-    /// The image's values as a JSON object.
-    pub fn write_image(&self, b: &mut Vec<u8>, values: Option<&[Option<&str>]>) {
-        match values {
-            Some(v) => write_object(
-                b,
-                self.names
-                    .iter()
-                    .zip(&self.oids)
-                    .zip(v)
-                    .map(|((n, &o), &v)| (n.as_str(), o, v)),
-            ),
-            None => b.extend_from_slice(b"null"),
-        }
-    }
-}
 
 /// A JSON object of `(column, type OID, text value or NULL)` fields, each value typed by its
 /// column's type (see `write_value`).
@@ -112,8 +29,8 @@ pub fn write_object<'a>(
 
 /// The parts of an event besides its row images.
 pub struct Header<'a> {
-    pub op: &'a str,
-    pub mode: &'a str,
+    pub op: Op,
+    pub mode: CaptureMode,
     pub snapshot: bool,
     /// `source.db`, when known.
     pub db: Option<&'a str>,
@@ -133,7 +50,7 @@ pub fn write_event(
     after: impl FnOnce(&mut Vec<u8>),
 ) {
     b.extend_from_slice(format!("{{\"format_version\":{FORMAT_VERSION},\"op\":").as_bytes());
-    json_str(b, h.op);
+    json_str(b, h.op.as_str());
     b.extend_from_slice(b",\"before\":");
     before(b);
     b.extend_from_slice(b",\"after\":");
@@ -155,7 +72,7 @@ pub fn write_event(
     b.extend_from_slice(b",\"table\":");
     json_str(b, &spec.name);
     b.extend_from_slice(b",\"capture_mode\":");
-    json_str(b, h.mode);
+    json_str(b, h.mode.as_str());
     b.extend_from_slice(format!(",\"snapshot\":{},\"key\":", h.snapshot).as_bytes());
     json_str(b, h.key);
     let opt = |v: Option<u64>| v.map_or("null".to_owned(), |x| x.to_string());
@@ -236,15 +153,12 @@ mod tests {
     #[test]
     fn events_parse_back_with_their_values() {
         let spec = TableSpec::orders();
-        let cols = ImageColumns {
-            names: vec!["id".into(), "unit_price".into(), "order_status".into()],
-            oids: vec![23, 1700, 1043],
-            db: "d".into(),
-        };
+        let names = ["id", "unit_price", "order_status"];
+        let oids = [23, 1700, 1043];
         let mut b = Vec::new();
         let h = Header {
-            op: "u",
-            mode: "timestamp",
+            op: Op::Update,
+            mode: CaptureMode::Timestamp,
             snapshot: false,
             db: Some("d"),
             ts_us: 5,
@@ -259,7 +173,16 @@ mod tests {
             &spec,
             &h,
             |b| b.extend_from_slice(b"null"),
-            |b| cols.write_image(b, Some(&after)),
+            |b| {
+                write_object(
+                    b,
+                    names
+                        .into_iter()
+                        .zip(oids)
+                        .zip(after)
+                        .map(|((n, o), v)| (n, o, v)),
+                )
+            },
         );
         let v: serde_json::Value = serde_json::from_slice(&b).expect("valid JSON");
         assert_eq!(v["after"]["id"], 7);

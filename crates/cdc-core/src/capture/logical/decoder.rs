@@ -1,0 +1,217 @@
+//! Turns pgoutput messages of the captured table into change events, transaction by
+//! transaction, written into the sink (a transaction is never split across files).
+
+use super::pgoutput::{Message, Relation, Value};
+use crate::capture::PassOutcome;
+use crate::error::{Error, Result};
+use crate::event::encode::{write_event, write_object, Header};
+use crate::event::{CaptureMode, Op};
+use crate::sink::ChangeSink;
+use crate::table::TableSpec;
+use std::collections::HashMap;
+
+/// Turns pgoutput messages of our table into change events, transaction by transaction.
+pub(super) struct TxDecoder<'a> {
+    spec: &'a TableSpec,
+    captured_ms: i64,
+    relations: HashMap<u32, Relation>,
+    commit_ts_us: i64,
+    xid: u32,
+    /// LSN of the change being decoded (from the slot's output).
+    pub(super) change_lsn: u64,
+    /// The current transaction is shown by the initial copy: its changes are skipped.
+    pub(super) skip: bool,
+    /// No event of the current transaction written yet: the writer may start a new file
+    /// before it (never inside a transaction).
+    tx_first: bool,
+    buf: Vec<u8>,
+}
+
+impl<'a> TxDecoder<'a> {
+    pub(super) fn new(spec: &'a TableSpec, captured_ms: i64) -> Self {
+        TxDecoder {
+            spec,
+            captured_ms,
+            relations: HashMap::new(),
+            commit_ts_us: 0,
+            xid: 0,
+            change_lsn: 0,
+            skip: false,
+            tx_first: true,
+            buf: Vec::with_capacity(1024),
+        }
+    }
+
+    pub(super) fn handle(
+        &mut self,
+        msg: Message,
+        sink: &mut dyn ChangeSink,
+        out: &mut PassOutcome,
+    ) -> Result<()> {
+        match msg {
+            Message::Begin {
+                commit_ts_us, xid, ..
+            } => {
+                self.commit_ts_us = commit_ts_us;
+                self.xid = xid;
+                self.tx_first = true;
+            }
+            Message::Relation(r) => {
+                self.relations.insert(r.oid, r);
+            }
+            Message::Insert { rel, new } if !self.skip => {
+                self.emit(sink, rel, Op::Create, None, Some(&new))?;
+                out.rows += 1;
+            }
+            Message::Update {
+                rel,
+                old,
+                old_is_full,
+                mut new,
+            } if !self.skip => {
+                // pgoutput does not resend an unchanged TOASTed value; under REPLICA IDENTITY
+                // FULL the old image (`O`) carries it detoasted, so the new image is
+                // completed from it. A key image (`K`) has NULL in the other columns: then
+                // the column stays missing and the loader quarantines the file rather than
+                // write a wrong value.
+                if let Some(o) = old.as_ref().filter(|_| old_is_full) {
+                    for (n, v) in new.iter_mut().zip(o) {
+                        if matches!(n, Value::Unchanged) && !matches!(v, Value::Unchanged) {
+                            *n = v.clone();
+                        }
+                    }
+                }
+                let rel_info = self.relation(rel)?;
+                let key_idx = rel_info
+                    .columns
+                    .iter()
+                    .position(|c| c.name == self.spec.key.name);
+                let key_changed = match (&old, key_idx) {
+                    (Some(o), Some(i)) => {
+                        matches!((o.get(i), new.get(i)), (Some(Value::Text(a)), Some(Value::Text(b))) if a != b)
+                    }
+                    _ => false,
+                };
+                if key_changed {
+                    // A primary-key change: the old key is deleted, the new one inserted.
+                    self.emit(sink, rel, Op::Delete, old.as_deref(), None)?;
+                    self.emit(sink, rel, Op::Create, None, Some(&new))?;
+                    out.deletes += 1;
+                } else {
+                    self.emit(sink, rel, Op::Update, old.as_deref(), Some(&new))?;
+                }
+                out.rows += 1;
+            }
+            Message::Delete { rel, old } if !self.skip => {
+                self.emit(sink, rel, Op::Delete, Some(&old), None)?;
+                out.deletes += 1;
+            }
+            Message::Truncate { .. } if !self.skip => {
+                tracing::warn!(table = %self.spec.qualified(), "TRUNCATE is not captured; the history keeps the truncated rows as current");
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn relation(&self, rel: u32) -> Result<&Relation> {
+        self.relations.get(&rel).ok_or_else(|| {
+            Error::decode(
+                "pgoutput stream",
+                format!("change for relation {rel} before its Relation message"),
+            )
+        })
+    }
+
+    fn emit(
+        &mut self,
+        sink: &mut dyn ChangeSink,
+        rel: u32,
+        op: Op,
+        before: Option<&[Value]>,
+        after: Option<&[Value]>,
+    ) -> Result<()> {
+        let mut b = std::mem::take(&mut self.buf);
+        b.clear();
+        let ours = self.build_event(&mut b, rel, op, before, after);
+        let result = match ours {
+            Ok(true) => {
+                let keep_together = !std::mem::replace(&mut self.tx_first, false);
+                sink.write(&b, keep_together)
+            }
+            Ok(false) => Ok(()),
+            Err(e) => Err(e),
+        };
+        self.buf = b;
+        result
+    }
+
+    /// Writes the event's JSON into `b`; false when the change is not of our table.
+    fn build_event(
+        &self,
+        b: &mut Vec<u8>,
+        rel: u32,
+        op: Op,
+        before: Option<&[Value]>,
+        after: Option<&[Value]>,
+    ) -> Result<bool> {
+        let r = self.relation(rel)?;
+        if r.schema != self.spec.schema || r.name != self.spec.name {
+            return Ok(false);
+        }
+        let key_idx = r
+            .columns
+            .iter()
+            .position(|c| c.name == self.spec.key.name)
+            .ok_or_else(|| {
+                Error::setup(
+                    format!("source table {}", self.spec.qualified()),
+                    format!("the stream has no key column {}", self.spec.key.name),
+                )
+            })?;
+        let key = match after.or(before).and_then(|t| t.get(key_idx)) {
+            Some(Value::Text(k)) => k.as_str(),
+            _ => {
+                return Err(Error::decode(
+                    "pgoutput stream",
+                    "a change without its key value",
+                ))
+            }
+        };
+        let h = Header {
+            op,
+            mode: CaptureMode::Logical,
+            snapshot: false,
+            db: None,
+            ts_us: self.commit_ts_us,
+            key,
+            lsn: Some(self.change_lsn),
+            tx_id: Some(self.xid),
+            captured_ms: self.captured_ms,
+        };
+        write_event(
+            b,
+            self.spec,
+            &h,
+            |b| write_image(b, r, before),
+            |b| write_image(b, r, after),
+        );
+        Ok(true)
+    }
+}
+
+/// A row image as a JSON object, each value typed by its column's type.
+fn write_image(b: &mut Vec<u8>, r: &Relation, tuple: Option<&[Value]>) {
+    let Some(t) = tuple else {
+        b.extend_from_slice(b"null");
+        return;
+    };
+    // An unchanged TOASTed value that could not be filled is left out (the loader then
+    // quarantines the file rather than store a wrong value).
+    let fields = r.columns.iter().zip(t).filter_map(|(c, v)| match v {
+        Value::Unchanged => None,
+        Value::Null => Some((c.name.as_str(), c.type_oid, None)),
+        Value::Text(s) => Some((c.name.as_str(), c.type_oid, Some(s.as_str()))),
+    });
+    write_object(b, fields);
+}

@@ -1,0 +1,334 @@
+//! Logical-replication capture: a `pgoutput` slot and a publication, read through the SQL
+//! interface (`pg_logical_slot_peek_binary_changes`, then the slot is advanced once the
+//! files are durable). Every committed change becomes an event in commit order, stamped with
+//! its commit time, LSN and transaction id.
+//!
+//! The initial copy is consistent with the slot: the slot is created first, then the table is
+//! read in a REPEATABLE READ snapshot whose transaction list is kept; transactions the
+//! snapshot already shows are skipped when they come out of the slot, all others are applied.
+//! So no change is missed or applied twice at the boundary, however busy the table.
+//!
+//! `decoder` turns pgoutput messages into events, `pgoutput` parses the messages; slot
+//! administration is `crate::slot`.
+
+mod decoder;
+pub mod pgoutput;
+
+use super::rows::{check_source_table, read_rows, snapshot_copy_sql, ImageColumns};
+use super::{ChangeSource, PassOutcome};
+use crate::db::ctx;
+use crate::error::{Error, Result};
+use crate::event::encode::TEXT_OUTPUT_SETTINGS;
+use crate::event::CaptureMode;
+use crate::progress::{LogicalState, Progress, SnapshotFilter};
+use crate::sink::ChangeSink;
+use crate::slot::{self, SlotSettings};
+use crate::table::TableSpec;
+use chrono::Utc;
+use decoder::TxDecoder;
+use futures_util::{pin_mut, TryStreamExt};
+use pgoutput::Message;
+use std::path::PathBuf;
+use tokio_postgres::Client;
+
+pub struct LogicalCapture {
+    spec: TableSpec,
+    state_dir: PathBuf,
+    slot: SlotSettings,
+    progress: Progress,
+}
+
+impl LogicalCapture {
+    pub fn new(spec: TableSpec, state_dir: PathBuf, slot: SlotSettings) -> Result<Self> {
+        let progress = Progress::load(&state_dir, &spec, CaptureMode::Logical)?;
+        Ok(LogicalCapture {
+            spec,
+            state_dir,
+            slot,
+            progress,
+        })
+    }
+
+    pub fn progress(&self) -> &Progress {
+        &self.progress
+    }
+
+    fn snapshot_done(&self) -> bool {
+        self.progress
+            .logical
+            .as_ref()
+            .is_some_and(|l| l.snapshot_done)
+    }
+
+    async fn snapshot(
+        &mut self,
+        client: &mut Client,
+        sink: &mut dyn ChangeSink,
+    ) -> Result<PassOutcome> {
+        let now = Utc::now();
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(ctx("starting the snapshot transaction"))?;
+        let row = tx
+            .query_one(
+                "SELECT pg_snapshot_xmin(s)::text::int8, pg_snapshot_xmax(s)::text::int8,
+                        coalesce((SELECT array_agg(x::text::int8) FROM pg_snapshot_xip(s) x), '{}'),
+                        (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8
+                 FROM pg_current_snapshot() s",
+                &[],
+            )
+            .await
+            .map_err(ctx("reading the snapshot"))?;
+        let filter = SnapshotFilter {
+            xmin: row.get::<_, i64>(0) as u64,
+            xmax: row.get::<_, i64>(1) as u64,
+            xip: row
+                .get::<_, Vec<i64>>(2)
+                .into_iter()
+                .map(|x| x as u64)
+                .collect(),
+            until_lsn: row.get::<_, i64>(3) as u64,
+        };
+        sink.begin(now, self.progress.next_file_seq);
+        let result: Result<u64> = async {
+            tx.batch_execute(TEXT_OUTPUT_SETTINGS)
+                .await
+                .map_err(ctx("setting the output format"))?;
+            let cols = ImageColumns::load(&tx, &self.spec).await?;
+            let stream = tx
+                .copy_out(snapshot_copy_sql(&self.spec, &cols).as_str())
+                .await
+                .map_err(ctx("reading the initial copy"))?;
+            read_rows(
+                stream,
+                &self.spec,
+                &cols,
+                CaptureMode::Logical,
+                true,
+                now.timestamp_millis(),
+                sink,
+                |_, _| {},
+            )
+            .await
+        }
+        .await;
+        let rows = match result {
+            Ok(n) => n,
+            Err(e) => {
+                sink.abort();
+                return Err(e);
+            }
+        };
+        let durable = sink.commit()?;
+        tx.commit()
+            .await
+            .map_err(ctx("ending the snapshot transaction"))?;
+        self.progress.next_file_seq = durable.next_seq();
+        self.progress.logical = Some(LogicalState {
+            snapshot_done: true,
+            filter: Some(filter),
+        });
+        self.progress
+            .save(&self.state_dir, &self.spec, None, &durable)?;
+        Ok(PassOutcome {
+            rows,
+            snapshot: true,
+            ..PassOutcome::written(&durable)
+        })
+    }
+
+    async fn stream(
+        &mut self,
+        client: &mut Client,
+        sink: &mut dyn ChangeSink,
+    ) -> Result<PassOutcome> {
+        let now = Utc::now();
+        // The slot is confirmed only at the end of a commit this pass decoded: a position
+        // decoding has provably passed (an arbitrary LSN, such as the flush position, can fall
+        // inside a commit record not yet decoded, and that transaction would be skipped).
+        // A heartbeat transaction (a WAL message, no table write) gives an idle table a
+        // commit to confirm, so the slot never holds WAL forever.
+        // Its commit is synchronous, so all WAL before it is flushed and this pass decodes
+        // every transaction committed before it began, whatever the source's
+        // synchronous_commit.
+        client
+            .batch_execute(
+                "BEGIN; SET LOCAL synchronous_commit = on;
+                 SELECT pg_logical_emit_message(true, 'cdc_heartbeat', ''); COMMIT;",
+            )
+            .await
+            .map_err(ctx("writing the heartbeat message"))?;
+        let max = self.slot.max_changes_per_pass;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+            [&self.slot.slot, &max, &self.slot.publication];
+        let rows = client
+            .query_raw(
+                "SELECT (lsn - '0/0'::pg_lsn)::int8, data
+                 FROM pg_logical_slot_peek_binary_changes($1, NULL, $2,
+                        'proto_version', '1', 'publication_names', $3, 'messages', 'true')",
+                params.iter().copied(),
+            )
+            .await
+            .map_err(ctx(format!("reading changes from slot {}", self.slot.slot)))?;
+        pin_mut!(rows);
+
+        let filter = self
+            .progress
+            .logical
+            .as_ref()
+            .and_then(|l| l.filter.clone());
+        sink.begin(now, self.progress.next_file_seq);
+        let mut dec = TxDecoder::new(&self.spec, now.timestamp_millis());
+        let mut out = PassOutcome::default();
+        let mut last_end: Option<u64> = None;
+        let result: Result<()> = async {
+            while let Some(row) = rows
+                .try_next()
+                .await
+                .map_err(ctx("reading changes from the slot"))?
+            {
+                dec.change_lsn = row.get::<_, i64>(0) as u64;
+                let data: &[u8] = row.get(1);
+                let msg =
+                    pgoutput::decode(data).map_err(|m| Error::decode("pgoutput stream", m))?;
+                if let Message::Begin { xid, .. } = &msg {
+                    dec.skip = filter.as_ref().is_some_and(|f| f.shows(*xid));
+                }
+                if let Message::Commit { end_lsn, .. } = &msg {
+                    last_end = Some(*end_lsn);
+                }
+                dec.handle(msg, sink, &mut out)?;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            sink.abort();
+            return Err(e);
+        }
+        let durable = sink.commit()?;
+        let out = PassOutcome {
+            rows: out.rows,
+            deletes: out.deletes,
+            ..PassOutcome::written(&durable)
+        };
+
+        // Test hook: die like `kill -9` between the durable files and the confirmation.
+        if std::env::var_os("CDC_FAILPOINT").is_some_and(|v| v == "after-files-before-confirm")
+            && !out.files.is_empty()
+        {
+            std::process::abort();
+        }
+        // Durable: confirm up to the end of the last whole transaction decoded.
+        if let Some(target) = last_end {
+            slot::advance(client, &self.slot, target, &durable).await?;
+            if let Some(f) = &filter {
+                if target >= f.until_lsn {
+                    if let Some(l) = self.progress.logical.as_mut() {
+                        l.filter = None;
+                    }
+                }
+            }
+        }
+        if !out.files.is_empty()
+            || self
+                .progress
+                .logical
+                .as_ref()
+                .is_some_and(|l| l.filter.is_none())
+                != filter.is_none()
+        {
+            self.progress.next_file_seq = durable.next_seq();
+            self.progress
+                .save(&self.state_dir, &self.spec, None, &durable)?;
+        }
+        Ok(out)
+    }
+}
+
+impl ChangeSource for LogicalCapture {
+    fn mode(&self) -> CaptureMode {
+        CaptureMode::Logical
+    }
+
+    fn snapshot_needed(&self) -> bool {
+        !self.snapshot_done()
+    }
+
+    /// Checks the server (wal_level, privilege, table) and creates the publication and the
+    /// slot if missing. Misconfiguration is a setup error naming what to change.
+    async fn prepare(&mut self, client: &Client) -> Result<()> {
+        check_source_table(client, &self.spec).await?;
+        slot::check_server(client).await?;
+        slot::ensure_publication(client, &self.slot, &self.spec).await?;
+        if !slot::exists(client, &self.slot).await? {
+            if self.snapshot_done() {
+                return Err(Error::State {
+                    path: Progress::path(&self.state_dir, &self.spec),
+                    message: format!(
+                        "the replication slot {} is gone, so changes since the last pass may be lost; remove this file to take a new snapshot",
+                        self.slot.slot
+                    ),
+                });
+            }
+            slot::create(client, &self.slot).await?;
+        }
+        Ok(())
+    }
+
+    /// One pass: the initial copy if it has not been taken, otherwise the changes the slot
+    /// holds. The slot is confirmed only after the files are durable.
+    async fn pass(
+        &mut self,
+        client: &mut Client,
+        sink: &mut dyn ChangeSink,
+    ) -> Result<PassOutcome> {
+        if !self.snapshot_done() {
+            return self.snapshot(client, sink).await;
+        }
+        self.stream(client, sink).await
+    }
+}
+
+impl SnapshotFilter {
+    /// Whether the transaction `xid` (32-bit, as pgoutput sends it) was already visible in
+    /// the snapshot, i.e. its effects are in the initial copy.
+    pub fn shows(&self, xid: u32) -> bool {
+        // Widen to 64 bits in the epoch of xmax (transactions near the snapshot).
+        let epoch = self.xmax >> 32;
+        let mut full = (epoch << 32) | u64::from(xid);
+        if full > self.xmax + (1 << 31) && full >= (1 << 32) {
+            full -= 1 << 32;
+        }
+        self.shows_full(full)
+    }
+
+    /// The same for a full 64-bit transaction id.
+    pub fn shows_full(&self, xid: u64) -> bool {
+        xid < self.xmin || (xid < self.xmax && !self.xip.contains(&xid))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_filter_knows_which_transactions_the_copy_shows() {
+        let f = SnapshotFilter {
+            xmin: 100,
+            xmax: 110,
+            xip: vec![103, 107],
+            until_lsn: 0,
+        };
+        assert!(f.shows(99));
+        assert!(f.shows(104));
+        assert!(!f.shows(103), "in progress at the snapshot");
+        assert!(!f.shows(110), "started after");
+        assert!(!f.shows(5000));
+    }
+}

@@ -1,0 +1,110 @@
+//! The loader's flags and settled configuration (`run`, `verify`, `status`).
+
+use super::{
+    non_empty_path, positive_secs, slot_name, LogDirArgs, RetryArgs, SourceDbArgs, TableArgs,
+    WarehouseDbArgs,
+};
+use crate::db::DbSettings;
+use crate::error::{Error, Result};
+use crate::table::TableSpec;
+use clap::Args;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// `scd2-loader` flags.
+#[derive(Args, Clone, Debug)]
+pub struct LoaderArgs {
+    #[command(flatten)]
+    pub warehouse: WarehouseDbArgs,
+    #[command(flatten)]
+    pub source: SourceDbArgs,
+    #[command(flatten)]
+    pub retry: RetryArgs,
+    #[command(flatten)]
+    pub table: TableArgs,
+    #[command(flatten)]
+    pub log_dir: LogDirArgs,
+    /// Seconds between looks for new change-log files
+    #[arg(
+        long = "poll-interval",
+        env = "LOADER_POLL_INTERVAL_SECONDS",
+        default_value = "0.5"
+    )]
+    pub poll_interval_seconds: f64,
+    /// Most files applied in one transaction when there is a backlog
+    #[arg(
+        long = "max-files-per-batch",
+        env = "LOADER_MAX_FILES_PER_BATCH",
+        default_value = "16"
+    )]
+    pub max_files_per_batch: usize,
+    /// Most change events held in memory at once; a batch is applied in chunks of this many
+    /// events (same transaction), so memory does not grow with the backlog
+    #[arg(
+        long = "max-events-in-memory",
+        env = "LOADER_MAX_EVENTS_IN_MEMORY",
+        default_value = "16384"
+    )]
+    pub max_events_in_memory: usize,
+    /// Directory of the extractor's progress file (read by `status`)
+    #[arg(
+        long = "state-dir",
+        env = "CDC_STATE_DIR",
+        default_value = "data/state"
+    )]
+    pub state_dir: PathBuf,
+    /// Logical mode: the extractor's replication slot (its lag is shown by `status`)
+    #[arg(
+        long = "slot-name",
+        env = "CDC_SLOT_NAME",
+        default_value = "cdc_orders_slot"
+    )]
+    pub slot_name: String,
+}
+
+/// Settled loader configuration.
+#[derive(Clone, Debug)]
+pub struct LoaderConfig {
+    pub warehouse: DbSettings,
+    pub source: DbSettings,
+    pub table: TableSpec,
+    pub log_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub poll_interval: Duration,
+    pub max_files_per_batch: usize,
+    pub max_events_in_memory: usize,
+    pub slot_name: String,
+}
+
+impl LoaderArgs {
+    pub fn validate(&self) -> Result<LoaderConfig> {
+        let retry = self.retry.validate()?;
+        if self.max_files_per_batch == 0 {
+            return Err(Error::config(
+                "LOADER_MAX_FILES_PER_BATCH",
+                "must be at least 1",
+            ));
+        }
+        if self.max_events_in_memory == 0 {
+            return Err(Error::config(
+                "LOADER_MAX_EVENTS_IN_MEMORY",
+                "must be at least 1",
+            ));
+        }
+        Ok(LoaderConfig {
+            warehouse: self.warehouse.validate(retry)?,
+            source: self.source.validate(retry)?,
+            table: self.table.validate()?,
+            log_dir: non_empty_path("CDC_LOG_DIR", &self.log_dir.cdc_log_dir)?,
+            state_dir: non_empty_path("CDC_STATE_DIR", &self.state_dir)?,
+            poll_interval: positive_secs(
+                "LOADER_POLL_INTERVAL_SECONDS",
+                self.poll_interval_seconds,
+                false,
+            )?,
+            max_files_per_batch: self.max_files_per_batch,
+            max_events_in_memory: self.max_events_in_memory,
+            slot_name: slot_name("CDC_SLOT_NAME", &self.slot_name)?,
+        })
+    }
+}

@@ -1,0 +1,322 @@
+//! Settings: every flag also readable from its environment variable (the original names),
+//! validated in full into a settled configuration before anything connects. This module
+//! holds what several binaries share; each binary's own flags are in a module of its own
+//! (`extractor`, `loader`; the mutator's live in its crate).
+
+pub mod extractor;
+pub mod loader;
+
+use crate::db::{DbRole, DbSettings, Secret};
+use crate::error::{Error, Result};
+use crate::table::TableSpec;
+use clap::{Args, ValueEnum};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The operational (source) database.
+#[derive(Args, Clone, Debug)]
+pub struct SourceDbArgs {
+    /// Host name or address
+    #[arg(
+        id = "db-host",
+        long = "db-host",
+        env = "DB_HOST",
+        default_value = "localhost"
+    )]
+    pub host: String,
+    /// Port
+    #[arg(
+        id = "db-port",
+        long = "db-port",
+        env = "DB_PORT",
+        default_value = "5434"
+    )]
+    pub port: u16,
+    /// Database name
+    #[arg(
+        id = "db-name",
+        long = "db-name",
+        env = "DB_NAME",
+        default_value = "operational_db"
+    )]
+    pub dbname: String,
+    /// User name
+    #[arg(
+        id = "db-user",
+        long = "db-user",
+        env = "DB_USER",
+        default_value = "postgres"
+    )]
+    pub user: String,
+    /// Password (prefer the environment variable or .env over the flag)
+    #[arg(
+        id = "db-password",
+        long = "db-password",
+        env = "DB_PASSWORD",
+        default_value = "postgres",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    pub password: Secret,
+}
+
+impl SourceDbArgs {
+    pub fn validate(&self, connect_retry: Duration) -> Result<DbSettings> {
+        let a = self.clone();
+        DbArgs {
+            host: a.host,
+            port: a.port,
+            dbname: a.dbname,
+            user: a.user,
+            password: a.password,
+        }
+        .validate(DbRole::Source, connect_retry)
+    }
+}
+
+/// The warehouse database.
+#[derive(Args, Clone, Debug)]
+pub struct WarehouseDbArgs {
+    /// Host name or address
+    #[arg(
+        id = "warehouse-db-host",
+        long = "warehouse-db-host",
+        env = "WAREHOUSE_DB_HOST",
+        default_value = "localhost"
+    )]
+    pub host: String,
+    /// Port
+    #[arg(
+        id = "warehouse-db-port",
+        long = "warehouse-db-port",
+        env = "WAREHOUSE_DB_PORT",
+        default_value = "5433"
+    )]
+    pub port: u16,
+    /// Database name
+    #[arg(
+        id = "warehouse-db-name",
+        long = "warehouse-db-name",
+        env = "WAREHOUSE_DB_NAME",
+        default_value = "warehouse_db"
+    )]
+    pub dbname: String,
+    /// User name
+    #[arg(
+        id = "warehouse-db-user",
+        long = "warehouse-db-user",
+        env = "WAREHOUSE_DB_USER",
+        default_value = "postgres"
+    )]
+    pub user: String,
+    /// Password (prefer the environment variable or .env over the flag)
+    #[arg(
+        id = "warehouse-db-password",
+        long = "warehouse-db-password",
+        env = "WAREHOUSE_DB_PASSWORD",
+        default_value = "postgres",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    pub password: Secret,
+}
+
+impl WarehouseDbArgs {
+    pub fn validate(&self, connect_retry: Duration) -> Result<DbSettings> {
+        let a = self.clone();
+        DbArgs {
+            host: a.host,
+            port: a.port,
+            dbname: a.dbname,
+            user: a.user,
+            password: a.password,
+        }
+        .validate(DbRole::Warehouse, connect_retry)
+    }
+}
+
+/// One database's raw settings, whichever flags they came from; validated into `DbSettings`
+/// with messages naming the role's variables (`DB_PORT`, `WAREHOUSE_DB_PORT`, ...).
+#[derive(Clone, Debug)]
+pub struct DbArgs {
+    pub host: String,
+    pub port: u16,
+    pub dbname: String,
+    pub user: String,
+    pub password: Secret,
+}
+
+impl DbArgs {
+    pub fn validate(self, role: DbRole, connect_retry: Duration) -> Result<DbSettings> {
+        let setting = |s: &str| format!("{}_{s}", role.setting_prefix());
+        if self.host.trim().is_empty() {
+            return Err(Error::config(setting("HOST"), "must not be empty"));
+        }
+        if self.port == 0 {
+            return Err(Error::config(
+                setting("PORT"),
+                "must be a port number from 1 to 65535",
+            ));
+        }
+        if self.dbname.trim().is_empty() {
+            return Err(Error::config(setting("NAME"), "must not be empty"));
+        }
+        if self.user.trim().is_empty() {
+            return Err(Error::config(setting("USER"), "must not be empty"));
+        }
+        Ok(DbSettings {
+            role,
+            host: self.host,
+            port: self.port,
+            dbname: self.dbname,
+            user: self.user,
+            password: self.password,
+            connect_retry,
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logging flags shared by every binary.
+#[derive(Args, Clone, Debug)]
+pub struct LogArgs {
+    /// Log level: error, warn, info, debug, trace (or a tracing filter directive)
+    #[arg(long = "log-level", env = "LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    /// Log format: human-readable text, or one JSON object a line
+    #[arg(
+        long = "log-format",
+        env = "LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+}
+
+impl LogArgs {
+    pub fn validate(&self) -> Result<()> {
+        let directive = self.filter_directive();
+        let levels = ["trace", "debug", "info", "warn", "error", "off"];
+        // A bare word must be a level; directives (`target=level,...`) go to tracing as they are.
+        if !directive.contains(['=', ',']) && !levels.contains(&directive.as_str()) {
+            return Err(Error::config(
+                "LOG_LEVEL",
+                format!(
+                    "'{}' is not a log level; use error, warn, info, debug or trace",
+                    self.log_level
+                ),
+            ));
+        }
+        tracing_subscriber::EnvFilter::try_new(&directive).map_err(|e| {
+            Error::config("LOG_LEVEL", format!("'{}' is not a log level or filter ({e}); use error, warn, info, debug or trace", self.log_level))
+        })?;
+        Ok(())
+    }
+
+    /// The level as a filter directive (`INFO` and `warning` are accepted too).
+    pub fn filter_directive(&self) -> String {
+        let lower = self.log_level.trim().to_ascii_lowercase();
+        match lower.as_str() {
+            "warning" => "warn".to_owned(),
+            "critical" | "fatal" => "error".to_owned(),
+            _ => lower,
+        }
+    }
+
+    pub fn ansi(&self) -> bool {
+        use std::io::IsTerminal;
+        std::io::stderr().is_terminal()
+    }
+}
+
+/// How long to keep retrying an unreachable database at start-up and after a lost connection.
+#[derive(Args, Clone, Debug)]
+pub struct RetryArgs {
+    /// Seconds to keep retrying an unreachable database (with backoff) before giving up
+    #[arg(
+        long = "connect-retry-seconds",
+        env = "DB_CONNECT_RETRY_SECONDS",
+        default_value = "60"
+    )]
+    pub connect_retry_seconds: f64,
+}
+
+impl RetryArgs {
+    pub fn validate(&self) -> Result<Duration> {
+        positive_secs("DB_CONNECT_RETRY_SECONDS", self.connect_retry_seconds, true)
+    }
+}
+
+/// Which table to capture: the built-in `orders`, or a description file.
+#[derive(Args, Clone, Debug)]
+pub struct TableArgs {
+    /// JSON file describing the captured table (default: the built-in `orders` description)
+    #[arg(long = "table-config", env = "CDC_TABLE_CONFIG")]
+    pub table_config: Option<PathBuf>,
+}
+
+impl TableArgs {
+    pub fn validate(&self) -> Result<TableSpec> {
+        match &self.table_config {
+            None => Ok(TableSpec::orders()),
+            Some(path) => TableSpec::from_file(path),
+        }
+    }
+}
+
+/// Change-log directory flag shared by extractor and loader.
+#[derive(Args, Clone, Debug)]
+pub struct LogDirArgs {
+    /// Directory of the change-log files (*.jsonl)
+    #[arg(
+        long = "cdc-log-dir",
+        env = "CDC_LOG_DIR",
+        default_value = "data/cdc_logs"
+    )]
+    pub cdc_log_dir: PathBuf,
+}
+
+pub fn positive_secs(setting: &str, value: f64, allow_zero: bool) -> Result<Duration> {
+    let ok =
+        value.is_finite() && (value > 0.0 || (allow_zero && value == 0.0)) && value <= 86_400.0;
+    if !ok {
+        let what = if allow_zero {
+            "from 0"
+        } else {
+            "greater than 0 and at most"
+        };
+        return Err(Error::config(
+            setting,
+            format!("'{value}' must be a number of seconds {what} 86400"),
+        ));
+    }
+    Ok(Duration::from_secs_f64(value))
+}
+
+/// Slot and publication names: lower-case letters, digits and `_`, at most 63.
+pub fn slot_name(setting: &str, s: &str) -> Result<String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(Error::config(
+            setting,
+            format!("'{s}' must be 1 to 63 lower-case letters, digits or _"),
+        ))
+    }
+}
+
+pub fn non_empty_path(setting: &str, p: &std::path::Path) -> Result<PathBuf> {
+    if p.as_os_str().is_empty() {
+        return Err(Error::config(setting, "must not be empty"));
+    }
+    Ok(p.to_path_buf())
+}

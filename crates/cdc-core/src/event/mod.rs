@@ -1,0 +1,86 @@
+//! The change event, the interface between extractor and loader: one JSON object a line in
+//! the Debezium envelope (`op`, `before`, `after`, `source`, `ts_ms`) plus `format_version`.
+//! Values keep their exact types: integers as JSON numbers, numeric as strings, timestamps as
+//! ISO-8601 strings with zone. `encode` writes events (the extractor), `decode` reads them
+//! (the loader); both sides of the format live here and nowhere else.
+
+pub mod decode;
+pub mod encode;
+
+pub use decode::{decode, DecodedEvent, Values};
+
+use serde::Deserialize;
+
+/// The change-event format this build writes and the newest it reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// `source.connector` of events written by this pipeline.
+pub const CONNECTOR: &str = "cdc-historical-warehouse";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Op {
+    #[serde(rename = "c")]
+    Create,
+    #[serde(rename = "u")]
+    Update,
+    #[serde(rename = "d")]
+    Delete,
+    #[serde(rename = "r")]
+    Read,
+}
+
+impl Op {
+    pub fn as_char(self) -> char {
+        match self {
+            Op::Create => 'c',
+            Op::Update => 'u',
+            Op::Delete => 'd',
+            Op::Read => 'r',
+        }
+    }
+
+    /// The code as it stands in an event (`"c"`, `"u"`, `"d"`, `"r"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Create => "c",
+            Op::Update => "u",
+            Op::Delete => "d",
+            Op::Read => "r",
+        }
+    }
+
+    /// The operation of a code, `None` for anything else.
+    pub fn from_code(code: &str) -> Option<Op> {
+        match code {
+            "c" => Some(Op::Create),
+            "u" => Some(Op::Update),
+            "d" => Some(Op::Delete),
+            "r" => Some(Op::Read),
+            _ => None,
+        }
+    }
+}
+
+/// How the extractor captures (`source.capture_mode` of an event, and of the progress file).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureMode {
+    /// High-watermark on the change-time column, deletes from the tombstone table
+    Timestamp,
+    /// Logical replication slot with pgoutput (every committed version)
+    Logical,
+}
+
+impl CaptureMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaptureMode::Timestamp => "timestamp",
+            CaptureMode::Logical => "logical",
+        }
+    }
+}
+
+impl std::fmt::Display for CaptureMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

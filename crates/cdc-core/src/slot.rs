@@ -1,0 +1,238 @@
+//! Replication slot administration for logical capture: check the server, create the
+//! publication and the `pgoutput` slot, confirm (advance) it once changes are durable, report
+//! its lag, drop it. Used by logical capture, `extractor drop-slot` and `status`.
+
+use crate::db::ctx;
+use crate::error::{Error, Result};
+use crate::sink::Durable;
+use crate::table::TableSpec;
+use tokio_postgres::Client;
+
+/// Slot settings.
+#[derive(Debug, Clone)]
+pub struct SlotSettings {
+    pub slot: String,
+    pub publication: String,
+    /// Most changes decoded in one pass (whole transactions are never split).
+    pub max_changes_per_pass: i32,
+}
+
+/// The slot's health: WAL it retains and how far its confirmed position trails.
+#[derive(Debug, Clone, Default)]
+pub struct SlotLag {
+    pub retained_wal_bytes: i64,
+    pub confirmed_lag_bytes: i64,
+    pub active: bool,
+}
+
+/// Checks that the server can decode logically (wal_level) and that this role may
+/// (REPLICATION). Misconfiguration is an error naming what to change.
+pub async fn check_server(client: &Client) -> Result<()> {
+    let wal_level: String = client
+        .query_one("SHOW wal_level", &[])
+        .await
+        .map_err(ctx("reading wal_level"))?
+        .get(0);
+    if wal_level != "logical" {
+        return Err(Error::config(
+            "wal_level",
+            format!("the source server runs with wal_level={wal_level}; logical capture needs wal_level=logical in its postgresql.conf (then restart it), or use CDC_CAPTURE_MODE=timestamp"),
+        ));
+    }
+    let can: bool = client
+        .query_one(
+            "SELECT rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(ctx("checking the replication privilege"))?
+        .get(0);
+    if !can {
+        return Err(Error::setup(
+            "source role",
+            "logical capture needs the REPLICATION privilege: ALTER ROLE <DB_USER> REPLICATION (and ownership of the table to create the publication)",
+        ));
+    }
+    Ok(())
+}
+
+/// Whether the slot exists; an existing slot that is not a `pgoutput` slot of this database
+/// is refused.
+pub async fn exists(client: &Client, slot: &SlotSettings) -> Result<bool> {
+    let row = client
+        .query_opt(
+            "SELECT plugin::text, database::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot.slot],
+        )
+        .await
+        .map_err(ctx("looking up the replication slot"))?;
+    let Some(row) = row else { return Ok(false) };
+    let plugin: Option<String> = row.get(0);
+    let db: Option<String> = row.get(1);
+    let current: String = client
+        .query_one("SELECT current_database()::text", &[])
+        .await
+        .map_err(ctx("reading the database name"))?
+        .get(0);
+    if plugin.as_deref() != Some("pgoutput") || db.as_deref() != Some(current.as_str()) {
+        return Err(Error::config(
+            "CDC_SLOT_NAME",
+            format!(
+                "slot {} exists but is not a pgoutput slot of database {current} (plugin {:?}, database {:?}); choose another name",
+                slot.slot, plugin, db
+            ),
+        ));
+    }
+    Ok(true)
+}
+
+/// Creates the `pgoutput` slot.
+pub async fn create(client: &Client, slot: &SlotSettings) -> Result<()> {
+    client
+        .execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot.slot],
+        )
+        .await
+        .map_err(|e| {
+            if e.code().is_some_and(|c| c.code() == "53400") {
+                Error::config(
+                    "max_replication_slots",
+                    format!("the source server has no free replication slot for {}; raise max_replication_slots or drop an unused slot", slot.slot),
+                )
+            } else {
+                Error::Db {
+                    context: format!("creating replication slot {} (CDC_SLOT_NAME)", slot.slot),
+                    source: e,
+                }
+            }
+        })?;
+    tracing::info!(slot = %slot.slot, "created logical replication slot");
+    Ok(())
+}
+
+/// Creates the publication for `spec`'s table, or adds the table to it.
+pub async fn ensure_publication(
+    client: &Client,
+    slot: &SlotSettings,
+    spec: &TableSpec,
+) -> Result<()> {
+    let pubname = &slot.publication;
+    let exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[pubname],
+        )
+        .await
+        .map_err(ctx("looking up the publication"))?
+        .is_some();
+    if !exists {
+        client
+            .batch_execute(&format!(
+                "CREATE PUBLICATION {} FOR TABLE {}",
+                quote_ident(pubname),
+                spec.qualified()
+            ))
+            .await
+            .map_err(ctx(format!(
+                "creating publication {pubname} (CDC_PUBLICATION)"
+            )))?;
+        tracing::info!(publication = %pubname, "created publication");
+        return Ok(());
+    }
+    let has_table = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+            &[pubname, &spec.schema, &spec.name],
+        )
+        .await
+        .map_err(ctx("reading the publication's tables"))?
+        .is_some();
+    if !has_table {
+        client
+            .batch_execute(&format!(
+                "ALTER PUBLICATION {} ADD TABLE {}",
+                quote_ident(pubname),
+                spec.qualified()
+            ))
+            .await
+            .map_err(ctx(format!(
+                "adding {} to publication {pubname}",
+                spec.qualified()
+            )))?;
+    }
+    Ok(())
+}
+
+/// Confirms the slot up to `target` (never backwards). Takes the proof that the changes up
+/// to there are durable in the sink.
+pub async fn advance(
+    client: &Client,
+    slot: &SlotSettings,
+    target: u64,
+    _durable: &Durable,
+) -> Result<()> {
+    let target = target as i64;
+    client
+        .execute(
+            "SELECT pg_replication_slot_advance($1, '0/0'::pg_lsn + $2::int8::numeric)
+             FROM pg_replication_slots
+             WHERE slot_name = $1 AND confirmed_flush_lsn < '0/0'::pg_lsn + $2::int8::numeric",
+            &[&slot.slot, &target],
+        )
+        .await
+        .map_err(ctx(format!("confirming slot {}", slot.slot)))?;
+    Ok(())
+}
+
+/// The slot's retained WAL and confirmed lag, if it exists.
+pub async fn lag(client: &Client, slot: &str) -> Result<Option<SlotLag>> {
+    let row = client
+        .query_opt(
+            "SELECT coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::int8,
+                    coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::int8, active
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(ctx("reading the replication slot's lag"))?;
+    Ok(row.map(|r| SlotLag {
+        retained_wal_bytes: r.get(0),
+        confirmed_lag_bytes: r.get(1),
+        active: r.get(2),
+    }))
+}
+
+/// Drops the slot and the publication (`extractor drop-slot`). Returns whether each existed.
+pub async fn drop(client: &Client, slot: &SlotSettings) -> Result<(bool, bool)> {
+    let dropped_slot = client
+        .execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot.slot],
+        )
+        .await
+        .map_err(ctx(format!("dropping replication slot {}", slot.slot)))?
+        > 0;
+    let had_pub = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&slot.publication],
+        )
+        .await
+        .map_err(ctx("looking up the publication"))?
+        .is_some();
+    if had_pub {
+        client
+            .batch_execute(&format!(
+                "DROP PUBLICATION {}",
+                quote_ident(&slot.publication)
+            ))
+            .await
+            .map_err(ctx(format!("dropping publication {}", slot.publication)))?;
+    }
+    Ok((dropped_slot, had_pub))
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}

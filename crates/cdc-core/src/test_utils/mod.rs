@@ -1,0 +1,11 @@
+//! Test helpers (feature `test-utils`): databases of a test's own (`database`), a trigger-fed
+//! ground truth of every committed state (`audit`), and an independent reference model of the
+//! SCD2 history that ground truth must produce (`model`).
+
+pub mod audit;
+pub mod database;
+pub mod model;
+
+pub use audit::{actual_history, expected_history, expected_history_on, install_audit, Basis};
+pub use database::{connect, workspace_root, TestDb};
+pub use model::{assert_same_history, History, Version};
