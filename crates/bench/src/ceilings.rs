@@ -6,8 +6,8 @@
 use crate::setup::{PUBLICATION, SLOT};
 use anyhow::{Context, Result};
 use bytes::Bytes;
+use cdc_core::db::copy_text::{push_text, push_time};
 use cdc_core::event::{decode, Op};
-use cdc_core::scd2::apply::{push_text, push_time};
 use cdc_core::table::TableSpec;
 use futures_util::{pin_mut, SinkExt, TryStreamExt};
 use serde::Serialize;

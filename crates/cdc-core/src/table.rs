@@ -193,6 +193,14 @@ impl TableSpec {
         }
     }
 
+    /// Indexes of the tracked columns the loader writes (generated ones the history table
+    /// generates).
+    pub fn written_columns(&self) -> Vec<usize> {
+        (0..self.columns.len())
+            .filter(|&i| self.columns[i].generated.is_none())
+            .collect()
+    }
+
     /// The history table's tracked columns, comma separated, in order.
     pub fn history_column_list(&self) -> String {
         self.columns

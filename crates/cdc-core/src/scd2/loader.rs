@@ -2,7 +2,8 @@
 //! in one transaction when there is a backlog), archive them, quarantine what cannot be
 //! applied, retry what failed for a transient reason.
 
-use super::apply::{apply_files, ApplySql, ApplyStats};
+use super::apply::{apply_files, ApplyStats, Applying};
+use super::store::{HistorySql, PgHistory};
 use crate::changelog::{self, file_name};
 use crate::config::loader::LoaderConfig;
 use crate::db::{self, ctx, Backoff};
@@ -15,6 +16,7 @@ use chrono::Utc;
 use std::path::PathBuf;
 use std::time::Instant;
 use tokio_postgres::Client;
+use tracing::Instrument;
 
 pub const PIPELINE_NAME: &str = "scd2_loader";
 
@@ -26,11 +28,12 @@ pub struct LoaderTotals {
     pub quarantined: usize,
 }
 
-/// A warehouse connection ready to apply: schema migrated, staging tables created, and the
-/// per-table advisory lock held so that two loaders never apply the same table at once.
+/// A warehouse connection ready to apply: schema migrated, and the per-table advisory lock
+/// held so that two loaders never apply the same table at once.
 pub struct Applier {
     client: Client,
-    sql: ApplySql,
+    sql: HistorySql,
+    how: Applying,
     spec: TableSpec,
 }
 
@@ -52,10 +55,10 @@ impl Applier {
                 "another scd2-loader is applying to it; stop that one first",
             ));
         }
-        let sql = ApplySql::new(&cfg.table, cfg.max_events_in_memory);
         Ok(Applier {
             client,
-            sql,
+            sql: HistorySql::new(&cfg.table),
+            how: Applying::new(&cfg.table, cfg.max_events_in_memory),
             spec: cfg.table.clone(),
         })
     }
@@ -81,7 +84,16 @@ impl Applier {
             .transaction()
             .await
             .map_err(ctx("starting the apply transaction"))?;
-        let stats = apply_files(&tx, &self.sql, &self.spec, files, run_id).await?;
+        let span = tracing::info_span!(
+            "apply_batch",
+            history = %self.spec.history_qualified(),
+            files = files.len(),
+            first_file = %files.first().map(|f| file_name(f)).unwrap_or_default(),
+        );
+        let mut store = PgHistory::new(&tx, &self.sql);
+        let stats = apply_files(&mut store, &self.how, files, run_id)
+            .instrument(span)
+            .await?;
         let record = RunRecord {
             pipeline_name: PIPELINE_NAME,
             run_id,
@@ -199,7 +211,7 @@ async fn apply_pending(
                         phases_ms = ?stats.phases_ms,
                         "applied change-log files"
                     );
-                    add(&mut totals.applied, &stats);
+                    totals.applied.add(&stats);
                     batch.clear();
                 }
                 Err(e) if e.is_data_error() => {
@@ -221,7 +233,7 @@ async fn apply_pending(
                             match applier.apply(std::slice::from_ref(&first), run_id).await {
                                 Ok(stats) => {
                                     changelog::archive(&first)?;
-                                    add(&mut totals.applied, &stats);
+                                    totals.applied.add(&stats);
                                 }
                                 Err(e1) if e1.is_data_error() => {
                                     quarantine(cfg, &first, &e1, run_id, applier).await?;
@@ -263,12 +275,4 @@ async fn quarantine(
         tracing::warn!(error = %error_chain(&err), "could not record the quarantine in pipeline_metadata");
     }
     Ok(())
-}
-
-fn add(total: &mut ApplyStats, s: &ApplyStats) {
-    total.files += s.files;
-    total.events += s.events;
-    total.versions_inserted += s.versions_inserted;
-    total.versions_closed += s.versions_closed;
-    total.deletes += s.deletes;
 }

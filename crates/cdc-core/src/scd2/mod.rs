@@ -1,6 +1,12 @@
-//! SCD Type 2 history: the set-based apply, the loader loop, `verify` and `status`.
+//! SCD Type 2 history: the apply (`apply`, reading on its own thread in `read`, the rules
+//! in the pure planner `plan`, the row hash, and the history store seam with its PostgreSQL
+//! implementation in `store`), the loader loop, `verify` and `status`.
 
 pub mod apply;
 pub mod loader;
+pub mod plan;
+mod read;
+pub mod row_hash;
 pub mod status;
+pub mod store;
 pub mod verify;

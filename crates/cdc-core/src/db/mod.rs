@@ -1,6 +1,8 @@
 //! Database connections: where a database is (`DbSettings`), connect with retry and backoff,
 //! pools, and the backoff policy used when a connection is lost in the middle of work.
 
+pub mod copy_text;
+
 use crate::error::{is_transient_pg, Error, Result};
 use crate::shutdown::Shutdown;
 use std::fmt;

@@ -1,0 +1,127 @@
+//! The apply's reading side, on a thread of its own: reads the batch's files line by line,
+//! decodes and hashes each event, and hands them to the applier in chunks, one chunk ahead
+//! of the database work on the previous one.
+
+use super::plan::Ev;
+use super::row_hash::RowHasher;
+use crate::error::{Error, Result};
+use crate::event::decode;
+use crate::table::TableSpec;
+use chrono::{DateTime, Utc};
+use std::io::BufRead;
+use std::path::PathBuf;
+
+/// What the reading thread hands to the applier.
+pub enum Read {
+    /// The next chunk of decoded events.
+    Chunk(Vec<Ev>),
+    /// All read: per file, its events and first and last change times.
+    Done(Vec<FileRead>),
+}
+
+/// What the reader learned of one file: its events and first and last change times.
+pub type FileRead = (i64, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+
+/// The reading thread: decodes and hashes the events of `files` and sends them in chunks of
+/// at most `chunk_events` (never splitting one change time: events at one instant, a
+/// transaction in logical mode, stay together, so a key never gets two versions at one
+/// instant), then the per-file facts. Stops when the applier has gone.
+pub fn read_chunks(
+    hasher: &RowHasher,
+    chunk_events: usize,
+    spec: &TableSpec,
+    files: &[PathBuf],
+    send: &tokio::sync::mpsc::Sender<Result<Read>>,
+) {
+    // A chunk is started only once the channel has room for it, that is once the applier has
+    // taken the previous one: at most two chunks live (one applied, one being read).
+    let rt = tokio::runtime::Handle::current();
+    let mut permit: Option<tokio::sync::mpsc::Permit<'_, Result<Read>>> = None;
+    let mut chunk: Vec<Ev> = Vec::new();
+    let mut read = Vec::with_capacity(files.len());
+    let mut ord = 0;
+    let mut result = Ok(());
+    'files: for (fi, path) in files.iter().enumerate() {
+        let (mut events, mut first, mut last) = (0, None, None);
+        let reader = match std::fs::File::open(path) {
+            Ok(f) => std::io::BufReader::with_capacity(1 << 20, f),
+            Err(e) => {
+                result = Err(Error::io("opening change-log file", path, e));
+                break;
+            }
+        };
+        for (i, line) in reader.lines().enumerate() {
+            let decoded = line
+                .map_err(|e| Error::io("reading change-log file", path, e))
+                .and_then(|line| {
+                    if line.trim().is_empty() {
+                        return Ok(None);
+                    }
+                    let bad = |message: String| Error::Parse {
+                        path: path.clone(),
+                        line: i as u64 + 1,
+                        message,
+                    };
+                    let ev = decode(&line, spec).map_err(bad)?;
+                    let ts = timestamp(ev.ts_us).map_err(bad)?;
+                    timestamp(ev.captured_ms.saturating_mul(1000)).map_err(bad)?;
+                    Ok(Some((ev, ts)))
+                });
+            let (ev, ts) = match decoded {
+                Ok(Some(x)) => x,
+                Ok(None) => continue,
+                Err(e) => {
+                    result = Err(e);
+                    break 'files;
+                }
+            };
+            first = Some(first.map_or(ts, |x: DateTime<Utc>| x.min(ts)));
+            last = Some(last.map_or(ts, |x: DateTime<Utc>| x.max(ts)));
+            events += 1;
+            ord += 1;
+            if chunk.len() >= chunk_events && chunk.last().is_some_and(|l| l.ev.ts_us != ev.ts_us) {
+                if let Some(p) = permit.take() {
+                    p.send(Ok(Read::Chunk(std::mem::take(&mut chunk))));
+                }
+            }
+            if permit.is_none() {
+                match rt.block_on(send.reserve()) {
+                    Ok(p) => permit = Some(p),
+                    // The applier has gone (it failed): stop.
+                    Err(_) => return,
+                }
+                chunk.reserve(chunk_events.min(1 << 16));
+            }
+            let hash = hasher.hash(&ev);
+            chunk.push(Ev {
+                ord,
+                file: fi,
+                ev,
+                hash,
+            });
+        }
+        read.push((events, first, last));
+    }
+    let last_msg = match result {
+        Ok(()) => Ok(Read::Done(read)),
+        Err(e) => Err(e),
+    };
+    match permit {
+        Some(p) => {
+            if last_msg.is_ok() {
+                p.send(Ok(Read::Chunk(chunk)));
+                let _ = send.blocking_send(last_msg);
+            } else {
+                p.send(last_msg);
+            }
+        }
+        None => {
+            let _ = send.blocking_send(last_msg);
+        }
+    }
+}
+
+pub fn timestamp(us: i64) -> std::result::Result<DateTime<Utc>, String> {
+    DateTime::<Utc>::from_timestamp_micros(us)
+        .ok_or_else(|| format!("time {us} µs is out of range"))
+}

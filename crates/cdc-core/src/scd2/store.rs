@@ -1,0 +1,294 @@
+//! The history store seam: what the apply needs from the warehouse (the newest version of
+//! keys, close current versions, insert versions, record the applied batches), all inside
+//! one transaction, and its PostgreSQL implementation: one indexed query, one
+//! `UPDATE … FROM unnest(…)`, one text `COPY` straight into the history table per chunk.
+
+use super::plan::Newest;
+use crate::db::copy_text::{push_lsn, push_text, push_time, push_uuid};
+use crate::db::ctx;
+use crate::error::Result;
+use crate::event::{DecodedEvent, Op};
+use crate::table::TableSpec;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures_util::{pin_mut, SinkExt};
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::future::Future;
+use tokio_postgres::Transaction;
+
+/// Bytes of COPY data sent at a time.
+const COPY_FLUSH_BYTES: usize = 1 << 20;
+
+/// A current version to close: its key's chain moves on at `ts_us` (`lsn`), by a new
+/// version or a delete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Close<'a> {
+    pub key: &'a str,
+    pub ts_us: i64,
+    pub lsn: Option<i64>,
+    pub deleted: bool,
+}
+
+/// A version to insert: the event's state from its change time, closed by `next` if any
+/// (a delete when `next` is one).
+#[derive(Debug, Clone, Copy)]
+pub struct NewVersion<'a> {
+    pub event: &'a DecodedEvent,
+    pub hash: &'a [u8; 16],
+    pub next: Option<&'a DecodedEvent>,
+    /// The change-log file it came from.
+    pub batch: &'a str,
+}
+
+/// One applied change-log file, recorded with the rows it produced.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AppliedBatch {
+    pub name: String,
+    pub events: i64,
+    pub inserted: i64,
+    pub deletes: i64,
+    pub first: Option<DateTime<Utc>>,
+    pub last: Option<DateTime<Utc>>,
+}
+
+/// Where history is kept. Every call of one apply runs in the same transaction, so the
+/// versions and the record of their batches commit together or not at all.
+pub trait HistoryStore {
+    /// The newest version held for each of `keys` that has one.
+    fn newest(
+        &mut self,
+        keys: &[&str],
+    ) -> impl Future<Output = Result<HashMap<String, Newest>>> + Send;
+
+    /// Closes the current version of each key. Returns how many were closed.
+    fn close(&mut self, closes: &[Close<'_>]) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Inserts versions. Returns how many.
+    fn insert(&mut self, versions: &[NewVersion<'_>]) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Records the batches as applied (re-applying one is then skipped).
+    fn record_batches(
+        &mut self,
+        batches: &[AppliedBatch],
+        run_id: &str,
+    ) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// The SQL of a table's history, rendered once for its description.
+#[derive(Debug, Clone)]
+pub struct HistorySql {
+    history: String,
+    newest: String,
+    close: String,
+    copy_in: String,
+    /// Indexes of the tracked columns the loader writes (the others are generated).
+    written: Vec<usize>,
+}
+
+impl HistorySql {
+    pub fn new(spec: &TableSpec) -> Self {
+        let h = spec.history_qualified();
+        let hk = &spec.history_key_column;
+        let kt = &spec.key.sql_type;
+        let written = spec.written_columns();
+        let newest = format!(
+            "SELECT DISTINCT ON (x.{hk}) x.{hk}::text, x.is_current, decode(replace(x.row_hash::text, '-', ''), 'hex'),
+                    CASE WHEN x.is_current THEN x.valid_from ELSE x.valid_to END,
+                    (coalesce(CASE WHEN x.is_current THEN x.source_lsn ELSE x.end_lsn END, '0/0') - '0/0'::pg_lsn)::int8
+             FROM {h} x
+             WHERE x.{hk} = ANY($1::text[]::{kt}[])
+             ORDER BY x.{hk}, x.valid_from DESC, x.source_lsn DESC NULLS LAST"
+        );
+        let close = format!(
+            "UPDATE {h} x SET valid_to = f.ts, end_lsn = CASE WHEN f.lsn IS NULL THEN NULL ELSE '0/0'::pg_lsn + f.lsn::numeric END,
+                              is_current = false, is_deleted = f.del, updated_at = now()
+             FROM unnest($1::text[], $2::timestamptz[], $3::int8[], $4::bool[]) AS f(k, ts, lsn, del)
+             WHERE x.{hk} = f.k::{kt} AND x.is_current"
+        );
+        let cols: String = written
+            .iter()
+            .map(|&i| format!("{}, ", spec.history_column(&spec.columns[i])))
+            .collect();
+        let copy_in = format!(
+            "COPY {h} ({hk}, {cols}valid_from, valid_to, is_current, is_deleted, cdc_operation,
+                       cdc_timestamp, batch_id, source_lsn, source_txid, end_lsn, row_hash) FROM STDIN"
+        );
+        HistorySql {
+            history: h,
+            newest,
+            close,
+            copy_in,
+            written,
+        }
+    }
+}
+
+const RECORD_BATCHES: &str = "INSERT INTO public.cdc_applied_batches
+         (batch_id, history_table, events, versions_inserted, versions_closed, first_change_at, last_change_at, run_id)
+     SELECT b.batch_id, $2, b.events, b.ins, b.del, b.first_at, b.last_at, $3
+     FROM unnest($1::text[], $4::int8[], $5::int8[], $6::int8[], $7::timestamptz[], $8::timestamptz[])
+          AS b(batch_id, events, ins, del, first_at, last_at)";
+
+/// The history of one table in a PostgreSQL warehouse, inside the apply transaction.
+pub struct PgHistory<'t> {
+    tx: &'t Transaction<'t>,
+    sql: &'t HistorySql,
+}
+
+impl<'t> PgHistory<'t> {
+    pub fn new(tx: &'t Transaction<'t>, sql: &'t HistorySql) -> Self {
+        PgHistory { tx, sql }
+    }
+}
+
+impl HistoryStore for PgHistory<'_> {
+    async fn newest(&mut self, keys: &[&str]) -> Result<HashMap<String, Newest>> {
+        let rows = self
+            .tx
+            .query(self.sql.newest.as_str(), &[&keys])
+            .await
+            .map_err(ctx(format!(
+                "reading the newest versions in {}",
+                self.sql.history
+            )))?;
+        let mut newest = HashMap::with_capacity(rows.len());
+        for r in rows {
+            let ts: DateTime<Utc> = r.get(3);
+            newest.insert(
+                r.get(0),
+                Newest {
+                    current: r.get(1),
+                    hash: hash16(r.get(2)),
+                    ts_us: ts.timestamp_micros(),
+                    pos: r.get(4),
+                },
+            );
+        }
+        Ok(newest)
+    }
+
+    async fn close(&mut self, closes: &[Close<'_>]) -> Result<u64> {
+        if closes.is_empty() {
+            return Ok(0);
+        }
+        let ks: Vec<&str> = closes.iter().map(|c| c.key).collect();
+        let ts: Vec<DateTime<Utc>> = closes
+            .iter()
+            .map(|c| DateTime::from_timestamp_micros(c.ts_us).unwrap_or_default())
+            .collect();
+        let lsn: Vec<Option<i64>> = closes.iter().map(|c| c.lsn).collect();
+        let del: Vec<bool> = closes.iter().map(|c| c.deleted).collect();
+        self.tx
+            .execute(self.sql.close.as_str(), &[&ks, &ts, &lsn, &del])
+            .await
+            .map_err(ctx(format!(
+                "closing current versions in {}",
+                self.sql.history
+            )))
+    }
+
+    async fn insert(&mut self, versions: &[NewVersion<'_>]) -> Result<u64> {
+        let hist = &self.sql.history;
+        let sink = self
+            .tx
+            .copy_in(self.sql.copy_in.as_str())
+            .await
+            .map_err(ctx(format!("starting the COPY into {hist}")))?;
+        pin_mut!(sink);
+        let mut buf = String::with_capacity(COPY_FLUSH_BYTES + 4096);
+        for v in versions {
+            copy_row(&mut buf, &self.sql.written, v);
+            if buf.len() >= COPY_FLUSH_BYTES {
+                sink.send(Bytes::from(std::mem::take(&mut buf)))
+                    .await
+                    .map_err(ctx(format!("copying versions into {hist}")))?;
+            }
+        }
+        if !buf.is_empty() {
+            sink.send(Bytes::from(buf))
+                .await
+                .map_err(ctx(format!("copying versions into {hist}")))?;
+        }
+        sink.finish()
+            .await
+            .map_err(ctx(format!("copying versions into {hist}")))
+    }
+
+    async fn record_batches(&mut self, batches: &[AppliedBatch], run_id: &str) -> Result<()> {
+        let names: Vec<&str> = batches.iter().map(|f| f.name.as_str()).collect();
+        let col = |g: fn(&AppliedBatch) -> i64| batches.iter().map(g).collect::<Vec<i64>>();
+        let firsts: Vec<Option<DateTime<Utc>>> = batches.iter().map(|f| f.first).collect();
+        let lasts: Vec<Option<DateTime<Utc>>> = batches.iter().map(|f| f.last).collect();
+        self.tx
+            .execute(
+                RECORD_BATCHES,
+                &[
+                    &names,
+                    &self.sql.history,
+                    &run_id,
+                    &col(|f| f.events),
+                    &col(|f| f.inserted),
+                    &col(|f| f.deletes),
+                    &firsts,
+                    &lasts,
+                ],
+            )
+            .await
+            .map_err(ctx("recording applied batches"))?;
+        Ok(())
+    }
+}
+
+fn hash16(b: &[u8]) -> [u8; 16] {
+    let mut h = [0; 16];
+    if b.len() == 16 {
+        h.copy_from_slice(b);
+    }
+    h
+}
+
+/// One line of COPY text for a new version.
+fn copy_row(buf: &mut String, written: &[usize], v: &NewVersion<'_>) {
+    let ev = v.event;
+    push_text(buf, &ev.key);
+    for &i in written {
+        buf.push('\t');
+        match ev.values.get(i) {
+            Some(x) => push_text(buf, x),
+            None => buf.push_str("\\N"),
+        }
+    }
+    buf.push('\t');
+    push_time(buf, ev.ts_us);
+    buf.push('\t');
+    match v.next {
+        Some(n) => push_time(buf, n.ts_us),
+        None => buf.push_str("\\N"),
+    }
+    let is_deleted = v.next.is_some_and(|n| n.op == Op::Delete);
+    let _ = write!(
+        buf,
+        "\t{}\t{}\t{}\t",
+        if v.next.is_none() { 't' } else { 'f' },
+        if is_deleted { 't' } else { 'f' },
+        ev.op.as_char()
+    );
+    push_time(buf, ev.captured_ms.saturating_mul(1000));
+    buf.push('\t');
+    push_text(buf, v.batch);
+    buf.push('\t');
+    push_lsn(buf, ev.lsn);
+    buf.push('\t');
+    match ev.tx_id {
+        Some(t) => {
+            let _ = write!(buf, "{t}");
+        }
+        None => buf.push_str("\\N"),
+    }
+    buf.push('\t');
+    push_lsn(buf, v.next.and_then(|n| n.lsn));
+    buf.push('\t');
+    push_uuid(buf, v.hash);
+    buf.push('\n');
+}
