@@ -10,8 +10,8 @@ SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
 
-# A setting from the environment, else from .env, else the default.
-dotenv = $(shell sed -n 's/^$(1)=//p' .env 2>/dev/null | tail -n 1 | tr -d "\"'")
+# A setting from the environment, else from .env (read as the binaries read it), else the default.
+dotenv = $(shell scripts/dotenv.sh $(1))
 LOG_DIR ?= $(or $(call dotenv,LOG_DIR),logs)
 CDC_BIN_DIR ?= $(call dotenv,CDC_BIN_DIR)
 

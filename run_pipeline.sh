@@ -39,22 +39,9 @@ OWN_SETTINGS=(DB_HOST DB_PORT DB_NAME DB_USER DB_PASSWORD WAREHOUSE_DB_HOST WARE
   WAREHOUSE_DB_NAME WAREHOUSE_DB_USER WAREHOUSE_DB_PASSWORD LOG_DIR CDC_BIN_DIR LOCAL_DB_DIR
   DB_BACKEND START_TIMEOUT STOP_TIMEOUT)
 
-load_dotenv() {
-  [[ -f .env ]] || return 0
-  local line key value
-  while IFS= read -r line || [[ -n "$line" ]]; do
-    line=${line%$'\r'}           # CRLF files
-    line="${line#export }"
-    [[ "$line" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || continue
-    key="${line%%=*}"
-    value="${line#*=}"
-    [[ " ${OWN_SETTINGS[*]} " == *" $key "* ]] || continue
-    [[ -n "${!key+set}" ]] && continue           # already set in the environment
-    if [[ "$value" =~ ^\"(.*)\"$ || "$value" =~ ^\'(.*)\'$ ]]; then value="${BASH_REMATCH[1]}"; fi
-    printf -v "$key" '%s' "$value"
-  done < .env
-}
-load_dotenv
+# shellcheck source=scripts/dotenv.sh
+source "$(dirname "${BASH_SOURCE[0]}")/scripts/dotenv.sh"
+load_dotenv "${OWN_SETTINGS[@]}"
 
 SRC_HOST="${DB_HOST:-localhost}"
 SRC_PORT="${DB_PORT:-5434}"

@@ -14,15 +14,10 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
-if [[ -f .env ]]; then
-  # Only the settings this script reads; the environment wins over .env.
-  while IFS='=' read -r key value; do
-    case "$key" in
-      DB_PORT|WAREHOUSE_DB_PORT|DB_NAME|WAREHOUSE_DB_NAME|DB_USER|DB_PASSWORD|LOCAL_DB_DIR|PG_BIN)
-        if [[ -z "${!key:-}" ]]; then export "$key=${value%\"}"; export "$key=${!key#\"}"; fi ;;
-    esac
-  done < <(grep -E '^[A-Z_]+=' .env || true)
-fi
+# Only the settings this script reads; the environment wins over .env.
+# shellcheck source=scripts/dotenv.sh
+source scripts/dotenv.sh
+load_dotenv DB_PORT WAREHOUSE_DB_PORT DB_NAME WAREHOUSE_DB_NAME DB_USER DB_PASSWORD LOCAL_DB_DIR PG_BIN
 
 SOURCE_PORT="${DB_PORT:-5434}"
 WAREHOUSE_PORT="${WAREHOUSE_DB_PORT:-5433}"

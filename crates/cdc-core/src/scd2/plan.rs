@@ -1,6 +1,6 @@
 //! The version planner: the SCD Type 2 rules as a pure function from a chunk of events and
 //! the newest version the history holds of each of their keys to the current rows to close
-//! and the versions to insert. The rules live here and nowhere else (README, "History table"):
+//! and the versions to insert. The rules live here and nowhere else (README, "The history table"):
 //!
 //! - one version per distinct committed state of a key, `valid_from` = its change time;
 //! - events at or before the newest position the history holds for a key are duplicates

@@ -1,5 +1,5 @@
-//! `scd2-loader verify`: checks the history invariants of DESIGN.md and reports each
-//! violation with the keys it concerns.
+//! `scd2-loader verify`: checks the history invariants (README, "`verify` and `status`")
+//! and reports each violation with the keys it concerns.
 
 use crate::db::ctx;
 use crate::error::Result;
