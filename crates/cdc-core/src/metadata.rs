@@ -23,6 +23,25 @@ pub struct RunCounts {
     pub deleted: i64,
 }
 
+/// How a unit of work ended (`pipeline_metadata.status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStatus {
+    Success,
+    Failed,
+    /// A change-log file moved to `dead_letter/`.
+    Quarantined,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Success => "success",
+            RunStatus::Failed => "failed",
+            RunStatus::Quarantined => "quarantined",
+        }
+    }
+}
+
 /// One finished unit of work to record.
 #[derive(Debug, Clone)]
 pub struct RunRecord<'a> {
@@ -30,7 +49,7 @@ pub struct RunRecord<'a> {
     pub run_id: &'a str,
     pub start: DateTime<Utc>,
     pub end: DateTime<Utc>,
-    pub status: &'a str,
+    pub status: RunStatus,
     pub counts: RunCounts,
     pub error: Option<String>,
     pub metrics: serde_json::Value,
@@ -48,7 +67,7 @@ pub async fn record(client: &impl GenericClient, r: &RunRecord<'_>) -> Result<()
                 &r.run_id,
                 &r.start,
                 &r.end,
-                &r.status,
+                &r.status.as_str(),
                 &r.counts.processed,
                 &r.counts.inserted,
                 &r.counts.updated,

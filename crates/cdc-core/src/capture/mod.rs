@@ -12,7 +12,7 @@ use crate::config::extractor::ExtractorConfig;
 use crate::db::{self, Backoff};
 use crate::error::{error_chain, Result};
 use crate::event::CaptureMode;
-use crate::metadata::{self, RunCounts, RunRecord};
+use crate::metadata::{self, RunCounts, RunRecord, RunStatus};
 use crate::migrate;
 use crate::progress::{Progress, Watermark};
 use crate::shutdown::Shutdown;
@@ -224,7 +224,7 @@ async fn record_pass(
 ) {
     let (status, counts, error, metrics) = match result {
         Ok(o) => (
-            "success",
+            RunStatus::Success,
             RunCounts {
                 processed: o.events as i64,
                 inserted: 0,
@@ -243,7 +243,7 @@ async fn record_pass(
             }),
         ),
         Err(e) => (
-            "failed",
+            RunStatus::Failed,
             RunCounts::default(),
             Some(error_chain(e)),
             serde_json::json!({ "duration_ms": elapsed.as_millis() as u64, "table": cfg.table.qualified() }),

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::event::encode::{write_event, TEXT_OUTPUT_SETTINGS};
 use crate::event::{CaptureMode, Op};
 use crate::progress::{Progress, Watermark};
-use crate::sink::ChangeSink;
+use crate::sink::{ChangeSink, Durable};
 use crate::table::{sql_literal, TableSpec};
 use chrono::{DateTime, Utc};
 use futures_util::{pin_mut, TryStreamExt};
@@ -233,12 +233,7 @@ impl ChangeSource for TimestampCapture {
 
         // The files are durable: the tombstones they hold may go (only those in our snapshot).
         if let Some(max) = max_tomb {
-            tx.execute(
-                "DELETE FROM public.cdc_tombstones WHERE table_schema = $1 AND table_name = $2 AND tombstone_id <= $3",
-                &[&spec.schema, &spec.name, &max],
-            )
-            .await
-            .map_err(ctx("removing captured tombstones"))?;
+            remove_tombstones(&tx, spec, max, &durable).await?;
         }
         tx.commit()
             .await
@@ -266,6 +261,23 @@ impl ChangeSource for TimestampCapture {
         out.watermark = self.progress.watermark.clone();
         Ok(out)
     }
+}
+
+/// Removes the captured tombstones (up to `max`, those the pass's snapshot shows), once the
+/// sink holds them durably.
+async fn remove_tombstones(
+    tx: &tokio_postgres::Transaction<'_>,
+    spec: &TableSpec,
+    max: i64,
+    _durable: &Durable,
+) -> Result<()> {
+    tx.execute(
+        "DELETE FROM public.cdc_tombstones WHERE table_schema = $1 AND table_name = $2 AND tombstone_id <= $3",
+        &[&spec.schema, &spec.name, &max],
+    )
+    .await
+    .map_err(ctx("removing captured tombstones"))?;
+    Ok(())
 }
 
 /// Each tombstone gives two events: the deleted row's last state (a version the pass may not

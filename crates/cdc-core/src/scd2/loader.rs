@@ -8,7 +8,7 @@ use crate::changelog::{self, file_name};
 use crate::config::loader::LoaderConfig;
 use crate::db::{self, ctx, Backoff};
 use crate::error::{error_chain, Error, Result};
-use crate::metadata::{self, RunCounts, RunRecord};
+use crate::metadata::{self, RunCounts, RunRecord, RunStatus};
 use crate::migrate;
 use crate::shutdown::Shutdown;
 use crate::table::TableSpec;
@@ -99,7 +99,7 @@ impl Applier {
             run_id,
             start: started,
             end: Utc::now(),
-            status: "success",
+            status: RunStatus::Success,
             counts: RunCounts {
                 processed: stats.events as i64,
                 inserted: stats.versions_inserted as i64,
@@ -266,7 +266,7 @@ async fn quarantine(
         run_id,
         start: now,
         end: now,
-        status: "quarantined",
+        status: RunStatus::Quarantined,
         counts: RunCounts::default(),
         error: Some(error_chain(e)),
         metrics: serde_json::json!({ "file": file_name(path), "history_table": cfg.table.history_qualified() }),
