@@ -42,7 +42,9 @@ CREATE TRIGGER trg_orders_last_updated
     FOR EACH ROW EXECUTE FUNCTION public.cdc_touch_last_updated();
 
 -- Deletes leave a tombstone with the full old row; the extractor emits them and removes
--- the ones it has written to a durable change-log file.
+-- the ones it has written to a durable change-log file. `old_text` is the row's text form,
+-- which reads back exactly for every type (the JSON copy loses -0, array bounds, duplicate
+-- json keys and xml declarations); `old_row` is kept for readers of the JSON.
 CREATE TABLE IF NOT EXISTS public.cdc_tombstones (
     tombstone_id  BIGSERIAL   PRIMARY KEY,
     table_schema  TEXT        NOT NULL,
@@ -50,14 +52,17 @@ CREATE TABLE IF NOT EXISTS public.cdc_tombstones (
     deleted_at    TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
     old_row       JSONB       NOT NULL
 );
+ALTER TABLE public.cdc_tombstones ADD COLUMN IF NOT EXISTS old_text TEXT;
 CREATE INDEX IF NOT EXISTS idx_cdc_tombstones_table
     ON public.cdc_tombstones (table_schema, table_name, deleted_at, tombstone_id);
 
+-- The text form is written with the extractor's date and interval styles, whatever the
+-- deleting session uses, so that it reads back to the same values (restored on return).
 CREATE OR REPLACE FUNCTION public.cdc_record_delete() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET datestyle = 'ISO, MDY' SET intervalstyle = 'postgres' AS $$
 BEGIN
-    INSERT INTO public.cdc_tombstones (table_schema, table_name, old_row)
-    VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, to_jsonb(OLD));
+    INSERT INTO public.cdc_tombstones (table_schema, table_name, old_row, old_text)
+    VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, to_jsonb(OLD), OLD::text);
     RETURN OLD;
 END;
 $$;

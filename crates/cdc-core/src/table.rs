@@ -229,7 +229,7 @@ fn check_type(what: &str, s: &str) -> std::result::Result<(), String> {
     let ok = !s.is_empty()
         && s.len() <= 64
         && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || " _(),".contains(c));
+            .all(|c| c.is_ascii_alphanumeric() || " _(),[]".contains(c));
     if ok {
         Ok(())
     } else {

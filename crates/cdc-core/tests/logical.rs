@@ -14,7 +14,7 @@ use cdc_core::test_utils::{connect, install_audit, Basis, TestDb};
 use fake::rand::rngs::StdRng;
 use fake::rand::{RngExt, SeedableRng};
 
-async fn logical_pass(db: &TestDb) -> PassOutcome {
+pub async fn logical_pass(db: &TestDb) -> PassOutcome {
     logical_pass_with(db, 50_000).await
 }
 
@@ -30,7 +30,7 @@ async fn logical_pass_with(db: &TestDb, max_rows: u64) -> PassOutcome {
 }
 
 /// The initial copy, and the snapshot filter it recorded (for the ground truth).
-async fn logical_snapshot(db: &TestDb) -> Basis {
+pub async fn logical_snapshot(db: &TestDb) -> Basis {
     let out = logical_pass(db).await;
     assert!(out.snapshot);
     let p = Progress::load(&db.state_dir(), &db.spec, CaptureMode::Logical).unwrap();
@@ -41,7 +41,7 @@ async fn logical_snapshot(db: &TestDb) -> Basis {
 
 /// Passes until the slot has confirmed everything written before the call (the test
 /// clusters commit asynchronously, so the newest WAL may need a moment to be flushed).
-async fn drain(db: &TestDb) {
+pub async fn drain(db: &TestDb) {
     let source = db.source_client().await;
     let target: i64 = source
         .query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8", &[])

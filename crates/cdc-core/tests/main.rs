@@ -7,4 +7,5 @@ mod files;
 mod logical;
 mod randomized;
 mod scenarios;
+mod types;
 mod verify_checks;

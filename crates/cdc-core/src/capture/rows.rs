@@ -1,8 +1,10 @@
 //! Reading a table's rows as change events, shared by timestamp capture and the initial copy
-//! of logical capture: the image's columns and their types, a binary COPY of the columns'
-//! text ordered by (change time, key), and the check that the source table has what the
-//! description names.
+//! of logical capture: the image's columns and their types, a text COPY of the columns
+//! ordered by (change time, key), and the check that the source table has what the
+//! description names. The COPY's text of each value is its type's output function's, the
+//! same text `pgoutput` sends, so a value reads the same on every path.
 
+use crate::db::copy_text::parse_row;
 use crate::db::ctx;
 use crate::error::{Error, Result};
 use crate::event::encode::{write_event, write_object, Header};
@@ -12,9 +14,8 @@ use crate::sink::ChangeSink;
 use crate::table::{sql_literal, TableSpec};
 use chrono::{DateTime, Utc};
 use futures_util::{pin_mut, TryStreamExt};
-use tokio_postgres::binary_copy::BinaryCopyOutStream;
-use tokio_postgres::types::Type;
-use tokio_postgres::{Client, GenericClient};
+use std::borrow::Cow;
+use tokio_postgres::{Client, CopyOutStream, GenericClient};
 
 /// The columns of a row image as the extractor reads them: the key, the tracked columns and
 /// the change-time column (each once), with their type OIDs.
@@ -71,11 +72,11 @@ impl ImageColumns {
         Ok(ImageColumns { names, oids, db })
     }
 
-    /// `alias.col::text, …` in image order.
+    /// `alias.col, …` in image order.
     pub fn select_list(&self, alias: &str) -> String {
         self.names
             .iter()
-            .map(|n| format!("{alias}.{n}::text"))
+            .map(|n| format!("{alias}.{n}"))
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -151,11 +152,93 @@ pub(super) fn op_expr(spec: &TableSpec, r: &str, prev: Option<&Watermark>) -> St
     }
 }
 
+/// Streams the rows of a `COPY … TO STDOUT` in text format, handing each row's values
+/// (`None` for NULL) to `f`. `what` names the COPY in errors.
+pub(super) async fn copy_rows(
+    stream: CopyOutStream,
+    what: &str,
+    mut f: impl FnMut(&[Option<Cow<'_, str>>]) -> Result<()>,
+) -> Result<()> {
+    pin_mut!(stream);
+    let mut pending: Vec<u8> = Vec::new();
+    let mut row = |line: &[u8]| -> Result<()> {
+        let values = parse_row(line).map_err(|m| Error::decode(what.to_owned(), m))?;
+        f(&values)
+    };
+    while let Some(chunk) = stream
+        .try_next()
+        .await
+        .map_err(ctx(format!("reading {what}")))?
+    {
+        // PostgreSQL sends a row a message; a row split across messages is put together.
+        let mut data: &[u8] = &chunk;
+        if !pending.is_empty() {
+            match data.iter().position(|&b| b == b'\n') {
+                Some(end) => {
+                    pending.extend_from_slice(&data[..end]);
+                    row(&std::mem::take(&mut pending))?;
+                    data = &data[end + 1..];
+                }
+                None => {
+                    pending.extend_from_slice(data);
+                    continue;
+                }
+            }
+        }
+        let mut lines = data.split(|&b| b == b'\n').peekable();
+        while let Some(line) = lines.next() {
+            if lines.peek().is_none() {
+                // The part after the last newline: the start of the next row, if anything.
+                pending.extend_from_slice(line);
+            } else {
+                row(line)?;
+            }
+        }
+    }
+    if !pending.is_empty() {
+        return Err(Error::decode(
+            what.to_owned(),
+            "the COPY ended inside a row",
+        ));
+    }
+    Ok(())
+}
+
+/// A COPY value that must be there: what the SQL selects is never NULL.
+pub(super) fn required<'a>(
+    values: &'a [Option<Cow<'_, str>>],
+    i: usize,
+    what: &str,
+) -> Result<&'a str> {
+    values
+        .get(i)
+        .and_then(|v| v.as_deref())
+        .ok_or_else(|| Error::decode(what.to_owned(), format!("column {} is missing", i + 1)))
+}
+
+/// A COPY value that must be a whole number.
+pub(super) fn required_i64(values: &[Option<Cow<'_, str>>], i: usize, what: &str) -> Result<i64> {
+    let v = required(values, i, what)?;
+    v.parse().map_err(|_| {
+        Error::decode(
+            what.to_owned(),
+            format!("column {} is not a number: {v:?}", i + 1),
+        )
+    })
+}
+
+/// A COPY value that must be an operation code.
+pub(super) fn required_op(values: &[Option<Cow<'_, str>>], i: usize, what: &str) -> Result<Op> {
+    let v = required(values, i, what)?;
+    Op::from_code(v)
+        .ok_or_else(|| Error::decode(what.to_owned(), format!("unknown operation {v:?}")))
+}
+
 /// Streams a rows COPY (`rows_copy_sql`) into events; `on_row(change_us, key)` sees each row.
 /// Returns the number of rows.
 #[allow(clippy::too_many_arguments)]
 pub async fn read_rows(
-    stream: tokio_postgres::CopyOutStream,
+    stream: CopyOutStream,
     spec: &TableSpec,
     cols: &ImageColumns,
     mode: CaptureMode,
@@ -164,32 +247,30 @@ pub async fn read_rows(
     sink: &mut dyn ChangeSink,
     mut on_row: impl FnMut(i64, &str),
 ) -> Result<u64> {
-    let n = cols.names.len();
-    let mut types = vec![Type::INT8, Type::TEXT, Type::TEXT];
-    types.extend(std::iter::repeat_n(Type::TEXT, n));
-    let rows = BinaryCopyOutStream::new(stream, &types);
-    pin_mut!(rows);
+    let what = format!("rows of {}", spec.qualified());
     let mut buf = Vec::with_capacity(1024);
     let mut count = 0;
-    while let Some(row) = rows
-        .try_next()
-        .await
-        .map_err(ctx(format!("reading rows of {}", spec.qualified())))?
-    {
-        let values: Vec<Option<&str>> = (3..3 + n).map(|i| row.get(i)).collect();
-        let key: &str = row.get(1);
-        let op = row.get::<&str>(2);
-        let op = Op::from_code(op)
-            .ok_or_else(|| Error::decode("row copy", format!("unknown operation {op:?}")))?;
-        let h = row_header(cols, op, mode, snapshot, row.get(0), key, captured_ms);
+    copy_rows(stream, &what, |row| {
+        let ts_us = required_i64(row, 0, &what)?;
+        let key = required(row, 1, &what)?;
+        let op = required_op(row, 2, &what)?;
+        let image: Vec<Option<&str>> = row
+            .get(3..)
+            .unwrap_or_default()
+            .iter()
+            .map(|v| v.as_deref())
+            .collect();
+        let h = row_header(cols, op, mode, snapshot, ts_us, key, captured_ms);
         buf.clear();
         write_event(&mut buf, spec, &h, null, |b| {
-            cols.write_image(b, Some(&values))
+            cols.write_image(b, Some(&image))
         });
         sink.write(&buf, false)?;
-        on_row(h.ts_us, key);
+        on_row(ts_us, key);
         count += 1;
-    }
+        Ok(())
+    })
+    .await?;
     Ok(count)
 }
 
@@ -244,8 +325,8 @@ pub(super) fn rows_copy_sql(
         ),
     };
     format!(
-        "COPY (SELECT {ts}, {key}::text, {op}, {list} FROM {table} {t} WHERE {filter} ORDER BY {ct}, {key})
-         TO STDOUT (FORMAT binary)",
+        "COPY (SELECT {ts}, {key}, {op}, {list} FROM {table} {t} WHERE {filter} ORDER BY {ct}, {key})
+         TO STDOUT",
         ts = micros(&ct),
         op = op_expr(spec, t, prev),
         list = cols.select_list(t),

@@ -9,7 +9,8 @@
 //! after the sink made the events holding them durable; the progress file is written last.
 
 use super::rows::{
-    check_source_table, micros, null, op_expr, read_rows, row_header, rows_copy_sql, ImageColumns,
+    check_source_table, copy_rows, micros, null, op_expr, read_rows, required, required_i64,
+    required_op, row_header, rows_copy_sql, ImageColumns,
 };
 use super::{ChangeSource, PassOutcome};
 use crate::db::ctx;
@@ -20,10 +21,7 @@ use crate::progress::{Progress, Watermark};
 use crate::sink::{ChangeSink, Durable};
 use crate::table::{sql_literal, TableSpec};
 use chrono::{DateTime, Utc};
-use futures_util::{pin_mut, TryStreamExt};
 use std::path::PathBuf;
-use tokio_postgres::binary_copy::BinaryCopyOutStream;
-use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
 pub struct TimestampCapture {
@@ -138,7 +136,6 @@ impl ChangeSource for TimestampCapture {
                 .await
                 .map_err(ctx("setting the output format"))?;
             let cols = ImageColumns::load(&tx, spec).await?;
-            let n = cols.names.len();
             let mut buf = Vec::with_capacity(1024);
             // 1. Deletes, first: for one key a tombstone is always older than a row that exists.
             let sql = tombstone_copy_sql(spec, &cols, prev.as_ref());
@@ -146,25 +143,26 @@ impl ChangeSource for TimestampCapture {
                 .copy_out(sql.as_str())
                 .await
                 .map_err(ctx("reading tombstones"))?;
-            let mut types = vec![Type::INT8, Type::INT8, Type::INT8, Type::TEXT, Type::TEXT];
-            types.extend(std::iter::repeat_n(Type::TEXT, n));
-            let rows = BinaryCopyOutStream::new(stream, &types);
-            pin_mut!(rows);
             let mut max_tomb = None;
-            while let Some(row) = rows.try_next().await.map_err(ctx("reading tombstones"))? {
-                max_tomb = Some(row.get::<i64>(0));
-                let values: Vec<Option<&str>> = (5..5 + n).map(|i| row.get(i)).collect();
-                let key: &str = row.get(4);
-                let op = row.get::<&str>(3);
-                let op = Op::from_code(op).ok_or_else(|| {
-                    Error::decode("tombstone", format!("unknown operation {op:?}"))
-                })?;
+            let what = format!("tombstones of {}", spec.qualified());
+            let deletes = &mut out.deletes;
+            copy_rows(stream, &what, |row| {
+                max_tomb = Some(required_i64(row, 0, &what)?);
+                let key = required(row, 4, &what)?;
+                let op = required_op(row, 3, &what)?;
+                let values: Vec<Option<&str>> = row
+                    .get(5..)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|v| v.as_deref())
+                    .collect();
+                let ts_us = required_i64(row, 1, &what)?;
                 let mut h = row_header(
                     &cols,
                     op,
                     CaptureMode::Timestamp,
                     false,
-                    row.get(1),
+                    ts_us,
                     key,
                     captured_ms,
                 );
@@ -175,7 +173,7 @@ impl ChangeSource for TimestampCapture {
                     cols.write_image(b, Some(&values))
                 });
                 sink.write(&buf, false)?;
-                (h.op, h.ts_us) = (Op::Delete, row.get(2));
+                (h.op, h.ts_us) = (Op::Delete, required_i64(row, 2, &what)?);
                 buf.clear();
                 write_event(
                     &mut buf,
@@ -185,8 +183,10 @@ impl ChangeSource for TimestampCapture {
                     null,
                 );
                 sink.write(&buf, true)?;
-                out.deletes += 1;
-            }
+                *deletes += 1;
+                Ok(())
+            })
+            .await?;
             // 2. Rows changed since the watermark, in (change time, key) order.
             let sql = rows_copy_sql(spec, &cols, prev.as_ref());
             let stream = tx
@@ -282,15 +282,18 @@ async fn remove_tombstones(
 
 /// Each tombstone gives two events: the deleted row's last state (a version the pass may not
 /// have seen, at its change time) and the delete itself, at the delete time. Columns: id,
-/// change time (µs), delete time (µs), op of the last state, key, the image columns.
+/// change time (µs), delete time (µs), op of the last state, key, the image columns. The
+/// deleted row is read back from its text form (`old_text`, each value exact); a tombstone
+/// left by an older trigger without it, from its JSON copy.
 fn tombstone_copy_sql(spec: &TableSpec, cols: &ImageColumns, prev: Option<&Watermark>) -> String {
     let r = "r";
     format!(
-        "COPY (SELECT tb.tombstone_id, {ts}, {deleted}, {op}, {r}.{key}::text, {list}
+        "COPY (SELECT tb.tombstone_id, {ts}, {deleted}, {op}, {r}.{key}, {list}
                FROM public.cdc_tombstones tb
-               CROSS JOIN LATERAL jsonb_populate_record(NULL::{table}, tb.old_row) {r}
+               CROSS JOIN LATERAL (SELECT (coalesce(tb.old_text::{table},
+                                                    jsonb_populate_record(NULL::{table}, tb.old_row))).*) {r}
                WHERE tb.table_schema = {schema} AND tb.table_name = {name}
-               ORDER BY tb.deleted_at, tb.tombstone_id) TO STDOUT (FORMAT binary)",
+               ORDER BY tb.deleted_at, tb.tombstone_id) TO STDOUT",
         ts = micros(&format!("{r}.{}", spec.change_time_column)),
         deleted = micros("tb.deleted_at"),
         op = op_expr(spec, r, prev),

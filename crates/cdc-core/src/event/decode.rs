@@ -143,9 +143,12 @@ pub fn decode(line: &str, spec: &TableSpec) -> Result<DecodedEvent, String> {
     if env.op != Op::Delete {
         for c in &spec.columns {
             match row.get(c.name.as_str()) {
-                // json/jsonb values are JSON in the event: their text is the raw JSON (a JSON
-                // string stays quoted); only a JSON null is SQL NULL.
-                Some(v) if c.is_json() => values.push((v.get() != "null").then(|| v.get())),
+                // Format 1 wrote json/jsonb values as raw JSON: their text is the raw JSON (a
+                // JSON string stays quoted), a JSON null was SQL NULL. Format 2 writes them as
+                // strings like every other value.
+                Some(v) if c.is_json() && env.format_version.unwrap_or(1) < 2 => {
+                    values.push((v.get() != "null").then(|| v.get()))
+                }
                 Some(v) => values.push(
                     json_text(v)
                         .map_err(|e| format!("column {}: {e}", c.name))?

@@ -93,8 +93,8 @@ pub fn json_str(b: &mut Vec<u8>, s: &str) {
     let _ = serde_json::to_writer(&mut *b, s);
 }
 
-/// Integers and finite floats as JSON numbers, booleans as booleans, json as JSON,
-/// timestamps as ISO-8601, everything else (numeric included) as its exact text.
+/// Integers and finite floats as JSON numbers, booleans as booleans, timestamps as ISO-8601,
+/// everything else (numeric, json and jsonb included) as a JSON string of its exact text.
 pub fn write_value(b: &mut Vec<u8>, oid: u32, s: &str) {
     match oid {
         20 | 21 | 23 | 26 => b.extend_from_slice(s.as_bytes()),
@@ -106,7 +106,6 @@ pub fn write_value(b: &mut Vec<u8>, oid: u32, s: &str) {
         } else {
             b"false"
         }),
-        114 | 3802 => b.extend_from_slice(s.as_bytes()),
         1184 => json_str(b, &iso_timestamptz(s)),
         1114 => json_str(b, &s.replacen(' ', "T", 1)),
         _ => json_str(b, s),

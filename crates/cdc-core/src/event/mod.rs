@@ -12,7 +12,10 @@ pub use decode::{decode, DecodedEvent, Values};
 use serde::Deserialize;
 
 /// The change-event format this build writes and the newest it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 writes json and jsonb values as JSON strings of their text (as Debezium does):
+/// exact (whitespace and duplicate keys of `json` kept), one line, and a JSON `null` value
+/// apart from SQL NULL. Version 1 wrote them as raw JSON; the loader reads both.
+pub const FORMAT_VERSION: u32 = 2;
 /// `source.connector` of events written by this pipeline.
 pub const CONNECTOR: &str = "cdc-historical-warehouse";
 

@@ -92,11 +92,14 @@ impl HistorySql {
         let hk = &spec.history_key_column;
         let kt = &spec.key.sql_type;
         let written = spec.written_columns();
+        // Keys come back as their position in $1, so that the event's spelling of a key
+        // (a JSON number, padded char(n), ...) never has to match the warehouse's output.
         let newest = format!(
-            "SELECT DISTINCT ON (x.{hk}) x.{hk}::text, x.is_current, decode(replace(x.row_hash::text, '-', ''), 'hex'),
+            "SELECT DISTINCT ON (x.{hk}) f.i::int8, x.is_current, decode(replace(x.row_hash::text, '-', ''), 'hex'),
                     CASE WHEN x.is_current THEN x.valid_from ELSE x.valid_to END,
                     (coalesce(CASE WHEN x.is_current THEN x.source_lsn ELSE x.end_lsn END, '0/0') - '0/0'::pg_lsn)::int8
              FROM {h} x
+             JOIN unnest($1::text[]) WITH ORDINALITY AS f(k, i) ON x.{hk} = f.k::{kt}
              WHERE x.{hk} = ANY($1::text[]::{kt}[])
              ORDER BY x.{hk}, x.valid_from DESC, x.source_lsn DESC NULLS LAST"
         );
@@ -155,8 +158,12 @@ impl HistoryStore for PgHistory<'_> {
         let mut newest = HashMap::with_capacity(rows.len());
         for r in rows {
             let ts: DateTime<Utc> = r.get(3);
+            let i: i64 = r.get(0);
+            let Some(key) = usize::try_from(i - 1).ok().and_then(|i| keys.get(i)) else {
+                continue;
+            };
             newest.insert(
-                r.get(0),
+                (*key).to_owned(),
                 Newest {
                     current: r.get(1),
                     hash: hash16(r.get(2)),

@@ -13,6 +13,8 @@ use std::collections::HashMap;
 /// Turns pgoutput messages of our table into change events, transaction by transaction.
 pub(super) struct TxDecoder<'a> {
     spec: &'a TableSpec,
+    /// The source database's name (`source.db`).
+    db: &'a str,
     captured_ms: i64,
     relations: HashMap<u32, Relation>,
     commit_ts_us: i64,
@@ -28,9 +30,10 @@ pub(super) struct TxDecoder<'a> {
 }
 
 impl<'a> TxDecoder<'a> {
-    pub(super) fn new(spec: &'a TableSpec, captured_ms: i64) -> Self {
+    pub(super) fn new(spec: &'a TableSpec, db: &'a str, captured_ms: i64) -> Self {
         TxDecoder {
             spec,
+            db,
             captured_ms,
             relations: HashMap::new(),
             commit_ts_us: 0,
@@ -182,7 +185,7 @@ impl<'a> TxDecoder<'a> {
             op,
             mode: CaptureMode::Logical,
             snapshot: false,
-            db: None,
+            db: Some(self.db),
             ts_us: self.commit_ts_us,
             key,
             lsn: Some(self.change_lsn),

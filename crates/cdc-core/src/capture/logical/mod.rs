@@ -36,6 +36,8 @@ pub struct LogicalCapture {
     state_dir: PathBuf,
     slot: SlotSettings,
     progress: Progress,
+    /// The source database's name (`source.db`), read once.
+    db: String,
 }
 
 impl LogicalCapture {
@@ -46,6 +48,7 @@ impl LogicalCapture {
             state_dir,
             slot,
             progress,
+            db: String::new(),
         })
     }
 
@@ -146,6 +149,14 @@ impl LogicalCapture {
         client: &mut Client,
         sink: &mut dyn ChangeSink,
     ) -> Result<PassOutcome> {
+        // Before the slot is read: one query at a time on the connection.
+        if self.db.is_empty() {
+            self.db = client
+                .query_one("SELECT current_database()::text", &[])
+                .await
+                .map_err(ctx("reading the database name"))?
+                .get(0);
+        }
         let now = Utc::now();
         // The slot is confirmed only at the end of a commit this pass decoded: a position
         // decoding has provably passed (an arbitrary LSN, such as the flush position, can fall
@@ -182,7 +193,7 @@ impl LogicalCapture {
             .as_ref()
             .and_then(|l| l.filter.clone());
         sink.begin(now, self.progress.next_file_seq);
-        let mut dec = TxDecoder::new(&self.spec, now.timestamp_millis());
+        let mut dec = TxDecoder::new(&self.spec, &self.db, now.timestamp_millis());
         let mut out = PassOutcome::default();
         let mut last_end: Option<u64> = None;
         let result: Result<()> = async {
