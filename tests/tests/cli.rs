@@ -56,15 +56,33 @@ async fn a_bad_setting_stops_start_up_with_exit_2_naming_it() {
             text(&out)
         );
     }
+    // The tables: a list entry that is not schema.table, and a table that has no primary key.
     let mut c = cmd(&db, "extractor");
-    c.env("CDC_TABLE_CONFIG", db.dir.join("missing.json"));
+    c.env("CDC_TABLES", "orders");
     let out = run(c);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("CDC_TABLE_CONFIG"),
+        String::from_utf8_lossy(&out.stderr).contains("CDC_TABLES"),
         "{}",
         text(&out)
     );
+    db.source_client()
+        .await
+        .batch_execute("CREATE TABLE public.no_key (x int)")
+        .await
+        .unwrap();
+    for binary in ["extractor", "scd2-loader"] {
+        let mut c = cmd(&db, binary);
+        c.args(["--once"]).env("CDC_TABLES", "public.no_key");
+        let out = run(c);
+        assert_eq!(out.status.code(), Some(2), "{binary}: {}", text(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("public.no_key") && err.contains("primary key"),
+            "{binary}: {}",
+            text(&out)
+        );
+    }
     db.cleanup().await;
 }
 

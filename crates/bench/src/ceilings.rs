@@ -168,7 +168,7 @@ pub fn merge_input(files: &[PathBuf], spec: &TableSpec) -> Result<(Vec<u8>, u64)
 /// not drop duplicates or no-op updates.
 pub async fn sql_merge(wh: &mut Client, spec: &TableSpec, input: &[u8]) -> Result<CopyFigure> {
     let h = spec.history_qualified();
-    let hk = &spec.history_key_column;
+    let hk = &spec.history_key_columns[0];
     let typed: String = spec
         .columns
         .iter()
@@ -198,7 +198,7 @@ pub async fn sql_merge(wh: &mut Client, spec: &TableSpec, input: &[u8]) -> Resul
     tx.batch_execute(&format!(
         "CREATE TEMP TABLE merge_stage (op text, k {kt}, ts timestamptz, lsn bigint, txid bigint,
                                         cap timestamptz{typed}) ON COMMIT DROP",
-        kt = spec.key.sql_type
+        kt = spec.key[0].sql_type
     ))
     .await?;
     let sink = tx

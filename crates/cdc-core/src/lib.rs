@@ -4,6 +4,7 @@
 //! and the `mutator`'s traffic generator) are thin wiring over this crate.
 
 pub mod capture;
+pub mod catalog;
 pub mod changelog;
 pub mod cli;
 pub mod config;

@@ -73,7 +73,13 @@ pub async fn migrate(client: &mut Client, spec: &TableSpec) -> Result<()> {
 pub fn history_ddl(spec: &TableSpec) -> String {
     let t = &spec.history_table;
     let hist = spec.history_qualified();
-    let key = &spec.history_key_column;
+    let key = spec.history_key_list("");
+    let key_cols: String = spec
+        .key
+        .iter()
+        .zip(&spec.history_key_columns)
+        .map(|(k, h)| format!("    {h} {} NOT NULL,\n", k.sql_type))
+        .collect();
     let cols: String = spec
         .columns
         .iter()
@@ -83,8 +89,7 @@ pub fn history_ddl(spec: &TableSpec) -> String {
         "CREATE SCHEMA IF NOT EXISTS {schema};
 CREATE TABLE IF NOT EXISTS {hist} (
     surrogate_key BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    {key} {key_type} NOT NULL,
-{cols}    valid_from    TIMESTAMPTZ NOT NULL,
+{key_cols}{cols}    valid_from    TIMESTAMPTZ NOT NULL,
     valid_to      TIMESTAMPTZ,
     is_current    BOOLEAN     NOT NULL,
     is_deleted    BOOLEAN     NOT NULL DEFAULT false,
@@ -107,7 +112,6 @@ CREATE UNIQUE INDEX IF NOT EXISTS {t}_key_position
     ON {hist} ({key}, valid_from, source_lsn) NULLS NOT DISTINCT;
 ",
         schema = spec.history_schema,
-        key_type = spec.key.sql_type,
     )
 }
 
@@ -175,7 +179,7 @@ async fn check_history_columns(
         .columns
         .iter()
         .map(|c| spec.history_column(c))
-        .chain(std::iter::once(spec.history_key_column.clone()))
+        .chain(spec.history_key_columns.iter().cloned())
         .filter(|c| !have.contains(c))
         .collect();
     if !missing.is_empty() {

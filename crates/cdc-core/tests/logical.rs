@@ -21,9 +21,10 @@ pub async fn logical_pass(db: &TestDb) -> PassOutcome {
 /// One pass writing files of at most `max_rows` events (plus the rest of a transaction).
 async fn logical_pass_with(db: &TestDb, max_rows: u64) -> PassOutcome {
     let cfg = db.extractor_config();
+    let spec = db.described().await;
     let mut cap =
-        LogicalCapture::new(cfg.table.clone(), cfg.state_dir.clone(), cfg.slot.clone()).unwrap();
-    let mut sink = ChangeLogSink::new(&cfg.log_dir, &cfg.table.name, max_rows);
+        LogicalCapture::new(spec.clone(), cfg.state_dir.clone(), cfg.slot.clone()).unwrap();
+    let mut sink = ChangeLogSink::new(&cfg.log_dir, &spec.name, max_rows);
     let mut client = connect(&cfg.source).await;
     cap.prepare(&client).await.unwrap();
     cap.pass(&mut client, &mut sink).await.unwrap()

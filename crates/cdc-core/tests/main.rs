@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod common;
 mod files;
+mod keys;
 mod logical;
 mod randomized;
 mod scenarios;

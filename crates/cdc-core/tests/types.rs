@@ -181,11 +181,7 @@ async fn create_typed(db: &mut TestDb) {
     db.spec = TableSpec {
         schema: "public".into(),
         name: "typed".into(),
-        key: Column {
-            name: "code".into(),
-            sql_type: "char(6)".into(),
-            generated: None,
-        },
+        key: vec![Column::new("code", "char(6)")],
         columns: COLUMNS
             .iter()
             .map(|(n, t)| Column {
@@ -194,11 +190,11 @@ async fn create_typed(db: &mut TestDb) {
                 generated: None,
             })
             .collect(),
-        change_time_column: "last_updated".into(),
+        change_time_column: Some("last_updated".into()),
         created_time_column: None,
         history_schema: "public".into(),
         history_table: "dim_typed_history".into(),
-        history_key_column: "code".into(),
+        history_key_columns: vec!["code".into()],
     };
 }
 

@@ -50,8 +50,9 @@ fn main() {
                 cdc_core::scd2::loader::run(&cfg, cli.once, shutdown).await?;
             }
             Command::Verify { no_source } => {
-                let report = cdc_core::scd2::verify::run(&cfg, !no_source, &shutdown).await?;
-                print!("{}", report.render(&cfg.table.history_qualified()));
+                let (history, report) =
+                    cdc_core::scd2::verify::run(&cfg, !no_source, &shutdown).await?;
+                print!("{}", report.render(&history));
                 violated = !report.ok();
             }
             Command::Status => {

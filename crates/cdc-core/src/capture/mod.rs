@@ -7,6 +7,7 @@ pub mod logical;
 mod rows;
 pub mod timestamp;
 
+use crate::catalog::describe_single;
 use crate::changelog::{clean_leftovers, ChangeLogSink};
 use crate::config::extractor::ExtractorConfig;
 use crate::db::{self, Backoff};
@@ -18,6 +19,7 @@ use crate::progress::{Progress, Watermark};
 use crate::shutdown::Shutdown;
 use crate::sink::{ChangeSink, Durable};
 use crate::slot;
+use crate::table::TableSpec;
 use chrono::Utc;
 use logical::LogicalCapture;
 use std::future::Future;
@@ -83,16 +85,18 @@ pub async fn run(cfg: ExtractorConfig, shutdown: Shutdown) -> Result<()> {
             "removed temporary files left by an interrupted run"
         );
     }
-    let sink = ChangeLogSink::new(&cfg.log_dir, &cfg.table.name, cfg.max_rows_per_file);
+    let client = db::connect(&cfg.source, &shutdown).await?;
+    let spec = describe_single(&cfg.tables, &client).await?;
+    let sink = ChangeLogSink::new(&cfg.log_dir, &spec.name, cfg.max_rows_per_file);
     match cfg.capture_mode {
         CaptureMode::Timestamp => {
-            let source = TimestampCapture::new(cfg.table.clone(), cfg.state_dir.clone())?;
-            Box::pin(run_source(source, sink, &cfg, shutdown)).await
+            let source = TimestampCapture::new(spec.clone(), cfg.state_dir.clone())?;
+            Box::pin(run_source(source, sink, client, &spec, &cfg, shutdown)).await
         }
         CaptureMode::Logical => {
             let source =
-                LogicalCapture::new(cfg.table.clone(), cfg.state_dir.clone(), cfg.slot.clone())?;
-            Box::pin(run_source(source, sink, &cfg, shutdown)).await
+                LogicalCapture::new(spec.clone(), cfg.state_dir.clone(), cfg.slot.clone())?;
+            Box::pin(run_source(source, sink, client, &spec, &cfg, shutdown)).await
         }
     }
 }
@@ -101,16 +105,17 @@ pub async fn run(cfg: ExtractorConfig, shutdown: Shutdown) -> Result<()> {
 async fn run_source(
     mut capture: impl ChangeSource,
     mut sink: impl ChangeSink,
+    mut source: Client,
+    spec: &TableSpec,
     cfg: &ExtractorConfig,
     shutdown: Shutdown,
 ) -> Result<()> {
     let run_id = metadata::new_run_id("extractor");
-    let mut source = db::connect(&cfg.source, &shutdown).await?;
     capture.prepare(&source).await?;
     let mut warehouse = db::connect(&cfg.warehouse, &shutdown).await?;
-    migrate::migrate(&mut warehouse, &cfg.table).await?;
+    migrate::migrate(&mut warehouse, spec).await?;
     tracing::info!(
-        table = %cfg.table.qualified(),
+        table = %spec.qualified(),
         source = %cfg.source.display(),
         log_dir = %cfg.log_dir.display(),
         mode = %capture.mode(),
@@ -126,7 +131,7 @@ async fn run_source(
         let clock = Instant::now();
         let span = tracing::info_span!(
             "capture_pass",
-            table = %cfg.table.qualified(),
+            table = %spec.qualified(),
             mode = %capture.mode(),
             pass = pass_no,
             snapshot = capture.snapshot_needed(),
@@ -161,6 +166,7 @@ async fn run_source(
         record_pass(
             &mut warehouse,
             cfg,
+            spec,
             &run_id,
             started,
             elapsed,
@@ -193,10 +199,12 @@ async fn run_source(
 pub async fn drop_slot(cfg: &ExtractorConfig, shutdown: &Shutdown) -> Result<String> {
     let source = db::connect(&cfg.source, shutdown).await?;
     let (slot, publication) = slot::drop(&source, &cfg.slot).await?;
-    let path = Progress::path(&cfg.state_dir, &cfg.table);
-    let removed = match Progress::load(&cfg.state_dir, &cfg.table, CaptureMode::Logical) {
-        Ok(p) if p.logical.is_some() => std::fs::remove_file(&path).is_ok(),
-        _ => false,
+    let removed = match describe_single(&cfg.tables, &source).await {
+        Ok(spec) => remove_logical_progress(&cfg.state_dir, &spec),
+        Err(e) => {
+            tracing::warn!(error = %error_chain(&e), "cannot tell which progress file is the logical one");
+            false
+        }
     };
     Ok(format!(
         "slot {}: {}; publication {}: {}; progress file: {}",
@@ -212,10 +220,22 @@ pub async fn drop_slot(cfg: &ExtractorConfig, shutdown: &Shutdown) -> Result<Str
     ))
 }
 
+/// Removes the progress file of `spec` if it is a logical one. Returns whether it did.
+fn remove_logical_progress(state_dir: &std::path::Path, spec: &TableSpec) -> bool {
+    match Progress::load(state_dir, spec, CaptureMode::Logical) {
+        Ok(p) if p.logical.is_some() => {
+            std::fs::remove_file(Progress::path(state_dir, spec)).is_ok()
+        }
+        _ => false,
+    }
+}
+
 /// Records a pass; the warehouse being down must not stop capture, so failures only warn.
+#[allow(clippy::too_many_arguments)]
 async fn record_pass(
     warehouse: &mut Client,
     cfg: &ExtractorConfig,
+    spec: &TableSpec,
     run_id: &str,
     started: chrono::DateTime<Utc>,
     elapsed: std::time::Duration,
@@ -238,7 +258,7 @@ async fn record_pass(
                 "snapshot": o.snapshot,
                 "duration_ms": elapsed.as_millis() as u64,
                 "watermark_us": o.watermark.as_ref().map(|w| w.ts_us),
-                "table": cfg.table.qualified(),
+                "table": spec.qualified(),
                 "capture_mode": cfg.capture_mode.as_str(),
             }),
         ),
@@ -246,7 +266,7 @@ async fn record_pass(
             RunStatus::Failed,
             RunCounts::default(),
             Some(error_chain(e)),
-            serde_json::json!({ "duration_ms": elapsed.as_millis() as u64, "table": cfg.table.qualified() }),
+            serde_json::json!({ "duration_ms": elapsed.as_millis() as u64, "table": spec.qualified() }),
         ),
     };
     let record = RunRecord {

@@ -17,8 +17,8 @@ use futures_util::{pin_mut, TryStreamExt};
 use std::borrow::Cow;
 use tokio_postgres::{Client, CopyOutStream, GenericClient};
 
-/// The columns of a row image as the extractor reads them: the key, the tracked columns and
-/// the change-time column (each once), with their type OIDs.
+/// The columns of a row image as the extractor reads them: the key columns, the tracked
+/// columns and the change-time column (each once), with their type OIDs.
 #[derive(Debug, Clone)]
 pub struct ImageColumns {
     pub names: Vec<String>,
@@ -30,12 +30,12 @@ pub struct ImageColumns {
 impl ImageColumns {
     /// Looks up the types of the image's columns in the source.
     pub async fn load(client: &impl GenericClient, spec: &TableSpec) -> Result<Self> {
-        let mut names = vec![spec.key.name.clone()];
+        let mut names: Vec<String> = spec.key.iter().map(|k| k.name.clone()).collect();
         for n in spec
             .columns
             .iter()
             .map(|c| &c.name)
-            .chain(std::iter::once(&spec.change_time_column))
+            .chain(spec.change_time_column.iter())
         {
             if !names.contains(n) {
                 names.push(n.clone());
@@ -72,6 +72,23 @@ impl ImageColumns {
         Ok(ImageColumns { names, oids, db })
     }
 
+    /// The key of a row image (`TableSpec::encode_key` of its key columns' values).
+    pub fn key(&self, spec: &TableSpec, image: &[Option<&str>], what: &str) -> Result<String> {
+        let mut parts = Vec::with_capacity(spec.key.len());
+        for (i, k) in spec.key.iter().enumerate() {
+            match image.get(i).copied().flatten() {
+                Some(v) => parts.push(v),
+                None => {
+                    return Err(Error::decode(
+                        what.to_owned(),
+                        format!("key column {} is NULL", k.name),
+                    ))
+                }
+            }
+        }
+        Ok(spec.encode_key(&parts))
+    }
+
     /// `alias.col, …` in image order.
     pub fn select_list(&self, alias: &str) -> String {
         self.names
@@ -97,8 +114,9 @@ impl ImageColumns {
     }
 }
 
-/// Verifies that the source table has the key, the tracked columns and the change-time column.
-pub async fn check_source_table(client: &Client, spec: &TableSpec) -> Result<()> {
+/// Verifies that the source table has the key, the tracked columns and, for timestamp
+/// capture, the change-time column.
+pub async fn check_source_table(client: &Client, spec: &TableSpec, timestamp: bool) -> Result<()> {
     let rows = client
         .query(
             "SELECT column_name::text FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2",
@@ -112,10 +130,19 @@ pub async fn check_source_table(client: &Client, spec: &TableSpec) -> Result<()>
             "does not exist (or is not visible to DB_USER); apply init-scripts/*.sql to the source database",
         ));
     }
+    if timestamp && spec.change_time_column.is_none() {
+        return Err(Error::setup(
+            format!("source table {}", spec.qualified()),
+            "has no change-time column (CDC_CHANGE_TIME_COLUMN) for timestamp capture; add it with its trigger, or use CDC_CAPTURE_MODE=logical",
+        ));
+    }
     let have: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-    let missing: Vec<&str> = std::iter::once(spec.key.name.as_str())
-        .chain(spec.columns.iter().map(|c| c.name.as_str()))
-        .chain(std::iter::once(spec.change_time_column.as_str()))
+    let missing: Vec<&str> = spec
+        .key
+        .iter()
+        .chain(&spec.columns)
+        .map(|c| c.name.as_str())
+        .chain(spec.change_time_column.as_deref())
         .filter(|c| !have.iter().any(|h| h == c))
         .collect();
     if !missing.is_empty() {
@@ -234,6 +261,18 @@ pub(super) fn required_op(values: &[Option<Cow<'_, str>>], i: usize, what: &str)
         .ok_or_else(|| Error::decode(what.to_owned(), format!("unknown operation {v:?}")))
 }
 
+/// The values of a COPY row from column `from` on (the image).
+pub(super) fn image_values<'a>(
+    row: &'a [Option<Cow<'_, str>>],
+    from: usize,
+) -> Vec<Option<&'a str>> {
+    row.get(from..)
+        .unwrap_or_default()
+        .iter()
+        .map(|v| v.as_deref())
+        .collect()
+}
+
 /// Streams a rows COPY (`rows_copy_sql`) into events; `on_row(change_us, key)` sees each row.
 /// Returns the number of rows.
 #[allow(clippy::too_many_arguments)]
@@ -252,21 +291,16 @@ pub async fn read_rows(
     let mut count = 0;
     copy_rows(stream, &what, |row| {
         let ts_us = required_i64(row, 0, &what)?;
-        let key = required(row, 1, &what)?;
-        let op = required_op(row, 2, &what)?;
-        let image: Vec<Option<&str>> = row
-            .get(3..)
-            .unwrap_or_default()
-            .iter()
-            .map(|v| v.as_deref())
-            .collect();
-        let h = row_header(cols, op, mode, snapshot, ts_us, key, captured_ms);
+        let op = required_op(row, 1, &what)?;
+        let image = image_values(row, 2);
+        let key = cols.key(spec, &image, &what)?;
+        let h = row_header(cols, op, mode, snapshot, ts_us, &key, captured_ms);
         buf.clear();
         write_event(&mut buf, spec, &h, null, |b| {
             cols.write_image(b, Some(&image))
         });
         sink.write(&buf, false)?;
-        on_row(ts_us, key);
+        on_row(ts_us, &key);
         count += 1;
         Ok(())
     })
@@ -298,38 +332,71 @@ pub(super) fn row_header<'a>(
 }
 
 /// The initial copy: every row as an `r` event at its change time.
-pub fn snapshot_copy_sql(spec: &TableSpec, cols: &ImageColumns) -> String {
+pub fn snapshot_copy_sql(spec: &TableSpec, cols: &ImageColumns) -> Result<String> {
     rows_copy_sql(spec, cols, None)
 }
 
-/// Change time (µs), key, op and the image columns as text of every row past the watermark.
+/// The change time (µs) of a row for its event: the change-time column, or, for a table
+/// without one (logical capture), the time of the snapshot.
+pub(super) fn change_time_expr(spec: &TableSpec, alias: &str) -> String {
+    match &spec.change_time_column {
+        Some(ct) => micros(&format!("{alias}.{ct}")),
+        None => micros("now()"),
+    }
+}
+
+/// Change time (µs), op and the image columns of every row past the watermark, in (change
+/// time, key) order.
 pub(super) fn rows_copy_sql(
     spec: &TableSpec,
     cols: &ImageColumns,
     prev: Option<&Watermark>,
-) -> String {
+) -> Result<String> {
     let t = "t";
-    let ct = format!("{t}.{}", spec.change_time_column);
-    let key = format!("{t}.{}", spec.key.name);
-    let filter = match prev {
-        None => "true".to_owned(),
-        Some(Watermark { ts_us, key: None }) => format!("{ct} >= {}", ts_literal(*ts_us)),
-        Some(Watermark {
-            ts_us,
-            key: Some(k),
-        }) => format!(
-            "({ct}, {key}) > ({}, {}::{})",
-            ts_literal(*ts_us),
-            sql_literal(k),
-            spec.key.sql_type
-        ),
+    let key = spec.key_list(t);
+    let order = match &spec.change_time_column {
+        Some(ct) => format!("{t}.{ct}, {key}"),
+        None => key.clone(),
     };
-    format!(
-        "COPY (SELECT {ts}, {key}, {op}, {list} FROM {table} {t} WHERE {filter} ORDER BY {ct}, {key})
+    let filter = match (prev, &spec.change_time_column) {
+        (None, _) => "true".to_owned(),
+        (Some(_), None) => {
+            return Err(Error::setup(
+                format!("source table {}", spec.qualified()),
+                "has no change-time column (CDC_CHANGE_TIME_COLUMN) for timestamp capture",
+            ))
+        }
+        (Some(Watermark { ts_us, key: None }), Some(ct)) => {
+            format!("{t}.{ct} >= {}", ts_literal(*ts_us))
+        }
+        (
+            Some(Watermark {
+                ts_us,
+                key: Some(k),
+            }),
+            Some(ct),
+        ) => {
+            let parts = spec
+                .key_parts(k)
+                .map_err(|m| Error::decode(format!("the watermark of {}", spec.qualified()), m))?;
+            let typed: Vec<String> = parts
+                .iter()
+                .zip(&spec.key)
+                .map(|(p, c)| format!("{}::{}", sql_literal(p), c.sql_type))
+                .collect();
+            format!(
+                "({t}.{ct}, {key}) > ({}, {})",
+                ts_literal(*ts_us),
+                typed.join(", ")
+            )
+        }
+    };
+    Ok(format!(
+        "COPY (SELECT {ts}, {op}, {list} FROM {table} {t} WHERE {filter} ORDER BY {order})
          TO STDOUT",
-        ts = micros(&ct),
+        ts = change_time_expr(spec, t),
         op = op_expr(spec, t, prev),
         list = cols.select_list(t),
         table = spec.qualified()
-    )
+    ))
 }

@@ -9,8 +9,8 @@
 //! after the sink made the events holding them durable; the progress file is written last.
 
 use super::rows::{
-    check_source_table, copy_rows, micros, null, op_expr, read_rows, required, required_i64,
-    required_op, row_header, rows_copy_sql, ImageColumns,
+    change_time_expr, check_source_table, copy_rows, image_values, micros, null, op_expr,
+    read_rows, required_i64, required_op, row_header, rows_copy_sql, ImageColumns,
 };
 use super::{ChangeSource, PassOutcome};
 use crate::db::ctx;
@@ -57,7 +57,7 @@ impl ChangeSource for TimestampCapture {
     /// Checks that the source has the table, its columns, the tombstone table, and that this
     /// role can see other sessions' transactions (needed to bound the watermark).
     async fn prepare(&mut self, client: &Client) -> Result<()> {
-        check_source_table(client, &self.spec).await?;
+        check_source_table(client, &self.spec, true).await?;
         let row = client
             .query_one(
                 "SELECT rolsuper OR pg_has_role(current_user, 'pg_read_all_stats', 'MEMBER')
@@ -148,14 +148,10 @@ impl ChangeSource for TimestampCapture {
             let deletes = &mut out.deletes;
             copy_rows(stream, &what, |row| {
                 max_tomb = Some(required_i64(row, 0, &what)?);
-                let key = required(row, 4, &what)?;
                 let op = required_op(row, 3, &what)?;
-                let values: Vec<Option<&str>> = row
-                    .get(5..)
-                    .unwrap_or_default()
-                    .iter()
-                    .map(|v| v.as_deref())
-                    .collect();
+                let values = image_values(row, 4);
+                let key = cols.key(spec, &values, &what)?;
+                let key = key.as_str();
                 let ts_us = required_i64(row, 1, &what)?;
                 let mut h = row_header(
                     &cols,
@@ -188,7 +184,7 @@ impl ChangeSource for TimestampCapture {
             })
             .await?;
             // 2. Rows changed since the watermark, in (change time, key) order.
-            let sql = rows_copy_sql(spec, &cols, prev.as_ref());
+            let sql = rows_copy_sql(spec, &cols, prev.as_ref())?;
             let stream = tx
                 .copy_out(sql.as_str())
                 .await
@@ -282,22 +278,21 @@ async fn remove_tombstones(
 
 /// Each tombstone gives two events: the deleted row's last state (a version the pass may not
 /// have seen, at its change time) and the delete itself, at the delete time. Columns: id,
-/// change time (µs), delete time (µs), op of the last state, key, the image columns. The
+/// change time (µs), delete time (µs), op of the last state, the image columns. The
 /// deleted row is read back from its text form (`old_text`, each value exact); a tombstone
 /// left by an older trigger without it, from its JSON copy.
 fn tombstone_copy_sql(spec: &TableSpec, cols: &ImageColumns, prev: Option<&Watermark>) -> String {
     let r = "r";
     format!(
-        "COPY (SELECT tb.tombstone_id, {ts}, {deleted}, {op}, {r}.{key}, {list}
+        "COPY (SELECT tb.tombstone_id, {ts}, {deleted}, {op}, {list}
                FROM public.cdc_tombstones tb
                CROSS JOIN LATERAL (SELECT (coalesce(tb.old_text::{table},
                                                     jsonb_populate_record(NULL::{table}, tb.old_row))).*) {r}
                WHERE tb.table_schema = {schema} AND tb.table_name = {name}
                ORDER BY tb.deleted_at, tb.tombstone_id) TO STDOUT",
-        ts = micros(&format!("{r}.{}", spec.change_time_column)),
+        ts = change_time_expr(spec, r),
         deleted = micros("tb.deleted_at"),
         op = op_expr(spec, r, prev),
-        key = spec.key.name,
         list = cols.select_list(r),
         table = spec.qualified(),
         schema = sql_literal(&spec.schema),

@@ -1,14 +1,14 @@
 //! The extractor's flags and settled configuration.
 
 use super::{
-    non_empty_path, positive_secs, slot_name, LogDirArgs, RetryArgs, SourceDbArgs, TableArgs,
+    non_empty_path, positive_secs, slot_name, LogDirArgs, RetryArgs, SourceDbArgs, TablesArgs,
     WarehouseDbArgs,
 };
+use crate::catalog::TableSelection;
 use crate::db::DbSettings;
 use crate::error::{Error, Result};
 use crate::event::CaptureMode;
 use crate::slot::SlotSettings;
-use crate::table::TableSpec;
 use clap::Args;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -23,7 +23,7 @@ pub struct ExtractorArgs {
     #[command(flatten)]
     pub retry: RetryArgs,
     #[command(flatten)]
-    pub table: TableArgs,
+    pub tables: TablesArgs,
     #[command(flatten)]
     pub log_dir: LogDirArgs,
     /// Capture mode
@@ -86,7 +86,7 @@ pub struct ExtractorArgs {
 pub struct ExtractorConfig {
     pub source: DbSettings,
     pub warehouse: DbSettings,
-    pub table: TableSpec,
+    pub tables: TableSelection,
     pub log_dir: PathBuf,
     pub state_dir: PathBuf,
     pub capture_mode: CaptureMode,
@@ -105,7 +105,7 @@ impl ExtractorArgs {
         Ok(ExtractorConfig {
             source: self.source.validate(retry)?,
             warehouse: self.warehouse.validate(retry)?,
-            table: self.table.validate()?,
+            tables: self.tables.validate()?,
             log_dir: non_empty_path("CDC_LOG_DIR", &self.log_dir.cdc_log_dir)?,
             state_dir: non_empty_path("CDC_STATE_DIR", &self.state_dir)?,
             capture_mode: self.capture_mode,

@@ -1,12 +1,12 @@
 //! The loader's flags and settled configuration (`run`, `verify`, `status`).
 
 use super::{
-    non_empty_path, positive_secs, slot_name, LogDirArgs, RetryArgs, SourceDbArgs, TableArgs,
+    non_empty_path, positive_secs, slot_name, LogDirArgs, RetryArgs, SourceDbArgs, TablesArgs,
     WarehouseDbArgs,
 };
+use crate::catalog::TableSelection;
 use crate::db::DbSettings;
 use crate::error::{Error, Result};
-use crate::table::TableSpec;
 use clap::Args;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -21,7 +21,7 @@ pub struct LoaderArgs {
     #[command(flatten)]
     pub retry: RetryArgs,
     #[command(flatten)]
-    pub table: TableArgs,
+    pub tables: TablesArgs,
     #[command(flatten)]
     pub log_dir: LogDirArgs,
     /// Seconds between looks for new change-log files
@@ -67,7 +67,7 @@ pub struct LoaderArgs {
 pub struct LoaderConfig {
     pub warehouse: DbSettings,
     pub source: DbSettings,
-    pub table: TableSpec,
+    pub tables: TableSelection,
     pub log_dir: PathBuf,
     pub state_dir: PathBuf,
     pub poll_interval: Duration,
@@ -94,7 +94,7 @@ impl LoaderArgs {
         Ok(LoaderConfig {
             warehouse: self.warehouse.validate(retry)?,
             source: self.source.validate(retry)?,
-            table: self.table.validate()?,
+            tables: self.tables.validate()?,
             log_dir: non_empty_path("CDC_LOG_DIR", &self.log_dir.cdc_log_dir)?,
             state_dir: non_empty_path("CDC_STATE_DIR", &self.state_dir)?,
             poll_interval: positive_secs(

@@ -6,9 +6,9 @@
 pub mod extractor;
 pub mod loader;
 
+use crate::catalog::TableSelection;
 use crate::db::{DbRole, DbSettings, Secret};
 use crate::error::{Error, Result};
-use crate::table::TableSpec;
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -252,20 +252,54 @@ impl RetryArgs {
     }
 }
 
-/// Which table to capture: the built-in `orders`, or a description file.
+/// Which tables and columns to capture, described by the source's catalog.
 #[derive(Args, Clone, Debug)]
-pub struct TableArgs {
-    /// JSON file describing the captured table (default: the built-in `orders` description)
-    #[arg(long = "table-config", env = "CDC_TABLE_CONFIG")]
-    pub table_config: Option<PathBuf>,
+pub struct TablesArgs {
+    /// Tables to capture: schema.table or schema.* (every table of the schema), comma separated
+    #[arg(long = "tables", env = "CDC_TABLES", default_value = "public.orders")]
+    pub tables: String,
+    /// Columns left out of the history (personal data): schema.table.column, comma separated
+    #[arg(
+        long = "exclude-columns",
+        env = "CDC_EXCLUDE_COLUMNS",
+        default_value = ""
+    )]
+    pub exclude_columns: String,
+    /// Timestamp mode: the column the database sets on every insert and update
+    #[arg(
+        long = "change-time-column",
+        env = "CDC_CHANGE_TIME_COLUMN",
+        default_value = "last_updated"
+    )]
+    pub change_time_column: String,
 }
 
-impl TableArgs {
-    pub fn validate(&self) -> Result<TableSpec> {
-        match &self.table_config {
-            None => Ok(TableSpec::orders()),
-            Some(path) => TableSpec::from_file(path),
+impl TablesArgs {
+    pub fn validate(&self) -> Result<TableSelection> {
+        let patterns = TableSelection::parse_tables(&self.tables)
+            .map_err(|m| Error::config("CDC_TABLES", m))?;
+        let exclude = TableSelection::parse_exclude(&self.exclude_columns)
+            .map_err(|m| Error::config("CDC_EXCLUDE_COLUMNS", m))?;
+        let ct = self.change_time_column.trim();
+        let ok = ct
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+            && ct.len() <= 63
+            && ct
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !ok {
+            return Err(Error::config(
+                "CDC_CHANGE_TIME_COLUMN",
+                format!("'{ct}' must be a lower-case SQL identifier (a-z, 0-9, _)"),
+            ));
         }
+        Ok(TableSelection {
+            patterns,
+            exclude,
+            change_time_column: ct.to_owned(),
+        })
     }
 }
 

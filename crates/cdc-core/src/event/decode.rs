@@ -133,12 +133,17 @@ pub fn decode(line: &str, spec: &TableSpec) -> Result<DecodedEvent, String> {
     };
     let row: Image<'_> = serde_json::from_str(image.get())
         .map_err(|e| format!("row image is not an object: {e}"))?;
-    let key = match row.get(spec.key.name.as_str()).map(|v| json_text(v)) {
-        Some(Ok(Some(k))) => k.into_owned(),
-        Some(Ok(None)) => return Err(format!("key column {} is null", spec.key.name)),
-        Some(Err(e)) => return Err(format!("key column {}: {e}", spec.key.name)),
-        None => return Err(format!("row image has no key column {}", spec.key.name)),
-    };
+    let mut parts = Vec::with_capacity(spec.key.len());
+    for k in &spec.key {
+        match row.get(k.name.as_str()).map(|v| json_text(v)) {
+            Some(Ok(Some(v))) => parts.push(v),
+            Some(Ok(None)) => return Err(format!("key column {} is null", k.name)),
+            Some(Err(e)) => return Err(format!("key column {}: {e}", k.name)),
+            None => return Err(format!("row image has no key column {}", k.name)),
+        }
+    }
+    let parts: Vec<&str> = parts.iter().map(|p| p.as_ref()).collect();
+    let key = spec.encode_key(&parts);
     let mut values = Values::default();
     if env.op != Op::Delete {
         for c in &spec.columns {

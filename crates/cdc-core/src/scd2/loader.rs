@@ -38,28 +38,32 @@ pub struct Applier {
 }
 
 impl Applier {
-    pub async fn connect(cfg: &LoaderConfig, shutdown: &Shutdown) -> Result<Self> {
+    pub async fn connect(
+        cfg: &LoaderConfig,
+        spec: &TableSpec,
+        shutdown: &Shutdown,
+    ) -> Result<Self> {
         let mut client = db::connect(&cfg.warehouse, shutdown).await?;
-        migrate::migrate(&mut client, &cfg.table).await?;
+        migrate::migrate(&mut client, spec).await?;
         let locked: bool = client
             .query_one(
                 "SELECT pg_try_advisory_lock(hashtext('cdc_loader:' || $1::text))",
-                &[&cfg.table.history_qualified()],
+                &[&spec.history_qualified()],
             )
             .await
             .map_err(ctx("taking the loader lock"))?
             .get(0);
         if !locked {
             return Err(Error::setup(
-                format!("history table {}", cfg.table.history_qualified()),
+                format!("history table {}", spec.history_qualified()),
                 "another scd2-loader is applying to it; stop that one first",
             ));
         }
         Ok(Applier {
             client,
-            sql: HistorySql::new(&cfg.table),
-            how: Applying::new(&cfg.table, cfg.max_events_in_memory),
-            spec: cfg.table.clone(),
+            sql: HistorySql::new(spec),
+            how: Applying::new(spec, cfg.max_events_in_memory),
+            spec: spec.clone(),
         })
     }
 
@@ -125,13 +129,21 @@ impl Applier {
     }
 }
 
+/// The configured table, described by the source's catalog (the loader reads the source
+/// only for this, at start-up).
+pub async fn describe_table(cfg: &LoaderConfig, shutdown: &Shutdown) -> Result<TableSpec> {
+    let source = db::connect(&cfg.source, shutdown).await?;
+    crate::catalog::describe_single(&cfg.tables, &source).await
+}
+
 /// Runs the loader: with `once`, applies everything pending and returns; otherwise keeps
 /// applying new files until shutdown.
 pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<LoaderTotals> {
     let run_id = metadata::new_run_id("loader");
-    let mut applier = Applier::connect(cfg, &shutdown).await?;
+    let spec = describe_table(cfg, &shutdown).await?;
+    let mut applier = Applier::connect(cfg, &spec, &shutdown).await?;
     tracing::info!(
-        history = %cfg.table.history_qualified(),
+        history = %spec.history_qualified(),
         warehouse = %cfg.warehouse.display(),
         log_dir = %cfg.log_dir.display(),
         "loader started"
@@ -157,7 +169,7 @@ pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<L
                 if shutdown.sleep(delay).await {
                     break;
                 }
-                applier = Applier::connect(cfg, &shutdown).await?;
+                applier = Applier::connect(cfg, &spec, &shutdown).await?;
             }
             Err(e) => return Err(e),
         }
@@ -223,7 +235,7 @@ async fn apply_pending(
                     };
                     match culprit {
                         Some(path) => {
-                            quarantine(cfg, &path, &e, run_id, applier).await?;
+                            quarantine(&path, &e, run_id, applier).await?;
                             totals.quarantined += 1;
                             batch.retain(|p| p != &path);
                         }
@@ -236,7 +248,7 @@ async fn apply_pending(
                                     totals.applied.add(&stats);
                                 }
                                 Err(e1) if e1.is_data_error() => {
-                                    quarantine(cfg, &first, &e1, run_id, applier).await?;
+                                    quarantine(&first, &e1, run_id, applier).await?;
                                     totals.quarantined += 1;
                                 }
                                 Err(e1) => return Err(e1),
@@ -252,7 +264,6 @@ async fn apply_pending(
 }
 
 async fn quarantine(
-    cfg: &LoaderConfig,
     path: &std::path::Path,
     e: &Error,
     run_id: &str,
@@ -269,7 +280,7 @@ async fn quarantine(
         status: RunStatus::Quarantined,
         counts: RunCounts::default(),
         error: Some(error_chain(e)),
-        metrics: serde_json::json!({ "file": file_name(path), "history_table": cfg.table.history_qualified() }),
+        metrics: serde_json::json!({ "file": file_name(path), "history_table": applier.spec.history_qualified() }),
     };
     if let Err(err) = metadata::record(applier.client(), &record).await {
         tracing::warn!(error = %error_chain(&err), "could not record the quarantine in pipeline_metadata");

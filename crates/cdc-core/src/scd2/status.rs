@@ -8,6 +8,7 @@ use crate::error::Result;
 use crate::event::CaptureMode;
 use crate::progress::Progress;
 use crate::slot;
+use crate::table::TableSpec;
 use chrono::{DateTime, Utc};
 use std::fmt::Write as _;
 use tokio_postgres::Client;
@@ -20,8 +21,23 @@ pub async fn status(
     source: Option<&Client>,
 ) -> Result<String> {
     let mut s = String::new();
-    let spec = &cfg.table;
     let now = Utc::now();
+    let spec = match source {
+        Some(src) => match crate::catalog::describe_single(&cfg.tables, src).await {
+            Ok(spec) => Some(spec),
+            Err(e) => {
+                let _ = writeln!(s, "tables: {e}");
+                None
+            }
+        },
+        None => {
+            let _ = writeln!(
+                s,
+                "tables: source unreachable, so the configured tables cannot be described"
+            );
+            None
+        }
+    };
 
     let pending = changelog::pending_files(&cfg.log_dir)?;
     let dead = std::fs::read_dir(cfg.log_dir.join(DEAD_LETTER_DIR))
@@ -48,7 +64,11 @@ pub async fn status(
     }
     let _ = writeln!(s, "  dead-lettered      {dead}");
 
-    match Progress::peek(&cfg.state_dir, spec) {
+    let progress = match &spec {
+        Some(spec) => Progress::peek(&cfg.state_dir, spec),
+        None => Ok(None),
+    };
+    match progress {
         Ok(Some(p)) if p.capture_mode == CaptureMode::Logical => {
             let _ = writeln!(s, "extractor (logical mode, slot {})", cfg.slot_name);
             let _ = writeln!(
@@ -126,6 +146,45 @@ pub async fn status(
         let _ = writeln!(s, "warehouse: unreachable");
         return Ok(s);
     };
+    if let Some(spec) = &spec {
+        history_summary(&mut s, cfg, w, spec, now).await?;
+    }
+    let runs = w
+        .query(
+            "SELECT DISTINCT ON (pipeline_name) pipeline_name, status, end_time, coalesce(error_message, '')
+             FROM public.pipeline_metadata ORDER BY pipeline_name, id DESC",
+            &[],
+        )
+        .await
+        .map_err(ctx("reading pipeline_metadata"))?;
+    for r in runs {
+        let end: Option<DateTime<Utc>> = r.get(2);
+        let err: String = r.get(3);
+        let _ = writeln!(
+            s,
+            "  last {:<16} {} {}{}",
+            r.get::<_, String>(0),
+            r.get::<_, String>(1),
+            end.map(|e| format!("({:.1}s ago)", secs(now - e)))
+                .unwrap_or_default(),
+            if err.is_empty() {
+                String::new()
+            } else {
+                format!(" error: {err}")
+            }
+        );
+    }
+    Ok(s)
+}
+
+/// Versions, current rows, keys and deletes of one table's history.
+async fn history_summary(
+    s: &mut String,
+    cfg: &LoaderConfig,
+    w: &Client,
+    spec: &TableSpec,
+    now: DateTime<Utc>,
+) -> Result<()> {
     let h = spec.history_qualified();
     let exists: bool = w
         .query_one("SELECT to_regclass($1) IS NOT NULL", &[&h])
@@ -137,7 +196,7 @@ pub async fn status(
             s,
             "warehouse: {h} does not exist yet (the loader creates it at start-up)"
         );
-        return Ok(s);
+        return Ok(());
     }
     let row = w
         .query_one(
@@ -145,7 +204,11 @@ pub async fn status(
                 "SELECT count(*), count(*) FILTER (WHERE is_current), count(DISTINCT {k}),
                         count(*) FILTER (WHERE is_deleted), max(valid_from), max(cdc_timestamp)
                  FROM {h}",
-                k = spec.history_key_column
+                k = if spec.key.len() == 1 {
+                    spec.history_key_list("")
+                } else {
+                    format!("ROW({})", spec.history_key_list(""))
+                }
             ),
             &[],
         )
@@ -184,32 +247,7 @@ pub async fn status(
             secs(now - at)
         );
     }
-    let runs = w
-        .query(
-            "SELECT DISTINCT ON (pipeline_name) pipeline_name, status, end_time, coalesce(error_message, '')
-             FROM public.pipeline_metadata ORDER BY pipeline_name, id DESC",
-            &[],
-        )
-        .await
-        .map_err(ctx("reading pipeline_metadata"))?;
-    for r in runs {
-        let end: Option<DateTime<Utc>> = r.get(2);
-        let err: String = r.get(3);
-        let _ = writeln!(
-            s,
-            "  last {:<16} {} {}{}",
-            r.get::<_, String>(0),
-            r.get::<_, String>(1),
-            end.map(|e| format!("({:.1}s ago)", secs(now - e)))
-                .unwrap_or_default(),
-            if err.is_empty() {
-                String::new()
-            } else {
-                format!(" error: {err}")
-            }
-        );
-    }
-    Ok(s)
+    Ok(())
 }
 
 fn secs(d: chrono::Duration) -> f64 {

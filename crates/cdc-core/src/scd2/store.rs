@@ -6,15 +6,17 @@
 use super::plan::Newest;
 use crate::db::copy_text::{push_lsn, push_text, push_time, push_uuid};
 use crate::db::ctx;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::event::{DecodedEvent, Op};
-use crate::table::TableSpec;
+use crate::table::{split_key, TableSpec};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures_util::{pin_mut, SinkExt};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::future::Future;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::Transaction;
 
 /// Bytes of COPY data sent at a time.
@@ -84,35 +86,85 @@ pub struct HistorySql {
     copy_in: String,
     /// Indexes of the tracked columns the loader writes (the others are generated).
     written: Vec<usize>,
+    /// Columns of the key.
+    key_len: usize,
+}
+
+impl HistorySql {
+    /// The key texts of `keys`, one array per key column.
+    fn key_arrays<'k>(
+        &self,
+        keys: impl Iterator<Item = &'k str>,
+    ) -> Result<Vec<Vec<Cow<'k, str>>>> {
+        let mut arrays: Vec<Vec<Cow<'k, str>>> = vec![Vec::new(); self.key_len];
+        for key in keys {
+            let parts = split_key(key, self.key_len)
+                .map_err(|m| Error::internal(format!("applying to {}", self.history), m))?;
+            for (a, p) in arrays.iter_mut().zip(parts) {
+                a.push(p);
+            }
+        }
+        Ok(arrays)
+    }
 }
 
 impl HistorySql {
     pub fn new(spec: &TableSpec) -> Self {
         let h = spec.history_qualified();
-        let hk = &spec.history_key_column;
-        let kt = &spec.key.sql_type;
         let written = spec.written_columns();
-        // Keys come back as their position in $1, so that the event's spelling of a key
-        // (a JSON number, padded char(n), ...) never has to match the warehouse's output.
+        let n = spec.key.len();
+        // Key column j of the history matched with the j-th key text of `f`.
+        let key_match = |f: &str| {
+            spec.key
+                .iter()
+                .zip(&spec.history_key_columns)
+                .enumerate()
+                .map(|(j, (k, hk))| format!("x.{hk} = {f}.k{j}::{}", k.sql_type))
+                .collect::<Vec<_>>()
+                .join(" AND ")
+        };
+        let key_arrays = |first: usize| {
+            (0..n)
+                .map(|j| format!("${}::text[]", first + j))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let key_names: String = (0..n).map(|j| format!("k{j}, ")).collect();
+        let hk = spec.history_key_list("x");
+        // Keys come back as their position in the key arrays, so that the event's spelling of
+        // a key (a JSON number, padded char(n), ...) never has to match the warehouse's output.
+        // A single-column key also filters with `= ANY`, which the planner drives the index by.
+        let single_key_filter = match (&spec.key[..], &spec.history_key_columns[..]) {
+            ([k], [h]) => format!("WHERE x.{h} = ANY($1::text[]::{}[])", k.sql_type),
+            _ => String::new(),
+        };
         let newest = format!(
-            "SELECT DISTINCT ON (x.{hk}) f.i::int8, x.is_current, decode(replace(x.row_hash::text, '-', ''), 'hex'),
+            "SELECT DISTINCT ON ({hk}) f.i::int8, x.is_current, decode(replace(x.row_hash::text, '-', ''), 'hex'),
                     CASE WHEN x.is_current THEN x.valid_from ELSE x.valid_to END,
                     (coalesce(CASE WHEN x.is_current THEN x.source_lsn ELSE x.end_lsn END, '0/0') - '0/0'::pg_lsn)::int8
              FROM {h} x
-             JOIN unnest($1::text[]) WITH ORDINALITY AS f(k, i) ON x.{hk} = f.k::{kt}
-             WHERE x.{hk} = ANY($1::text[]::{kt}[])
-             ORDER BY x.{hk}, x.valid_from DESC, x.source_lsn DESC NULLS LAST"
+             JOIN unnest({arrays}) WITH ORDINALITY AS f({key_names}i) ON {matched}
+             {single_key_filter}
+             ORDER BY {hk}, x.valid_from DESC, x.source_lsn DESC NULLS LAST",
+            arrays = key_arrays(1),
+            matched = key_match("f"),
         );
         let close = format!(
             "UPDATE {h} x SET valid_to = f.ts, end_lsn = CASE WHEN f.lsn IS NULL THEN NULL ELSE '0/0'::pg_lsn + f.lsn::numeric END,
                               is_current = false, is_deleted = f.del, updated_at = now()
-             FROM unnest($1::text[], $2::timestamptz[], $3::int8[], $4::bool[]) AS f(k, ts, lsn, del)
-             WHERE x.{hk} = f.k::{kt} AND x.is_current"
+             FROM unnest({arrays}, ${ts}::timestamptz[], ${lsn}::int8[], ${del}::bool[]) AS f({key_names}ts, lsn, del)
+             WHERE {matched} AND x.is_current",
+            arrays = key_arrays(1),
+            ts = n + 1,
+            lsn = n + 2,
+            del = n + 3,
+            matched = key_match("f"),
         );
         let cols: String = written
             .iter()
             .map(|&i| format!("{}, ", spec.history_column(&spec.columns[i])))
             .collect();
+        let hk = spec.history_key_list("");
         let copy_in = format!(
             "COPY {h} ({hk}, {cols}valid_from, valid_to, is_current, is_deleted, cdc_operation,
                        cdc_timestamp, batch_id, source_lsn, source_txid, end_lsn, row_hash) FROM STDIN"
@@ -123,6 +175,7 @@ impl HistorySql {
             close,
             copy_in,
             written,
+            key_len: n,
         }
     }
 }
@@ -147,9 +200,16 @@ impl<'t> PgHistory<'t> {
 
 impl HistoryStore for PgHistory<'_> {
     async fn newest(&mut self, keys: &[&str]) -> Result<HashMap<String, Newest>> {
+        let arrays = self.sql.key_arrays(keys.iter().copied())?;
+        let arrays: Vec<Vec<&str>> = arrays
+            .iter()
+            .map(|a| a.iter().map(|p| p.as_ref()).collect())
+            .collect();
+        let params: Vec<&(dyn ToSql + Sync)> =
+            arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
         let rows = self
             .tx
-            .query(self.sql.newest.as_str(), &[&keys])
+            .query(self.sql.newest.as_str(), &params)
             .await
             .map_err(ctx(format!(
                 "reading the newest versions in {}",
@@ -179,15 +239,22 @@ impl HistoryStore for PgHistory<'_> {
         if closes.is_empty() {
             return Ok(0);
         }
-        let ks: Vec<&str> = closes.iter().map(|c| c.key).collect();
+        let arrays = self.sql.key_arrays(closes.iter().map(|c| c.key))?;
+        let arrays: Vec<Vec<&str>> = arrays
+            .iter()
+            .map(|a| a.iter().map(|p| p.as_ref()).collect())
+            .collect();
         let ts: Vec<DateTime<Utc>> = closes
             .iter()
             .map(|c| DateTime::from_timestamp_micros(c.ts_us).unwrap_or_default())
             .collect();
         let lsn: Vec<Option<i64>> = closes.iter().map(|c| c.lsn).collect();
         let del: Vec<bool> = closes.iter().map(|c| c.deleted).collect();
+        let mut params: Vec<&(dyn ToSql + Sync)> =
+            arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+        params.extend([&ts as &(dyn ToSql + Sync), &lsn, &del]);
         self.tx
-            .execute(self.sql.close.as_str(), &[&ks, &ts, &lsn, &del])
+            .execute(self.sql.close.as_str(), &params)
             .await
             .map_err(ctx(format!(
                 "closing current versions in {}",
@@ -205,7 +272,9 @@ impl HistoryStore for PgHistory<'_> {
         pin_mut!(sink);
         let mut buf = String::with_capacity(COPY_FLUSH_BYTES + 4096);
         for v in versions {
-            copy_row(&mut buf, &self.sql.written, v);
+            let key = split_key(&v.event.key, self.sql.key_len)
+                .map_err(|m| Error::internal(format!("applying to {hist}"), m))?;
+            copy_row(&mut buf, &key, &self.sql.written, v);
             if buf.len() >= COPY_FLUSH_BYTES {
                 sink.send(Bytes::from(std::mem::take(&mut buf)))
                     .await
@@ -256,9 +325,14 @@ fn hash16(b: &[u8]) -> [u8; 16] {
 }
 
 /// One line of COPY text for a new version.
-fn copy_row(buf: &mut String, written: &[usize], v: &NewVersion<'_>) {
+fn copy_row(buf: &mut String, key: &[Cow<'_, str>], written: &[usize], v: &NewVersion<'_>) {
     let ev = v.event;
-    push_text(buf, &ev.key);
+    for (j, k) in key.iter().enumerate() {
+        if j > 0 {
+            buf.push('\t');
+        }
+        push_text(buf, k);
+    }
     for &i in written {
         buf.push('\t');
         match ev.values.get(i) {

@@ -110,11 +110,12 @@ pub async fn verify(
     spec: &TableSpec,
 ) -> Result<Report> {
     let h = spec.history_qualified();
-    let k = &spec.history_key_column;
+    let k = spec.history_key_list("");
+    let (kt, kd) = key_exprs(&k, spec.key.len());
     let totals = warehouse
         .query_one(
             &format!(
-                "SELECT count(*), count(DISTINCT {k}), count(*) FILTER (WHERE is_current) FROM {h}"
+                "SELECT count(*), count(DISTINCT {kd}), count(*) FILTER (WHERE is_current) FROM {h}"
             ),
             &[],
         )
@@ -122,7 +123,7 @@ pub async fn verify(
         .map_err(ctx(format!("counting {h}")))?;
     let mut checks = Vec::new();
 
-    let multi = format!("SELECT {k}::text AS key, count(*) AS n FROM {h} WHERE is_current GROUP BY {k} HAVING count(*) > 1");
+    let multi = format!("SELECT {kt} AS key, count(*) AS n FROM {h} WHERE is_current GROUP BY {k} HAVING count(*) > 1");
     checks.push(
         check(
             warehouse,
@@ -134,7 +135,7 @@ pub async fn verify(
     );
 
     let chain = format!(
-        "SELECT {k}::text AS key, valid_from, valid_to, is_current, is_deleted, next_from,
+        "SELECT {kt} AS key, valid_from, valid_to, is_current, is_deleted, next_from,
                 CASE WHEN next_from IS NULL AND NOT is_current AND NOT is_deleted THEN 'closed without a successor or a delete'
                      WHEN next_from IS NULL THEN NULL
                      WHEN valid_to IS NULL OR valid_to > next_from THEN 'overlaps the next version'
@@ -157,8 +158,7 @@ pub async fn verify(
         .await?,
     );
 
-    let deleted_current =
-        format!("SELECT {k}::text AS key FROM {h} WHERE is_current AND is_deleted");
+    let deleted_current = format!("SELECT {kt} AS key FROM {h} WHERE is_current AND is_deleted");
     checks.push(
         check(
             warehouse,
@@ -170,7 +170,7 @@ pub async fn verify(
     );
 
     let dup_pos = format!(
-        "SELECT {k}::text AS key, valid_from, source_lsn, count(*) AS n FROM {h} GROUP BY {k}, valid_from, source_lsn HAVING count(*) > 1"
+        "SELECT {kt} AS key, valid_from, source_lsn, count(*) AS n FROM {h} GROUP BY {k}, valid_from, source_lsn HAVING count(*) > 1"
     );
     checks.push(
         check(
@@ -194,6 +194,16 @@ pub async fn verify(
     })
 }
 
+/// A key's text and its value for `count(DISTINCT …)`, from the comma-separated key columns:
+/// the column itself for a single-column key, the row of them for a composite one.
+fn key_exprs(cols: &str, n: usize) -> (String, String) {
+    if n == 1 {
+        (format!("{cols}::text"), cols.to_owned())
+    } else {
+        (format!("ROW({cols})::text"), format!("ROW({cols})"))
+    }
+}
+
 /// Invariant 3: the current rows equal the source rows, value for value (compared as the text
 /// of the typed row, in key order, streamed from both sides).
 async fn compare_current_with_source(
@@ -202,15 +212,18 @@ async fn compare_current_with_source(
     spec: &TableSpec,
 ) -> Result<Check> {
     let src_cols: Vec<String> = spec.columns.iter().map(|c| c.name.clone()).collect();
+    let src_table = format!("{} s", spec.qualified());
+    let src_key = key_exprs(&spec.key_list("s"), spec.key.len()).0;
     let src_sql = format!(
-        "SELECT {key}::text, ROW({cols})::text FROM {t} ORDER BY {key}::text COLLATE \"C\"",
-        key = spec.key.name,
+        "SELECT {key}, ROW({cols})::text FROM {t} ORDER BY {key} COLLATE \"C\"",
+        key = src_key,
         cols = src_cols.join(", "),
-        t = spec.qualified()
+        t = src_table
     );
+    let wh_key = key_exprs(&spec.history_key_list(""), spec.key.len()).0;
     let wh_sql = format!(
-        "SELECT {key}::text, ROW({cols})::text FROM {h} WHERE is_current ORDER BY {key}::text COLLATE \"C\"",
-        key = spec.history_key_column,
+        "SELECT {key}, ROW({cols})::text FROM {h} WHERE is_current ORDER BY {key} COLLATE \"C\"",
+        key = wh_key,
         cols = spec.history_column_list(),
         h = spec.history_qualified()
     );
@@ -314,12 +327,10 @@ pub async fn run(
     cfg: &crate::config::loader::LoaderConfig,
     with_source: bool,
     shutdown: &crate::shutdown::Shutdown,
-) -> Result<Report> {
+) -> Result<(String, Report)> {
     let warehouse = crate::db::connect(&cfg.warehouse, shutdown).await?;
-    let source = if with_source {
-        Some(crate::db::connect(&cfg.source, shutdown).await?)
-    } else {
-        None
-    };
-    verify(&warehouse, source.as_ref(), &cfg.table).await
+    let source = crate::db::connect(&cfg.source, shutdown).await?;
+    let spec = crate::catalog::describe_single(&cfg.tables, &source).await?;
+    let report = verify(&warehouse, with_source.then_some(&source), &spec).await?;
+    Ok((spec.history_qualified(), report))
 }

@@ -153,13 +153,13 @@ pub async fn expected_history_on(source: &Client, spec: &TableSpec, basis: &Basi
     out
 }
 
-/// The history the warehouse holds, in the same shape.
+/// The history the warehouse holds, in the same shape (a table with a single-column key).
 pub async fn actual_history(warehouse: &Client, spec: &TableSpec) -> History {
     let sql = format!(
         "SELECT h.{k}::text, (extract(epoch FROM h.valid_from) * 1000000)::int8,
                 (extract(epoch FROM h.valid_to) * 1000000)::int8, h.is_deleted, {cols}
          FROM {t} h ORDER BY h.{k}, h.valid_from",
-        k = spec.history_key_column,
+        k = spec.history_key_columns[0],
         cols = col_text(spec, "h", true),
         t = spec.history_qualified()
     );

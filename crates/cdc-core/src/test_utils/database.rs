@@ -1,6 +1,7 @@
 //! A pair of fresh databases per test on the test clusters that `make test` starts, the init
 //! scripts applied, and configurations pointing at them.
 
+use crate::catalog::TableSelection;
 use crate::config::extractor::ExtractorConfig;
 use crate::config::loader::LoaderConfig;
 use crate::db::{DbRole, DbSettings, Secret};
@@ -124,6 +125,27 @@ impl TestDb {
         }
     }
 
+    /// The selection (`CDC_TABLES`) of this test's table, `spec`.
+    pub fn selection(&self) -> TableSelection {
+        TableSelection {
+            patterns: vec![(self.spec.schema.clone(), Some(self.spec.name.clone()))],
+            exclude: Vec::new(),
+            change_time_column: self
+                .spec
+                .change_time_column
+                .clone()
+                .unwrap_or_else(|| "last_updated".into()),
+        }
+    }
+
+    /// This test's table as the source's catalog describes it (what the binaries capture).
+    pub async fn described(&self) -> TableSpec {
+        let client = connect(&self.source).await;
+        crate::catalog::describe_single(&self.selection(), &client)
+            .await
+            .expect("describe the test's table")
+    }
+
     pub fn log_dir(&self) -> PathBuf {
         self.dir.join("cdc_logs")
     }
@@ -136,7 +158,7 @@ impl TestDb {
         ExtractorConfig {
             source: self.source.clone(),
             warehouse: self.warehouse.clone(),
-            table: self.spec.clone(),
+            tables: self.selection(),
             log_dir: self.log_dir(),
             state_dir: self.state_dir(),
             capture_mode: CaptureMode::Timestamp,
@@ -160,7 +182,7 @@ impl TestDb {
         LoaderConfig {
             warehouse: self.warehouse.clone(),
             source: self.source.clone(),
-            table: self.spec.clone(),
+            tables: self.selection(),
             log_dir: self.log_dir(),
             state_dir: self.state_dir(),
             poll_interval: Duration::from_millis(100),
@@ -202,6 +224,7 @@ impl TestDb {
             ("LOG_LEVEL".into(), "info".into()),
             ("CDC_SLOT_NAME".into(), self.name.clone()),
             ("CDC_PUBLICATION".into(), "cdc_test_pub".into()),
+            ("CDC_TABLES".into(), self.spec.qualified()),
         ]
     }
 

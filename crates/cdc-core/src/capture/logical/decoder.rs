@@ -85,15 +85,17 @@ impl<'a> TxDecoder<'a> {
                     }
                 }
                 let rel_info = self.relation(rel)?;
-                let key_idx = rel_info
-                    .columns
-                    .iter()
-                    .position(|c| c.name == self.spec.key.name);
-                let key_changed = match (&old, key_idx) {
-                    (Some(o), Some(i)) => {
-                        matches!((o.get(i), new.get(i)), (Some(Value::Text(a)), Some(Value::Text(b))) if a != b)
-                    }
-                    _ => false,
+                let key_changed = match &old {
+                    Some(o) => self.spec.key.iter().any(|k| {
+                        rel_info
+                            .columns
+                            .iter()
+                            .position(|c| c.name == k.name)
+                            .is_some_and(|i| {
+                                matches!((o.get(i), new.get(i)), (Some(Value::Text(a)), Some(Value::Text(b))) if a != b)
+                            })
+                    }),
+                    None => false,
                 };
                 if key_changed {
                     // A primary-key change: the old key is deleted, the new one inserted.
@@ -162,25 +164,35 @@ impl<'a> TxDecoder<'a> {
         if r.schema != self.spec.schema || r.name != self.spec.name {
             return Ok(false);
         }
-        let key_idx = r
-            .columns
-            .iter()
-            .position(|c| c.name == self.spec.key.name)
-            .ok_or_else(|| {
-                Error::setup(
-                    format!("source table {}", self.spec.qualified()),
-                    format!("the stream has no key column {}", self.spec.key.name),
-                )
-            })?;
-        let key = match after.or(before).and_then(|t| t.get(key_idx)) {
-            Some(Value::Text(k)) => k.as_str(),
-            _ => {
-                return Err(Error::decode(
-                    "pgoutput stream",
-                    "a change without its key value",
-                ))
+        let image = after.or(before);
+        let mut parts = Vec::with_capacity(self.spec.key.len());
+        for k in &self.spec.key {
+            let i = r
+                .columns
+                .iter()
+                .position(|c| c.name == k.name)
+                .ok_or_else(|| {
+                    Error::setup(
+                        format!("source table {}", self.spec.qualified()),
+                        format!("the stream has no key column {}", k.name),
+                    )
+                })?;
+            match image.and_then(|t| t.get(i)) {
+                Some(Value::Text(v)) => parts.push(v.as_str()),
+                _ => {
+                    return Err(Error::decode(
+                        "pgoutput stream",
+                        format!(
+                            "a change of {} without its key value {}",
+                            self.spec.qualified(),
+                            k.name
+                        ),
+                    ))
+                }
             }
-        };
+        }
+        let key = self.spec.encode_key(&parts);
+        let key = key.as_str();
         let h = Header {
             op,
             mode: CaptureMode::Logical,

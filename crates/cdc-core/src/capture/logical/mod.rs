@@ -103,7 +103,7 @@ impl LogicalCapture {
                 .map_err(ctx("setting the output format"))?;
             let cols = ImageColumns::load(&tx, &self.spec).await?;
             let stream = tx
-                .copy_out(snapshot_copy_sql(&self.spec, &cols).as_str())
+                .copy_out(snapshot_copy_sql(&self.spec, &cols)?.as_str())
                 .await
                 .map_err(ctx("reading the initial copy"))?;
             read_rows(
@@ -273,7 +273,7 @@ impl ChangeSource for LogicalCapture {
     /// Checks the server (wal_level, privilege, table) and creates the publication and the
     /// slot if missing. Misconfiguration is a setup error naming what to change.
     async fn prepare(&mut self, client: &Client) -> Result<()> {
-        check_source_table(client, &self.spec).await?;
+        check_source_table(client, &self.spec, false).await?;
         slot::check_server(client).await?;
         slot::ensure_publication(client, &self.slot, &self.spec).await?;
         if !slot::exists(client, &self.slot).await? {

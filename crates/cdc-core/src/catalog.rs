@@ -1,0 +1,282 @@
+//! Table descriptions read from the source's catalog: for each configured table its primary
+//! key (any number of columns), its columns with their types as the source names them,
+//! generated columns with their expressions, and the history table it maps to. `CDC_TABLES`
+//! selects the tables (`schema.table`, `schema.*`), `CDC_EXCLUDE_COLUMNS` leaves columns out.
+
+use crate::db::ctx;
+use crate::error::{Error, Result};
+use crate::table::{Column, TableSpec, RESERVED_HISTORY_COLUMNS};
+use tokio_postgres::GenericClient;
+
+/// Which tables and columns to capture (settled from `CDC_TABLES`, `CDC_EXCLUDE_COLUMNS`,
+/// `CDC_CHANGE_TIME_COLUMN`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableSelection {
+    /// `(schema, Some(table))` or `(schema, None)` for every table of the schema.
+    pub patterns: Vec<(String, Option<String>)>,
+    /// `(schema, table, column)` left out of the history.
+    pub exclude: Vec<(String, String, String)>,
+    /// The change-time column timestamp capture needs (not tracked).
+    pub change_time_column: String,
+}
+
+impl Default for TableSelection {
+    fn default() -> Self {
+        TableSelection {
+            patterns: vec![("public".into(), Some("orders".into()))],
+            exclude: Vec::new(),
+            change_time_column: "last_updated".into(),
+        }
+    }
+}
+
+impl TableSelection {
+    /// Parses `CDC_TABLES` (`schema.table` or `schema.*`, comma separated).
+    pub fn parse_tables(s: &str) -> std::result::Result<Vec<(String, Option<String>)>, String> {
+        let mut out = Vec::new();
+        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (schema, table) = item
+                .split_once('.')
+                .ok_or_else(|| format!("'{item}' must be schema.table or schema.*"))?;
+            check_name(schema).map_err(|m| format!("'{item}': {m}"))?;
+            let table = if table == "*" {
+                None
+            } else {
+                check_name(table).map_err(|m| format!("'{item}': {m}"))?;
+                Some(table.to_owned())
+            };
+            let entry = (schema.to_owned(), table);
+            if !out.contains(&entry) {
+                out.push(entry);
+            }
+        }
+        if out.is_empty() {
+            return Err("must name at least one table (schema.table or schema.*)".into());
+        }
+        Ok(out)
+    }
+
+    /// Parses `CDC_EXCLUDE_COLUMNS` (`schema.table.column`, comma separated).
+    pub fn parse_exclude(s: &str) -> std::result::Result<Vec<(String, String, String)>, String> {
+        let mut out = Vec::new();
+        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let parts: Vec<&str> = item.split('.').collect();
+            let [schema, table, column] = parts[..] else {
+                return Err(format!("'{item}' must be schema.table.column"));
+            };
+            for p in [schema, table, column] {
+                check_name(p).map_err(|m| format!("'{item}': {m}"))?;
+            }
+            out.push((schema.into(), table.into(), column.into()));
+        }
+        Ok(out)
+    }
+
+    /// The configured tables that exist, described from the catalog, in name order. A named
+    /// table that does not exist, or has no primary key, is refused.
+    pub async fn describe(&self, client: &impl GenericClient) -> Result<Vec<TableSpec>> {
+        let mut names: Vec<(String, String)> = Vec::new();
+        for (schema, table) in &self.patterns {
+            match table {
+                Some(t) => names.push((schema.clone(), t.clone())),
+                None => {
+                    let rows = client
+                        .query(
+                            "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                             WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+                               AND c.relname NOT LIKE 'cdc\\_%'
+                             ORDER BY 1",
+                            &[schema],
+                        )
+                        .await
+                        .map_err(ctx(format!("listing the tables of schema {schema}")))?;
+                    names.extend(rows.iter().map(|r| (schema.clone(), r.get(0))));
+                }
+            }
+        }
+        names.sort();
+        names.dedup();
+        if names.is_empty() {
+            return Err(Error::setup(
+                "CDC_TABLES",
+                "matches no table in the source database; name existing tables (schema.table or schema.*)",
+            ));
+        }
+        let mut specs = Vec::with_capacity(names.len());
+        for (schema, table) in names {
+            specs.push(self.describe_one(client, &schema, &table).await?);
+        }
+        Ok(specs)
+    }
+
+    async fn describe_one(
+        &self,
+        client: &impl GenericClient,
+        schema: &str,
+        table: &str,
+    ) -> Result<TableSpec> {
+        let what = || format!("source table {schema}.{table}");
+        let rows = client
+            .query(
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
+                        a.attgenerated = 's', pg_get_expr(d.adbin, d.adrelid),
+                        coalesce((SELECT k.n FROM unnest(i.indkey) WITH ORDINALITY AS k(att, n)
+                                  WHERE k.att = a.attnum), 0)::int4
+                 FROM pg_class c
+                 JOIN pg_namespace n ON n.oid = c.relnamespace
+                 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                 LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
+                 LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
+                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')
+                 ORDER BY a.attnum",
+                &[&schema, &table],
+            )
+            .await
+            .map_err(ctx(format!("reading the catalog of {schema}.{table}")))?;
+        if rows.is_empty() {
+            return Err(Error::setup(
+                what(),
+                "does not exist (or is not visible to DB_USER); fix CDC_TABLES, or create it (the demo's tables: apply init-scripts/*.sql to the source database)",
+            ));
+        }
+        let mut key: Vec<(i32, Column)> = Vec::new();
+        let mut columns = Vec::new();
+        let mut has_change_time = false;
+        let mut has_created_at = false;
+        for r in &rows {
+            let name: String = r.get(0);
+            check_name(&name).map_err(|m| {
+                Error::setup(
+                    what(),
+                    format!("column {name:?}: {m}; such names are not supported yet"),
+                )
+            })?;
+            let mut col = Column::new(&name, &r.get::<_, String>(1));
+            if r.get::<_, bool>(2) {
+                col.generated = r.get(3);
+            }
+            let key_pos: i32 = r.get(4);
+            let excluded = self
+                .exclude
+                .iter()
+                .any(|(s, t, c)| s == schema && t == table && *c == name);
+            if key_pos > 0 {
+                if excluded {
+                    return Err(Error::setup(
+                        what(),
+                        format!("CDC_EXCLUDE_COLUMNS names {name}, a primary-key column; the key is always kept"),
+                    ));
+                }
+                key.push((key_pos, col));
+            } else if name == self.change_time_column {
+                has_change_time = true;
+            } else if !excluded {
+                has_created_at |= name == "created_at";
+                columns.push(col);
+            }
+        }
+        if key.is_empty() {
+            return Err(Error::setup(
+                what(),
+                "has no primary key; the history needs one to tell rows apart (ALTER TABLE … ADD PRIMARY KEY)",
+            ));
+        }
+        key.sort_by_key(|(pos, _)| *pos);
+        let key: Vec<Column> = key.into_iter().map(|(_, c)| c).collect();
+        if key.iter().any(|k| k.generated.is_some()) {
+            return Err(Error::setup(
+                what(),
+                "has a generated column in its primary key",
+            ));
+        }
+        let orders =
+            schema == "public" && table == "orders" && key.len() == 1 && key[0].name == "id";
+        let history_key_columns = if orders {
+            vec!["order_key".to_owned()]
+        } else {
+            key.iter()
+                .map(|k| {
+                    if RESERVED_HISTORY_COLUMNS.contains(&k.name.as_str()) {
+                        format!("source_{}", k.name)
+                    } else {
+                        k.name.clone()
+                    }
+                })
+                .collect()
+        };
+        Ok(TableSpec {
+            schema: schema.to_owned(),
+            name: table.to_owned(),
+            key,
+            columns,
+            change_time_column: has_change_time.then(|| self.change_time_column.clone()),
+            created_time_column: has_created_at.then(|| "created_at".to_owned()),
+            history_schema: schema.to_owned(),
+            history_table: format!("dim_{table}_history"),
+            history_key_columns,
+        })
+    }
+}
+
+/// The one table a pipeline captures for now: more than one configured table is refused
+/// (one pipeline serves one table until multi-table capture lands).
+pub async fn describe_single(
+    selection: &TableSelection,
+    client: &impl GenericClient,
+) -> Result<TableSpec> {
+    let mut specs = selection.describe(client).await?;
+    if specs.len() > 1 {
+        let names: Vec<String> = specs.iter().map(|s| s.qualified()).collect();
+        return Err(Error::config(
+            "CDC_TABLES",
+            format!(
+                "matches {} tables ({}); this version captures one table per pipeline: name one table",
+                names.len(),
+                names.join(", ")
+            ),
+        ));
+    }
+    specs
+        .pop()
+        .ok_or_else(|| Error::config("CDC_TABLES", "matches no table"))
+}
+
+/// A schema, table or column name the pipeline splices into SQL as it is: a lower-case SQL
+/// identifier.
+fn check_name(s: &str) -> std::result::Result<(), String> {
+    let mut chars = s.chars();
+    let ok = matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && s.len() <= 63;
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "'{s}' must be a lower-case SQL identifier (a-z, 0-9, _)"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_lists_parse_and_refuse_what_is_not_a_table() {
+        assert_eq!(
+            TableSelection::parse_tables(" public.orders, shop.* ,public.orders").unwrap(),
+            [
+                ("public".to_owned(), Some("orders".to_owned())),
+                ("shop".to_owned(), None)
+            ]
+        );
+        assert!(TableSelection::parse_tables("orders").is_err());
+        assert!(TableSelection::parse_tables("").is_err());
+        assert!(TableSelection::parse_tables("public.Orders").is_err());
+        assert_eq!(
+            TableSelection::parse_exclude("public.customers.email").unwrap(),
+            [("public".into(), "customers".into(), "email".into())]
+        );
+        assert!(TableSelection::parse_exclude("public.customers").is_err());
+    }
+}
