@@ -25,7 +25,7 @@ async fn logical_kill_9_restarts_of_the_extractor_lose_and_double_nothing() {
     let out = run(first);
     assert!(out.status.success(), "{}", text(&out));
     let basis = Basis::Commit {
-        snapshot: Progress::load(&db.state_dir(), &db.spec, CaptureMode::Logical)
+        snapshot: Progress::load(&db.state_dir(), &db.spec.qualified(), CaptureMode::Logical)
             .unwrap()
             .logical
             .and_then(|l| l.filter),

@@ -18,6 +18,9 @@ pub struct TableSelection {
     pub exclude: Vec<(String, String, String)>,
     /// The change-time column timestamp capture needs (not tracked).
     pub change_time_column: String,
+    /// `CDC_PIPELINE_NAME`: names the change-log stream and the logical progress of a
+    /// pipeline of several tables.
+    pub pipeline_name: String,
 }
 
 impl Default for TableSelection {
@@ -26,6 +29,7 @@ impl Default for TableSelection {
             patterns: vec![("public".into(), Some("orders".into()))],
             exclude: Vec::new(),
             change_time_column: "last_updated".into(),
+            pipeline_name: "cdc".into(),
         }
     }
 }
@@ -218,27 +222,22 @@ impl TableSelection {
     }
 }
 
-/// The one table a pipeline captures for now: more than one configured table is refused
-/// (one pipeline serves one table until multi-table capture lands).
-pub async fn describe_single(
-    selection: &TableSelection,
-    client: &impl GenericClient,
-) -> Result<TableSpec> {
-    let mut specs = selection.describe(client).await?;
-    if specs.len() > 1 {
-        let names: Vec<String> = specs.iter().map(|s| s.qualified()).collect();
-        return Err(Error::config(
-            "CDC_TABLES",
-            format!(
-                "matches {} tables ({}); this version captures one table per pipeline: name one table",
-                names.len(),
-                names.join(", ")
-            ),
-        ));
+/// What names a pipeline's change-log files (their prefix): its one table's name, or the
+/// pipeline's name when it captures several.
+pub fn stream_name(specs: &[TableSpec], pipeline: &str) -> String {
+    match specs {
+        [one] => one.name.clone(),
+        _ => pipeline.to_owned(),
     }
-    specs
-        .pop()
-        .ok_or_else(|| Error::config("CDC_TABLES", "matches no table"))
+}
+
+/// The name of a pipeline's logical progress file: its one table's (as before several tables
+/// could be captured), or `pipeline-<name>`.
+pub fn logical_progress_name(specs: &[TableSpec], pipeline: &str) -> String {
+    match specs {
+        [one] => one.qualified(),
+        _ => format!("pipeline-{pipeline}"),
+    }
 }
 
 /// A schema, table or column name the pipeline splices into SQL as it is: a lower-case SQL

@@ -5,7 +5,6 @@ use crate::changelog::write_atomic;
 use crate::error::{Error, Result};
 use crate::event::CaptureMode;
 use crate::sink::Durable;
-use crate::table::TableSpec;
 use serde::{Deserialize, Serialize};
 use std::cmp::Ordering;
 use std::path::{Path, PathBuf};
@@ -69,14 +68,16 @@ pub struct SnapshotFilter {
 }
 
 impl Progress {
-    pub fn path(state_dir: &Path, spec: &TableSpec) -> PathBuf {
-        state_dir.join(format!("extractor-{}.{}.json", spec.schema, spec.name))
+    /// The progress file of `name`: a table's qualified name (timestamp capture, and logical
+    /// capture of one table), or the pipeline's key (logical capture of several tables).
+    pub fn path(state_dir: &Path, name: &str) -> PathBuf {
+        state_dir.join(format!("extractor-{name}.json"))
     }
 
-    fn fresh(spec: &TableSpec, mode: CaptureMode) -> Self {
+    fn fresh(name: &str, mode: CaptureMode) -> Self {
         Progress {
             format_version: PROGRESS_VERSION,
-            table: spec.qualified(),
+            table: name.to_owned(),
             capture_mode: mode,
             watermark: None,
             next_file_seq: 1,
@@ -87,12 +88,12 @@ impl Progress {
 
     /// Reads the progress file; a missing file means "never captured". A file that exists but
     /// cannot be read is an error: starting over silently would re-capture or skip changes.
-    pub fn load(state_dir: &Path, spec: &TableSpec, mode: CaptureMode) -> Result<Self> {
-        let path = Self::path(state_dir, spec);
+    pub fn load(state_dir: &Path, name: &str, mode: CaptureMode) -> Result<Self> {
+        let path = Self::path(state_dir, name);
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Self::fresh(spec, mode))
+                return Ok(Self::fresh(name, mode))
             }
             Err(e) => return Err(Error::io("reading the progress file", &path, e)),
         };
@@ -109,10 +110,10 @@ impl Progress {
                 ),
             });
         }
-        if p.table != spec.qualified() {
+        if p.table != name {
             return Err(Error::State {
                 path,
-                message: format!("it belongs to table {}, not {}", p.table, spec.qualified()),
+                message: format!("it belongs to table {}, not {}", p.table, name),
             });
         }
         if p.capture_mode != mode {
@@ -128,8 +129,8 @@ impl Progress {
     }
 
     /// Reads the progress file whatever its mode (for `status`); `None` when there is none.
-    pub fn peek(state_dir: &Path, spec: &TableSpec) -> Result<Option<Self>> {
-        let path = Self::path(state_dir, spec);
+    pub fn peek(state_dir: &Path, name: &str) -> Result<Option<Self>> {
+        let path = Self::path(state_dir, name);
         match std::fs::read_to_string(&path) {
             Ok(t) => serde_json::from_str(&t)
                 .map(Some)
@@ -147,7 +148,7 @@ impl Progress {
     pub fn save(
         &mut self,
         state_dir: &Path,
-        spec: &TableSpec,
+        name: &str,
         previous: Option<&Watermark>,
         _durable: &Durable,
     ) -> Result<()> {
@@ -158,10 +159,10 @@ impl Progress {
         }
         self.updated_at = Some(chrono::Utc::now().to_rfc3339());
         let bytes = serde_json::to_vec_pretty(self).map_err(|e| Error::State {
-            path: Self::path(state_dir, spec),
+            path: Self::path(state_dir, name),
             message: e.to_string(),
         })?;
-        write_atomic(&Self::path(state_dir, spec), &bytes)
+        write_atomic(&Self::path(state_dir, name), &bytes)
     }
 }
 

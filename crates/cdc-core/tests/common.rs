@@ -19,7 +19,7 @@ pub async fn capture_with(db: &TestDb, max_rows_per_file: u64) -> PassOutcome {
     let cfg = db.extractor_config();
     let spec = db.described().await;
     let mut cap =
-        TimestampCapture::new(spec.clone(), cfg.state_dir.clone()).expect("load progress");
+        TimestampCapture::new(vec![spec.clone()], cfg.state_dir.clone()).expect("load progress");
     let mut sink = ChangeLogSink::new(&cfg.log_dir, &spec.name, max_rows_per_file);
     let mut client = connect(&cfg.source).await;
     cap.pass(&mut client, &mut sink)

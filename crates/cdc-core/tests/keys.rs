@@ -10,7 +10,7 @@ use cdc_core::test_utils::TestDb;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 /// A table with its triggers for timestamp capture (key changes leave a tombstone).
-async fn create(db: &mut TestDb, name: &str, columns: &str, key: &[&str]) {
+pub async fn create(db: &mut TestDb, name: &str, columns: &str, key: &[&str]) {
     let key_list = key.join(", ");
     let old: Vec<String> = key.iter().map(|k| format!("OLD.{k}")).collect();
     let new: Vec<String> = key.iter().map(|k| format!("NEW.{k}")).collect();
@@ -38,7 +38,7 @@ async fn create(db: &mut TestDb, name: &str, columns: &str, key: &[&str]) {
     };
 }
 
-async fn printed(client: &Client, sql: &str) -> Vec<Vec<Option<String>>> {
+pub async fn printed(client: &Client, sql: &str) -> Vec<Vec<Option<String>>> {
     let mut out = Vec::new();
     for m in client.simple_query(sql).await.unwrap() {
         if let SimpleQueryMessage::Row(r) = m {

@@ -22,8 +22,13 @@ pub async fn logical_pass(db: &TestDb) -> PassOutcome {
 async fn logical_pass_with(db: &TestDb, max_rows: u64) -> PassOutcome {
     let cfg = db.extractor_config();
     let spec = db.described().await;
-    let mut cap =
-        LogicalCapture::new(spec.clone(), cfg.state_dir.clone(), cfg.slot.clone()).unwrap();
+    let mut cap = LogicalCapture::new(
+        vec![spec.clone()],
+        cfg.state_dir.clone(),
+        cfg.slot.clone(),
+        spec.qualified(),
+    )
+    .unwrap();
     let mut sink = ChangeLogSink::new(&cfg.log_dir, &spec.name, max_rows);
     let mut client = connect(&cfg.source).await;
     cap.prepare(&client).await.unwrap();
@@ -34,7 +39,7 @@ async fn logical_pass_with(db: &TestDb, max_rows: u64) -> PassOutcome {
 pub async fn logical_snapshot(db: &TestDb) -> Basis {
     let out = logical_pass(db).await;
     assert!(out.snapshot);
-    let p = Progress::load(&db.state_dir(), &db.spec, CaptureMode::Logical).unwrap();
+    let p = Progress::load(&db.state_dir(), &db.spec.qualified(), CaptureMode::Logical).unwrap();
     Basis::Commit {
         snapshot: p.logical.and_then(|l| l.filter),
     }

@@ -6,6 +6,7 @@ mod common;
 mod files;
 mod keys;
 mod logical;
+mod multi;
 mod randomized;
 mod scenarios;
 mod types;

@@ -19,7 +19,7 @@ struct Cli {
     once: bool,
 }
 
-#[derive(Subcommand, Debug, Clone, Copy)]
+#[derive(Subcommand, Debug, Clone)]
 enum Command {
     /// Apply change-log files (the default)
     Run,
@@ -28,6 +28,9 @@ enum Command {
         /// Skip comparing current rows with the source table
         #[arg(long)]
         no_source: bool,
+        /// Check only this table (schema.table) of the configured ones
+        #[arg(long)]
+        table: Option<String>,
     },
     /// Show what has been captured and applied, what is pending, and the lag
     Status,
@@ -41,7 +44,7 @@ fn main() {
         Err(e) => std::process::exit(cdc_core::cli::config_failure("scd2-loader", &e)),
     };
     cdc_core::telemetry::init(&cli.log);
-    let command = cli.command.unwrap_or(Command::Run);
+    let command = cli.command.clone().unwrap_or(Command::Run);
     let mut violated = false;
     let code = cdc_core::cli::run_main("scd2-loader", || async {
         let shutdown = cdc_core::shutdown::Shutdown::from_signals();
@@ -49,11 +52,17 @@ fn main() {
             Command::Run => {
                 cdc_core::scd2::loader::run(&cfg, cli.once, shutdown).await?;
             }
-            Command::Verify { no_source } => {
-                let (history, report) =
-                    cdc_core::scd2::verify::run(&cfg, !no_source, &shutdown).await?;
-                print!("{}", report.render(&history));
-                violated = !report.ok();
+            Command::Verify {
+                no_source,
+                ref table,
+            } => {
+                let reports =
+                    cdc_core::scd2::verify::run(&cfg, !no_source, table.as_deref(), &shutdown)
+                        .await?;
+                for (history, report) in &reports {
+                    print!("{}", report.render(history));
+                    violated |= !report.ok();
+                }
             }
             Command::Status => {
                 print!("{}", cdc_core::scd2::status::run(&cfg, &shutdown).await?);

@@ -7,7 +7,7 @@ pub mod logical;
 mod rows;
 pub mod timestamp;
 
-use crate::catalog::describe_single;
+use crate::catalog::{logical_progress_name, stream_name};
 use crate::changelog::{clean_leftovers, ChangeLogSink};
 use crate::config::extractor::ExtractorConfig;
 use crate::db::{self, Backoff};
@@ -86,17 +86,26 @@ pub async fn run(cfg: ExtractorConfig, shutdown: Shutdown) -> Result<()> {
         );
     }
     let client = db::connect(&cfg.source, &shutdown).await?;
-    let spec = describe_single(&cfg.tables, &client).await?;
-    let sink = ChangeLogSink::new(&cfg.log_dir, &spec.name, cfg.max_rows_per_file);
+    let specs = cfg.tables.describe(&client).await?;
+    let pipeline = &cfg.tables.pipeline_name;
+    let sink = ChangeLogSink::new(
+        &cfg.log_dir,
+        &stream_name(&specs, pipeline),
+        cfg.max_rows_per_file,
+    );
     match cfg.capture_mode {
         CaptureMode::Timestamp => {
-            let source = TimestampCapture::new(spec.clone(), cfg.state_dir.clone())?;
-            Box::pin(run_source(source, sink, client, &spec, &cfg, shutdown)).await
+            let source = TimestampCapture::new(specs.clone(), cfg.state_dir.clone())?;
+            Box::pin(run_source(source, sink, client, &specs, &cfg, shutdown)).await
         }
         CaptureMode::Logical => {
-            let source =
-                LogicalCapture::new(spec.clone(), cfg.state_dir.clone(), cfg.slot.clone())?;
-            Box::pin(run_source(source, sink, client, &spec, &cfg, shutdown)).await
+            let source = LogicalCapture::new(
+                specs.clone(),
+                cfg.state_dir.clone(),
+                cfg.slot.clone(),
+                logical_progress_name(&specs, pipeline),
+            )?;
+            Box::pin(run_source(source, sink, client, &specs, &cfg, shutdown)).await
         }
     }
 }
@@ -106,16 +115,23 @@ async fn run_source(
     mut capture: impl ChangeSource,
     mut sink: impl ChangeSink,
     mut source: Client,
-    spec: &TableSpec,
+    specs: &[TableSpec],
     cfg: &ExtractorConfig,
     shutdown: Shutdown,
 ) -> Result<()> {
     let run_id = metadata::new_run_id("extractor");
     capture.prepare(&source).await?;
     let mut warehouse = db::connect(&cfg.warehouse, &shutdown).await?;
-    migrate::migrate(&mut warehouse, spec).await?;
+    for spec in specs {
+        migrate::migrate(&mut warehouse, spec).await?;
+    }
+    let tables = specs
+        .iter()
+        .map(|s| s.qualified())
+        .collect::<Vec<_>>()
+        .join(", ");
     tracing::info!(
-        table = %spec.qualified(),
+        tables = %tables,
         source = %cfg.source.display(),
         log_dir = %cfg.log_dir.display(),
         mode = %capture.mode(),
@@ -131,7 +147,7 @@ async fn run_source(
         let clock = Instant::now();
         let span = tracing::info_span!(
             "capture_pass",
-            table = %spec.qualified(),
+            tables = %tables,
             mode = %capture.mode(),
             pass = pass_no,
             snapshot = capture.snapshot_needed(),
@@ -166,7 +182,7 @@ async fn run_source(
         record_pass(
             &mut warehouse,
             cfg,
-            spec,
+            &tables,
             &run_id,
             started,
             elapsed,
@@ -199,8 +215,11 @@ async fn run_source(
 pub async fn drop_slot(cfg: &ExtractorConfig, shutdown: &Shutdown) -> Result<String> {
     let source = db::connect(&cfg.source, shutdown).await?;
     let (slot, publication) = slot::drop(&source, &cfg.slot).await?;
-    let removed = match describe_single(&cfg.tables, &source).await {
-        Ok(spec) => remove_logical_progress(&cfg.state_dir, &spec),
+    let removed = match cfg.tables.describe(&source).await {
+        Ok(specs) => remove_logical_progress(
+            &cfg.state_dir,
+            &logical_progress_name(&specs, &cfg.tables.pipeline_name),
+        ),
         Err(e) => {
             tracing::warn!(error = %error_chain(&e), "cannot tell which progress file is the logical one");
             false
@@ -220,11 +239,11 @@ pub async fn drop_slot(cfg: &ExtractorConfig, shutdown: &Shutdown) -> Result<Str
     ))
 }
 
-/// Removes the progress file of `spec` if it is a logical one. Returns whether it did.
-fn remove_logical_progress(state_dir: &std::path::Path, spec: &TableSpec) -> bool {
-    match Progress::load(state_dir, spec, CaptureMode::Logical) {
+/// Removes the progress file `name` if it is a logical one. Returns whether it did.
+fn remove_logical_progress(state_dir: &std::path::Path, name: &str) -> bool {
+    match Progress::load(state_dir, name, CaptureMode::Logical) {
         Ok(p) if p.logical.is_some() => {
-            std::fs::remove_file(Progress::path(state_dir, spec)).is_ok()
+            std::fs::remove_file(Progress::path(state_dir, name)).is_ok()
         }
         _ => false,
     }
@@ -235,7 +254,7 @@ fn remove_logical_progress(state_dir: &std::path::Path, spec: &TableSpec) -> boo
 async fn record_pass(
     warehouse: &mut Client,
     cfg: &ExtractorConfig,
-    spec: &TableSpec,
+    tables: &str,
     run_id: &str,
     started: chrono::DateTime<Utc>,
     elapsed: std::time::Duration,
@@ -258,7 +277,7 @@ async fn record_pass(
                 "snapshot": o.snapshot,
                 "duration_ms": elapsed.as_millis() as u64,
                 "watermark_us": o.watermark.as_ref().map(|w| w.ts_us),
-                "table": spec.qualified(),
+                "table": tables,
                 "capture_mode": cfg.capture_mode.as_str(),
             }),
         ),
@@ -266,7 +285,7 @@ async fn record_pass(
             RunStatus::Failed,
             RunCounts::default(),
             Some(error_chain(e)),
-            serde_json::json!({ "duration_ms": elapsed.as_millis() as u64, "table": spec.qualified() }),
+            serde_json::json!({ "duration_ms": elapsed.as_millis() as u64, "table": tables }),
         ),
     };
     let record = RunRecord {

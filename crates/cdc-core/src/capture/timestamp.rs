@@ -24,24 +24,30 @@ use chrono::{DateTime, Utc};
 use std::path::PathBuf;
 use tokio_postgres::Client;
 
+/// Timestamp capture of the pipeline's tables, each with its own watermark (its own progress
+/// file); their events go into one batch of the sink per pass.
 pub struct TimestampCapture {
-    spec: TableSpec,
+    tables: Vec<(TableSpec, Progress)>,
     state_dir: PathBuf,
-    progress: Progress,
 }
 
 impl TimestampCapture {
-    pub fn new(spec: TableSpec, state_dir: PathBuf) -> Result<Self> {
-        let progress = Progress::load(&state_dir, &spec, CaptureMode::Timestamp)?;
-        Ok(TimestampCapture {
-            spec,
-            state_dir,
-            progress,
-        })
+    pub fn new(specs: Vec<TableSpec>, state_dir: PathBuf) -> Result<Self> {
+        let mut tables = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let progress = Progress::load(&state_dir, &spec.qualified(), CaptureMode::Timestamp)?;
+            tables.push((spec, progress));
+        }
+        Ok(TimestampCapture { tables, state_dir })
     }
 
-    pub fn progress(&self) -> &Progress {
-        &self.progress
+    /// The sink's next sequence number: past every table's.
+    fn next_seq(&self) -> u64 {
+        self.tables
+            .iter()
+            .map(|(_, p)| p.next_file_seq)
+            .max()
+            .unwrap_or(1)
     }
 }
 
@@ -51,13 +57,15 @@ impl ChangeSource for TimestampCapture {
     }
 
     fn snapshot_needed(&self) -> bool {
-        self.progress.watermark.is_none()
+        self.tables.iter().any(|(_, p)| p.watermark.is_none())
     }
 
     /// Checks that the source has the table, its columns, the tombstone table, and that this
     /// role can see other sessions' transactions (needed to bound the watermark).
     async fn prepare(&mut self, client: &Client) -> Result<()> {
-        check_source_table(client, &self.spec, true).await?;
+        for (spec, _) in &self.tables {
+            check_source_table(client, spec, true).await?;
+        }
         let row = client
             .query_one(
                 "SELECT rolsuper OR pg_has_role(current_user, 'pg_read_all_stats', 'MEMBER')
@@ -89,14 +97,13 @@ impl ChangeSource for TimestampCapture {
         Ok(())
     }
 
-    /// One capture pass. Events are durable before tombstones are removed and progress moves.
+    /// One capture pass over every table, in one snapshot. Events are durable before
+    /// tombstones are removed and progress moves.
     async fn pass(
         &mut self,
         client: &mut Client,
         sink: &mut dyn ChangeSink,
     ) -> Result<PassOutcome> {
-        let spec = &self.spec;
-        let prev = self.progress.watermark.clone();
         // The bound: now, and the start of the oldest transaction that holds an xid (a writer).
         // Taken before the snapshot, so every writer not in our snapshot is either listed here
         // or stamps its rows after `now`.
@@ -124,94 +131,25 @@ impl ChangeSource for TimestampCapture {
             .await
             .map_err(ctx("starting the capture snapshot"))?;
 
-        sink.begin(now, self.progress.next_file_seq);
-        let snapshot = prev.is_none();
+        sink.begin(now, self.next_seq());
+        let snapshot = self.snapshot_needed();
         let mut out = PassOutcome {
             snapshot,
             ..PassOutcome::default()
         };
-
-        let result: Result<(Option<i64>, Option<Watermark>)> = async {
+        let result: Result<Vec<(Option<i64>, Option<Watermark>)>> = async {
             tx.batch_execute(TEXT_OUTPUT_SETTINGS)
                 .await
                 .map_err(ctx("setting the output format"))?;
-            let cols = ImageColumns::load(&tx, spec).await?;
-            let mut buf = Vec::with_capacity(1024);
-            // 1. Deletes, first: for one key a tombstone is always older than a row that exists.
-            let sql = tombstone_copy_sql(spec, &cols, prev.as_ref());
-            let stream = tx
-                .copy_out(sql.as_str())
-                .await
-                .map_err(ctx("reading tombstones"))?;
-            let mut max_tomb = None;
-            let what = format!("tombstones of {}", spec.qualified());
-            let deletes = &mut out.deletes;
-            copy_rows(stream, &what, |row| {
-                max_tomb = Some(required_i64(row, 0, &what)?);
-                let op = required_op(row, 3, &what)?;
-                let values = image_values(row, 4);
-                let key = cols.key(spec, &values, &what)?;
-                let key = key.as_str();
-                let ts_us = required_i64(row, 1, &what)?;
-                let mut h = row_header(
-                    &cols,
-                    op,
-                    CaptureMode::Timestamp,
-                    false,
-                    ts_us,
-                    key,
-                    captured_ms,
-                );
-                // The deleted row's last state (a version this pass may not have seen), then
-                // the delete.
-                buf.clear();
-                write_event(&mut buf, spec, &h, null, |b| {
-                    cols.write_image(b, Some(&values))
-                });
-                sink.write(&buf, false)?;
-                (h.op, h.ts_us) = (Op::Delete, required_i64(row, 2, &what)?);
-                buf.clear();
-                write_event(
-                    &mut buf,
-                    spec,
-                    &h,
-                    |b| cols.write_image(b, Some(&values)),
-                    null,
-                );
-                sink.write(&buf, true)?;
-                *deletes += 1;
-                Ok(())
-            })
-            .await?;
-            // 2. Rows changed since the watermark, in (change time, key) order.
-            let sql = rows_copy_sql(spec, &cols, prev.as_ref())?;
-            let stream = tx
-                .copy_out(sql.as_str())
-                .await
-                .map_err(ctx(format!("reading changed rows of {}", spec.qualified())))?;
-            let mut last: Option<Watermark> = None;
-            let rows = read_rows(
-                stream,
-                spec,
-                &cols,
-                CaptureMode::Timestamp,
-                prev.is_none(),
-                captured_ms,
-                &mut *sink,
-                |ts_us, key| {
-                    last = Some(Watermark {
-                        ts_us,
-                        key: Some(key.to_owned()),
-                    });
-                },
-            )
-            .await?;
-            out.rows += rows;
-            Ok((max_tomb, last))
+            let mut found = Vec::with_capacity(self.tables.len());
+            for (spec, progress) in &self.tables {
+                let prev = progress.watermark.as_ref();
+                found.push(capture_table(&tx, spec, prev, captured_ms, sink, &mut out).await?);
+            }
+            Ok(found)
         }
         .await;
-
-        let (max_tomb, last) = match result {
+        let found = match result {
             Ok(v) => v,
             Err(e) => {
                 sink.abort();
@@ -228,35 +166,128 @@ impl ChangeSource for TimestampCapture {
         };
 
         // The files are durable: the tombstones they hold may go (only those in our snapshot).
-        if let Some(max) = max_tomb {
-            remove_tombstones(&tx, spec, max, &durable).await?;
+        for ((spec, _), (max_tomb, _)) in self.tables.iter().zip(&found) {
+            if let Some(max) = max_tomb {
+                remove_tombstones(&tx, spec, *max, &durable).await?;
+            }
         }
         tx.commit()
             .await
             .map_err(ctx("committing the capture pass"))?;
 
-        // Progress last.
+        // Progress last, table by table.
         let bound_us = bound.timestamp_micros();
-        let candidate = match last {
-            Some(w) if w.ts_us < bound_us => w,
-            _ => Watermark {
-                ts_us: bound_us,
-                key: None,
-            },
-        };
-        let new = match &prev {
-            Some(p) if candidate.cmp_pos(p) == std::cmp::Ordering::Less => p.clone(),
-            _ => candidate,
-        };
-        if prev.as_ref() != Some(&new) || next_seq != self.progress.next_file_seq {
-            self.progress.watermark = Some(new);
-            self.progress.next_file_seq = next_seq;
-            self.progress
-                .save(&self.state_dir, spec, prev.as_ref(), &durable)?;
+        for ((spec, progress), (_, last)) in self.tables.iter_mut().zip(found) {
+            let prev = progress.watermark.clone();
+            let candidate = match last {
+                Some(w) if w.ts_us < bound_us => w,
+                _ => Watermark {
+                    ts_us: bound_us,
+                    key: None,
+                },
+            };
+            let new = match &prev {
+                Some(p) if candidate.cmp_pos(p) == std::cmp::Ordering::Less => p.clone(),
+                _ => candidate,
+            };
+            if prev.as_ref() != Some(&new) || next_seq != progress.next_file_seq {
+                progress.watermark = Some(new);
+                progress.next_file_seq = next_seq;
+                progress.save(&self.state_dir, &spec.qualified(), prev.as_ref(), &durable)?;
+            }
         }
-        out.watermark = self.progress.watermark.clone();
+        out.watermark = self
+            .tables
+            .iter()
+            .filter_map(|(_, p)| p.watermark.clone())
+            .min_by(|a, b| a.cmp_pos(b));
         Ok(out)
     }
+}
+
+/// One table's part of a pass, in the pass's snapshot: its tombstones (each the deleted row's
+/// last state and the delete), then its rows past the watermark. Returns the newest tombstone
+/// read and the position of the last row read.
+async fn capture_table(
+    tx: &tokio_postgres::Transaction<'_>,
+    spec: &TableSpec,
+    prev: Option<&Watermark>,
+    captured_ms: i64,
+    sink: &mut dyn ChangeSink,
+    out: &mut PassOutcome,
+) -> Result<(Option<i64>, Option<Watermark>)> {
+    let cols = ImageColumns::load(tx, spec).await?;
+    let mut buf = Vec::with_capacity(1024);
+    // 1. Deletes, first: for one key a tombstone is always older than a row that exists.
+    let sql = tombstone_copy_sql(spec, &cols, prev);
+    let stream = tx
+        .copy_out(sql.as_str())
+        .await
+        .map_err(ctx("reading tombstones"))?;
+    let mut max_tomb = None;
+    let what = format!("tombstones of {}", spec.qualified());
+    let deletes = &mut out.deletes;
+    copy_rows(stream, &what, |row| {
+        max_tomb = Some(required_i64(row, 0, &what)?);
+        let op = required_op(row, 3, &what)?;
+        let values = image_values(row, 4);
+        let key = cols.key(spec, &values, &what)?;
+        let ts_us = required_i64(row, 1, &what)?;
+        let mut h = row_header(
+            &cols,
+            op,
+            CaptureMode::Timestamp,
+            false,
+            ts_us,
+            &key,
+            captured_ms,
+        );
+        // The deleted row's last state (a version this pass may not have seen), then the
+        // delete.
+        buf.clear();
+        write_event(&mut buf, spec, &h, null, |b| {
+            cols.write_image(b, Some(&values))
+        });
+        sink.write(&buf, false)?;
+        (h.op, h.ts_us) = (Op::Delete, required_i64(row, 2, &what)?);
+        buf.clear();
+        write_event(
+            &mut buf,
+            spec,
+            &h,
+            |b| cols.write_image(b, Some(&values)),
+            null,
+        );
+        sink.write(&buf, true)?;
+        *deletes += 1;
+        Ok(())
+    })
+    .await?;
+    // 2. Rows changed since the watermark, in (change time, key) order.
+    let sql = rows_copy_sql(spec, &cols, prev)?;
+    let stream = tx
+        .copy_out(sql.as_str())
+        .await
+        .map_err(ctx(format!("reading changed rows of {}", spec.qualified())))?;
+    let mut last: Option<Watermark> = None;
+    let rows = read_rows(
+        stream,
+        spec,
+        &cols,
+        CaptureMode::Timestamp,
+        prev.is_none(),
+        captured_ms,
+        sink,
+        |ts_us, key| {
+            last = Some(Watermark {
+                ts_us,
+                key: Some(key.to_owned()),
+            });
+        },
+    )
+    .await?;
+    out.rows += rows;
+    Ok((max_tomb, last))
 }
 
 /// Removes the captured tombstones (up to `max`, those the pass's snapshot shows), once the

@@ -272,6 +272,14 @@ pub struct TablesArgs {
         default_value = "last_updated"
     )]
     pub change_time_column: String,
+    /// Name of the pipeline: the change-log files' prefix and the logical progress file when
+    /// several tables are captured
+    #[arg(
+        long = "pipeline-name",
+        env = "CDC_PIPELINE_NAME",
+        default_value = "cdc"
+    )]
+    pub pipeline_name: String,
 }
 
 impl TablesArgs {
@@ -295,10 +303,23 @@ impl TablesArgs {
                 format!("'{ct}' must be a lower-case SQL identifier (a-z, 0-9, _)"),
             ));
         }
+        let name = self.pipeline_name.trim();
+        if name.is_empty()
+            || name.len() > 40
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
+            return Err(Error::config(
+                "CDC_PIPELINE_NAME",
+                format!("'{name}' must be 1 to 40 lower-case letters, digits or _"),
+            ));
+        }
         Ok(TableSelection {
             patterns,
             exclude,
             change_time_column: ct.to_owned(),
+            pipeline_name: name.to_owned(),
         })
     }
 }

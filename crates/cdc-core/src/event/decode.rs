@@ -38,6 +38,8 @@ struct Source<'a> {
 /// One decoded event, ready to apply: values as text in the spec's column order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecodedEvent {
+    /// Index of its table in the list it was decoded against.
+    pub table: usize,
     pub op: Op,
     pub key: String,
     pub ts_us: i64,
@@ -104,6 +106,12 @@ impl<'a> FromIterator<Option<&'a str>> for Values {
 
 /// Decodes one line against the table description. The error says what is wrong with it.
 pub fn decode(line: &str, spec: &TableSpec) -> Result<DecodedEvent, String> {
+    decode_for(line, std::slice::from_ref(spec))
+}
+
+/// Decodes one line for whichever of `specs` it is about (`DecodedEvent::table` is its
+/// index); an event of any other table is an error naming it.
+pub fn decode_for(line: &str, specs: &[TableSpec]) -> Result<DecodedEvent, String> {
     let env: Envelope<'_> =
         serde_json::from_str(line).map_err(|e| format!("not a change event: {e}"))?;
     if let Some(v) = env.format_version {
@@ -113,14 +121,19 @@ pub fn decode(line: &str, spec: &TableSpec) -> Result<DecodedEvent, String> {
             ));
         }
     }
-    if env.source.schema != spec.schema || env.source.table != spec.name {
+    let Some(table) = specs
+        .iter()
+        .position(|s| env.source.schema == s.schema && env.source.table == s.name)
+    else {
+        let applied: Vec<String> = specs.iter().map(|s| s.qualified()).collect();
         return Err(format!(
             "event is for table {}.{}, this loader applies {}",
             env.source.schema,
             env.source.table,
-            spec.qualified()
+            applied.join(", ")
         ));
-    }
+    };
+    let spec = &specs[table];
     let lsn = match env.source.lsn {
         Some(l) => Some(i64::try_from(l).map_err(|_| format!("source.lsn {l} is out of range"))?),
         None => None,
@@ -166,6 +179,7 @@ pub fn decode(line: &str, spec: &TableSpec) -> Result<DecodedEvent, String> {
         }
     }
     Ok(DecodedEvent {
+        table,
         op: env.op,
         key,
         ts_us: env.source.ts_us,

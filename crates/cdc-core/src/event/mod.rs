@@ -7,7 +7,7 @@
 pub mod decode;
 pub mod encode;
 
-pub use decode::{decode, DecodedEvent, Values};
+pub use decode::{decode, decode_for, DecodedEvent, Values};
 
 use serde::Deserialize;
 

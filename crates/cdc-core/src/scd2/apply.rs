@@ -47,19 +47,20 @@ impl ApplyStats {
     }
 }
 
-/// How one table's batches are applied: its description, the row hash, the chunk size.
+/// How the pipeline's batches are applied: its tables' descriptions (a table is addressed by
+/// its index in them), their row hashes, the chunk size.
 #[derive(Debug, Clone)]
 pub struct Applying {
-    spec: TableSpec,
-    hasher: RowHasher,
+    specs: Vec<TableSpec>,
+    hashers: Vec<RowHasher>,
     chunk_events: usize,
 }
 
 impl Applying {
-    pub fn new(spec: &TableSpec, chunk_events: usize) -> Self {
+    pub fn new(specs: &[TableSpec], chunk_events: usize) -> Self {
         Applying {
-            spec: spec.clone(),
-            hasher: RowHasher::new(spec),
+            specs: specs.to_vec(),
+            hashers: specs.iter().map(RowHasher::new).collect(),
             chunk_events: chunk_events.max(1),
         }
     }
@@ -92,7 +93,7 @@ pub async fn apply_files(
         let (how, files) = (how.clone(), files.to_vec());
         // If the applier fails first, it drops `recv` and the reader stops at its next send.
         tokio::task::spawn_blocking(move || {
-            read_chunks(&how.hasher, how.chunk_events, &how.spec, &files, &send)
+            read_chunks(&how.hashers, how.chunk_events, &how.specs, &files, &send)
         });
     }
     let mut clock = std::time::Instant::now();
@@ -110,8 +111,15 @@ pub async fn apply_files(
                 apply_chunk(store, &mut chunk, &mut facts, &mut stats, &mut clock).await?;
             }
             Read::Done(read) => {
-                for (f, (events, first, last)) in facts.iter_mut().zip(read) {
-                    (f.events, f.first, f.last) = (events, first, last);
+                for (f, r) in facts.iter_mut().zip(read) {
+                    (f.events, f.first, f.last) = (r.events, r.first, r.last);
+                    f.history_tables = r
+                        .tables
+                        .iter()
+                        .filter_map(|&t| how.specs.get(t))
+                        .map(|s| s.history_qualified())
+                        .collect::<Vec<_>>()
+                        .join(", ");
                 }
                 break;
             }
@@ -127,7 +135,8 @@ fn lap(clock: &mut std::time::Instant) -> u64 {
     ms
 }
 
-/// One chunk: the newest versions of its keys, the plan, the closes and the inserts.
+/// One chunk: per table in it, the newest versions of its keys, the plan, the closes and the
+/// inserts.
 async fn apply_chunk(
     store: &mut impl HistoryStore,
     chunk: &mut Vec<Ev>,
@@ -136,8 +145,24 @@ async fn apply_chunk(
     clock: &mut std::time::Instant,
 ) -> Result<()> {
     plan::order(chunk);
-    let newest = store.newest(&plan::keys(chunk)).await?;
-    let plan = plan::plan(chunk, &newest);
+    for (table, range) in plan::tables(chunk) {
+        apply_table(store, table, &chunk[range], facts, stats, clock).await?;
+    }
+    chunk.clear();
+    Ok(())
+}
+
+/// One table's events of a chunk, in `plan::order`.
+async fn apply_table(
+    store: &mut impl HistoryStore,
+    table: usize,
+    events: &[Ev],
+    facts: &mut [AppliedBatch],
+    stats: &mut ApplyStats,
+    clock: &mut std::time::Instant,
+) -> Result<()> {
+    let newest = store.newest(table, &plan::keys(events)).await?;
+    let plan = plan::plan(events, &newest);
     stats.phases_ms[1] += lap(clock);
 
     // Close the current rows the first new event of their key supersedes.
@@ -145,7 +170,7 @@ async fn apply_chunk(
         .closes
         .iter()
         .map(|&i| {
-            let ev = &chunk[i].ev;
+            let ev = &events[i].ev;
             Close {
                 key: &ev.key,
                 ts_us: ev.ts_us,
@@ -154,12 +179,12 @@ async fn apply_chunk(
             }
         })
         .collect();
-    stats.versions_closed += store.close(&closes).await?;
+    stats.versions_closed += store.close(table, &closes).await?;
     stats.phases_ms[2] += lap(clock);
 
     // Write the new versions (a kept delete inserts nothing: it closed the one before).
     for k in &plan.kept {
-        let e = &chunk[k.idx];
+        let e = &events[k.idx];
         if e.ev.op == Op::Delete {
             stats.deletes += 1;
             facts[e.file].deletes += 1;
@@ -171,18 +196,16 @@ async fn apply_chunk(
     let versions: Vec<NewVersion<'_>> = plan
         .kept
         .iter()
-        .map(|k| (k, &chunk[k.idx]))
+        .map(|k| (k, &events[k.idx]))
         .filter(|(_, e)| e.ev.op != Op::Delete)
         .map(|(k, e)| NewVersion {
             event: &e.ev,
             hash: &e.hash,
-            next: k.next.map(|n| &chunk[n].ev),
+            next: k.next.map(|n| &events[n].ev),
             batch: &facts[e.file].name,
         })
         .collect();
-    store.insert(&versions).await?;
+    store.insert(table, &versions).await?;
     stats.phases_ms[3] += lap(clock);
-    drop(versions);
-    chunk.clear();
     Ok(())
 }

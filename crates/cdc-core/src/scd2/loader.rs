@@ -28,42 +28,49 @@ pub struct LoaderTotals {
     pub quarantined: usize,
 }
 
-/// A warehouse connection ready to apply: schema migrated, and the per-table advisory lock
-/// held so that two loaders never apply the same table at once.
+/// A warehouse connection ready to apply: schema migrated, and each history table's
+/// advisory lock held so that two loaders never apply to the same table at once.
 pub struct Applier {
     client: Client,
-    sql: HistorySql,
+    sqls: Vec<HistorySql>,
     how: Applying,
-    spec: TableSpec,
+    /// The history tables, comma separated (for records and logs).
+    histories: String,
 }
 
 impl Applier {
     pub async fn connect(
         cfg: &LoaderConfig,
-        spec: &TableSpec,
+        specs: &[TableSpec],
         shutdown: &Shutdown,
     ) -> Result<Self> {
         let mut client = db::connect(&cfg.warehouse, shutdown).await?;
-        migrate::migrate(&mut client, spec).await?;
-        let locked: bool = client
-            .query_one(
-                "SELECT pg_try_advisory_lock(hashtext('cdc_loader:' || $1::text))",
-                &[&spec.history_qualified()],
-            )
-            .await
-            .map_err(ctx("taking the loader lock"))?
-            .get(0);
-        if !locked {
-            return Err(Error::setup(
-                format!("history table {}", spec.history_qualified()),
-                "another scd2-loader is applying to it; stop that one first",
-            ));
+        for spec in specs {
+            migrate::migrate(&mut client, spec).await?;
+            let locked: bool = client
+                .query_one(
+                    "SELECT pg_try_advisory_lock(hashtext('cdc_loader:' || $1::text))",
+                    &[&spec.history_qualified()],
+                )
+                .await
+                .map_err(ctx("taking the loader lock"))?
+                .get(0);
+            if !locked {
+                return Err(Error::setup(
+                    format!("history table {}", spec.history_qualified()),
+                    "another scd2-loader is applying to it; stop that one first",
+                ));
+            }
         }
         Ok(Applier {
             client,
-            sql: HistorySql::new(spec),
-            how: Applying::new(spec, cfg.max_events_in_memory),
-            spec: spec.clone(),
+            sqls: specs.iter().map(HistorySql::new).collect(),
+            how: Applying::new(specs, cfg.max_events_in_memory),
+            histories: specs
+                .iter()
+                .map(|s| s.history_qualified())
+                .collect::<Vec<_>>()
+                .join(", "),
         })
     }
 
@@ -90,11 +97,11 @@ impl Applier {
             .map_err(ctx("starting the apply transaction"))?;
         let span = tracing::info_span!(
             "apply_batch",
-            history = %self.spec.history_qualified(),
+            history = %self.histories,
             files = files.len(),
             first_file = %files.first().map(|f| file_name(f)).unwrap_or_default(),
         );
-        let mut store = PgHistory::new(&tx, &self.sql);
+        let mut store = PgHistory::new(&tx, &self.sqls);
         let stats = apply_files(&mut store, &self.how, files, run_id)
             .instrument(span)
             .await?;
@@ -113,7 +120,7 @@ impl Applier {
             error: None,
             metrics: serde_json::json!({
                 "files": files.iter().map(|f| file_name(f)).collect::<Vec<_>>(),
-                "history_table": self.spec.history_qualified(),
+                "history_table": self.histories,
                 "duration_ms": (Utc::now() - started).num_milliseconds(),
             }),
         };
@@ -129,21 +136,21 @@ impl Applier {
     }
 }
 
-/// The configured table, described by the source's catalog (the loader reads the source
+/// The configured tables, described by the source's catalog (the loader reads the source
 /// only for this, at start-up).
-pub async fn describe_table(cfg: &LoaderConfig, shutdown: &Shutdown) -> Result<TableSpec> {
+pub async fn describe_tables(cfg: &LoaderConfig, shutdown: &Shutdown) -> Result<Vec<TableSpec>> {
     let source = db::connect(&cfg.source, shutdown).await?;
-    crate::catalog::describe_single(&cfg.tables, &source).await
+    cfg.tables.describe(&source).await
 }
 
 /// Runs the loader: with `once`, applies everything pending and returns; otherwise keeps
 /// applying new files until shutdown.
 pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<LoaderTotals> {
     let run_id = metadata::new_run_id("loader");
-    let spec = describe_table(cfg, &shutdown).await?;
-    let mut applier = Applier::connect(cfg, &spec, &shutdown).await?;
+    let specs = describe_tables(cfg, &shutdown).await?;
+    let mut applier = Applier::connect(cfg, &specs, &shutdown).await?;
     tracing::info!(
-        history = %spec.history_qualified(),
+        history = %applier.histories,
         warehouse = %cfg.warehouse.display(),
         log_dir = %cfg.log_dir.display(),
         "loader started"
@@ -169,7 +176,7 @@ pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<L
                 if shutdown.sleep(delay).await {
                     break;
                 }
-                applier = Applier::connect(cfg, &spec, &shutdown).await?;
+                applier = Applier::connect(cfg, &specs, &shutdown).await?;
             }
             Err(e) => return Err(e),
         }
@@ -280,7 +287,7 @@ async fn quarantine(
         status: RunStatus::Quarantined,
         counts: RunCounts::default(),
         error: Some(error_chain(e)),
-        metrics: serde_json::json!({ "file": file_name(path), "history_table": applier.spec.history_qualified() }),
+        metrics: serde_json::json!({ "file": file_name(path), "history_table": applier.histories }),
     };
     if let Err(err) = metadata::record(applier.client(), &record).await {
         tracing::warn!(error = %error_chain(&err), "could not record the quarantine in pipeline_metadata");

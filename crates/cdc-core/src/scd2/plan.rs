@@ -53,27 +53,53 @@ pub struct Plan {
     pub closes: Vec<usize>,
 }
 
-/// Puts a chunk in the order `plan` needs: by key, then change time, LSN and read order.
+/// Puts a chunk in the order `plan` needs: by table, key, then change time, LSN and read
+/// order.
 pub fn order(chunk: &mut [Ev]) {
     chunk.sort_by(|a, b| {
-        (a.ev.key.as_str(), a.ev.ts_us, a.ev.lsn.unwrap_or(0), a.ord).cmp(&(
-            b.ev.key.as_str(),
-            b.ev.ts_us,
-            b.ev.lsn.unwrap_or(0),
-            b.ord,
-        ))
+        (
+            a.ev.table,
+            a.ev.key.as_str(),
+            a.ev.ts_us,
+            a.ev.lsn.unwrap_or(0),
+            a.ord,
+        )
+            .cmp(&(
+                b.ev.table,
+                b.ev.key.as_str(),
+                b.ev.ts_us,
+                b.ev.lsn.unwrap_or(0),
+                b.ord,
+            ))
     });
 }
 
-/// The distinct keys of an ordered chunk.
+/// The runs of an `order`ed chunk that are one table's: `(table, start..end)`.
+pub fn tables(chunk: &[Ev]) -> Vec<(usize, std::ops::Range<usize>)> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    while start < chunk.len() {
+        let t = chunk[start].ev.table;
+        let end = start
+            + chunk[start..]
+                .iter()
+                .take_while(|e| e.ev.table == t)
+                .count();
+        runs.push((t, start..end));
+        start = end;
+    }
+    runs
+}
+
+/// The distinct keys of an ordered chunk (of one table).
 pub fn keys(chunk: &[Ev]) -> Vec<&str> {
     let mut keys: Vec<&str> = chunk.iter().map(|e| e.ev.key.as_str()).collect();
     keys.dedup();
     keys
 }
 
-/// Decides, key by key, which events of an `order`ed chunk become versions, given the newest
-/// version the history holds of each key.
+/// Decides, key by key, which events of an `order`ed chunk of one table become versions,
+/// given the newest version the history holds of each key.
 pub fn plan(chunk: &[Ev], newest: &HashMap<String, Newest>) -> Plan {
     let mut out = Plan::default();
     let mut start = 0;
@@ -247,6 +273,7 @@ mod tests {
                     };
                     lsn += 8;
                     stream.push(DecodedEvent {
+                        table: 0,
                         op,
                         key: k.to_string(),
                         ts_us: ts,

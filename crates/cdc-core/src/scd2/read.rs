@@ -5,9 +5,10 @@
 use super::plan::Ev;
 use super::row_hash::RowHasher;
 use crate::error::{Error, Result};
-use crate::event::decode;
+use crate::event::decode_for;
 use crate::table::TableSpec;
 use chrono::{DateTime, Utc};
+use std::collections::BTreeSet;
 use std::io::BufRead;
 use std::path::PathBuf;
 
@@ -19,17 +20,23 @@ pub enum Read {
     Done(Vec<FileRead>),
 }
 
-/// What the reader learned of one file: its events and first and last change times.
-pub type FileRead = (i64, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+/// What the reader learned of one file: its events, first and last change times, and the
+/// tables (indexes) it holds events of.
+pub struct FileRead {
+    pub events: i64,
+    pub first: Option<DateTime<Utc>>,
+    pub last: Option<DateTime<Utc>>,
+    pub tables: BTreeSet<usize>,
+}
 
 /// The reading thread: decodes and hashes the events of `files` and sends them in chunks of
 /// at most `chunk_events` (never splitting one change time: events at one instant, a
 /// transaction in logical mode, stay together, so a key never gets two versions at one
 /// instant), then the per-file facts. Stops when the applier has gone.
 pub fn read_chunks(
-    hasher: &RowHasher,
+    hashers: &[RowHasher],
     chunk_events: usize,
-    spec: &TableSpec,
+    specs: &[TableSpec],
     files: &[PathBuf],
     send: &tokio::sync::mpsc::Sender<Result<Read>>,
 ) {
@@ -43,6 +50,7 @@ pub fn read_chunks(
     let mut result = Ok(());
     'files: for (fi, path) in files.iter().enumerate() {
         let (mut events, mut first, mut last) = (0, None, None);
+        let mut tables = BTreeSet::new();
         let reader = match std::fs::File::open(path) {
             Ok(f) => std::io::BufReader::with_capacity(1 << 20, f),
             Err(e) => {
@@ -62,7 +70,7 @@ pub fn read_chunks(
                         line: i as u64 + 1,
                         message,
                     };
-                    let ev = decode(&line, spec).map_err(bad)?;
+                    let ev = decode_for(&line, specs).map_err(bad)?;
                     let ts = timestamp(ev.ts_us).map_err(bad)?;
                     timestamp(ev.captured_ms.saturating_mul(1000)).map_err(bad)?;
                     Ok(Some((ev, ts)))
@@ -92,7 +100,11 @@ pub fn read_chunks(
                 }
                 chunk.reserve(chunk_events.min(1 << 16));
             }
-            let hash = hasher.hash(&ev);
+            let hash = hashers
+                .get(ev.table)
+                .map(|h| h.hash(&ev))
+                .unwrap_or_default();
+            tables.insert(ev.table);
             chunk.push(Ev {
                 ord,
                 file: fi,
@@ -100,7 +112,12 @@ pub fn read_chunks(
                 hash,
             });
         }
-        read.push((events, first, last));
+        read.push(FileRead {
+            events,
+            first,
+            last,
+            tables,
+        });
     }
     let last_msg = match result {
         Ok(()) => Ok(Read::Done(read)),

@@ -63,6 +63,7 @@ mod tests {
 
     fn ev(values: &[Option<&str>]) -> DecodedEvent {
         DecodedEvent {
+            table: 0,
             op: Op::Update,
             key: "1".into(),
             ts_us: 0,

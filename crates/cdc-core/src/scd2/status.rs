@@ -1,6 +1,7 @@
 //! `scd2-loader status`: what has been captured and applied, what is waiting, and the lag
 //! (the watermark's age in timestamp mode; the slot's retained WAL in logical mode).
 
+use crate::catalog::logical_progress_name;
 use crate::changelog::{self, DEAD_LETTER_DIR};
 use crate::config::loader::LoaderConfig;
 use crate::db::{ctx, DbSettings};
@@ -22,9 +23,9 @@ pub async fn status(
 ) -> Result<String> {
     let mut s = String::new();
     let now = Utc::now();
-    let spec = match source {
-        Some(src) => match crate::catalog::describe_single(&cfg.tables, src).await {
-            Ok(spec) => Some(spec),
+    let specs = match source {
+        Some(src) => match cfg.tables.describe(src).await {
+            Ok(specs) => Some(specs),
             Err(e) => {
                 let _ = writeln!(s, "tables: {e}");
                 None
@@ -64,81 +65,13 @@ pub async fn status(
     }
     let _ = writeln!(s, "  dead-lettered      {dead}");
 
-    let progress = match &spec {
-        Some(spec) => Progress::peek(&cfg.state_dir, spec),
-        None => Ok(None),
-    };
-    match progress {
-        Ok(Some(p)) if p.capture_mode == CaptureMode::Logical => {
-            let _ = writeln!(s, "extractor (logical mode, slot {})", cfg.slot_name);
+    match &specs {
+        Some(specs) => extractor_progress(&mut s, cfg, specs, source, now).await,
+        None => {
             let _ = writeln!(
                 s,
-                "  initial copy       {}",
-                if p.logical.as_ref().is_some_and(|l| l.snapshot_done) {
-                    "taken"
-                } else {
-                    "not yet"
-                }
+                "extractor: progress unknown (the tables are not described)"
             );
-            let _ = writeln!(
-                s,
-                "  last progress      {}",
-                p.updated_at.as_deref().unwrap_or("-")
-            );
-            match source {
-                Some(src) => match slot::lag(src, &cfg.slot_name).await {
-                    Ok(Some(lag)) => {
-                        let _ =
-                            writeln!(s, "  slot retained WAL  {} bytes", lag.retained_wal_bytes);
-                        let _ = writeln!(
-                            s,
-                            "  capture lag        {} bytes of WAL not yet confirmed",
-                            lag.confirmed_lag_bytes
-                        );
-                    }
-                    Ok(None) => {
-                        let _ = writeln!(s, "  slot               missing on the source");
-                    }
-                    Err(e) => {
-                        let _ = writeln!(s, "  slot               unreadable: {e}");
-                    }
-                },
-                None => {
-                    let _ = writeln!(s, "  slot               source unreachable");
-                }
-            }
-        }
-        Ok(Some(p)) => match &p.watermark {
-            Some(w) => {
-                let wm = DateTime::<Utc>::from_timestamp_micros(w.ts_us).unwrap_or_default();
-                let _ = writeln!(s, "extractor (timestamp mode)");
-                let _ = writeln!(
-                    s,
-                    "  watermark          {} (capture lag {:.1}s)",
-                    wm.to_rfc3339(),
-                    secs(now - wm)
-                );
-                let _ = writeln!(
-                    s,
-                    "  last progress      {}",
-                    p.updated_at.as_deref().unwrap_or("-")
-                );
-            }
-            None => {
-                let _ = writeln!(
-                    s,
-                    "extractor: no capture yet (the first pass takes a snapshot)"
-                );
-            }
-        },
-        Ok(None) => {
-            let _ = writeln!(
-                s,
-                "extractor: no capture yet (the first pass takes a snapshot)"
-            );
-        }
-        Err(e) => {
-            let _ = writeln!(s, "extractor: {e}");
         }
     }
 
@@ -146,7 +79,7 @@ pub async fn status(
         let _ = writeln!(s, "warehouse: unreachable");
         return Ok(s);
     };
-    if let Some(spec) = &spec {
+    for spec in specs.iter().flatten() {
         history_summary(&mut s, cfg, w, spec, now).await?;
     }
     let runs = w
@@ -175,6 +108,110 @@ pub async fn status(
         );
     }
     Ok(s)
+}
+
+/// The extractor's progress: the logical slot's, or each table's watermark.
+async fn extractor_progress(
+    s: &mut String,
+    cfg: &LoaderConfig,
+    specs: &[TableSpec],
+    source: Option<&Client>,
+    now: DateTime<Utc>,
+) {
+    let logical = logical_progress_name(specs, &cfg.tables.pipeline_name);
+    match Progress::peek(&cfg.state_dir, &logical) {
+        Ok(Some(p)) if p.capture_mode == CaptureMode::Logical => {
+            logical_progress(s, cfg, &p, source).await;
+            return;
+        }
+        Ok(_) => {}
+        Err(e) => {
+            let _ = writeln!(s, "extractor: {e}");
+            return;
+        }
+    }
+    for spec in specs {
+        let name = spec.qualified();
+        match Progress::peek(&cfg.state_dir, &name) {
+            Ok(Some(p)) => match &p.watermark {
+                Some(w) => {
+                    let wm = DateTime::<Utc>::from_timestamp_micros(w.ts_us).unwrap_or_default();
+                    let _ = writeln!(s, "extractor (timestamp mode) {name}");
+                    let _ = writeln!(
+                        s,
+                        "  watermark          {} (capture lag {:.1}s)",
+                        wm.to_rfc3339(),
+                        secs(now - wm)
+                    );
+                    let _ = writeln!(
+                        s,
+                        "  last progress      {}",
+                        p.updated_at.as_deref().unwrap_or("-")
+                    );
+                }
+                None => {
+                    let _ = writeln!(
+                        s,
+                        "extractor {name}: no capture yet (the first pass takes a snapshot)"
+                    );
+                }
+            },
+            Ok(None) => {
+                let _ = writeln!(
+                    s,
+                    "extractor {name}: no capture yet (the first pass takes a snapshot)"
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(s, "extractor {name}: {e}");
+            }
+        }
+    }
+}
+
+/// The logical slot's progress and lag.
+async fn logical_progress(
+    s: &mut String,
+    cfg: &LoaderConfig,
+    p: &Progress,
+    source: Option<&Client>,
+) {
+    let _ = writeln!(s, "extractor (logical mode, slot {})", cfg.slot_name);
+    let _ = writeln!(
+        s,
+        "  initial copy       {}",
+        if p.logical.as_ref().is_some_and(|l| l.snapshot_done) {
+            "taken"
+        } else {
+            "not yet"
+        }
+    );
+    let _ = writeln!(
+        s,
+        "  last progress      {}",
+        p.updated_at.as_deref().unwrap_or("-")
+    );
+    match source {
+        Some(src) => match slot::lag(src, &cfg.slot_name).await {
+            Ok(Some(lag)) => {
+                let _ = writeln!(s, "  slot retained WAL  {} bytes", lag.retained_wal_bytes);
+                let _ = writeln!(
+                    s,
+                    "  capture lag        {} bytes of WAL not yet confirmed",
+                    lag.confirmed_lag_bytes
+                );
+            }
+            Ok(None) => {
+                let _ = writeln!(s, "  slot               missing on the source");
+            }
+            Err(e) => {
+                let _ = writeln!(s, "  slot               unreadable: {e}");
+            }
+        },
+        None => {
+            let _ = writeln!(s, "  slot               source unreachable");
+        }
+    }
 }
 
 /// Versions, current rows, keys and deletes of one table's history.
@@ -230,7 +267,7 @@ async fn history_summary(
     let batches = w
         .query_one(
             "SELECT count(*), max(applied_at), (SELECT batch_id FROM public.cdc_applied_batches ORDER BY applied_at DESC, batch_id DESC LIMIT 1)
-             FROM public.cdc_applied_batches WHERE history_table = $1",
+             FROM public.cdc_applied_batches WHERE $1 = ANY(string_to_array(history_table, ', '))",
             &[&h],
         )
         .await

@@ -47,6 +47,8 @@ pub struct NewVersion<'a> {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AppliedBatch {
     pub name: String,
+    /// The history tables it changed, comma separated.
+    pub history_tables: String,
     pub events: i64,
     pub inserted: i64,
     pub deletes: i64,
@@ -54,20 +56,30 @@ pub struct AppliedBatch {
     pub last: Option<DateTime<Utc>>,
 }
 
-/// Where history is kept. Every call of one apply runs in the same transaction, so the
-/// versions and the record of their batches commit together or not at all.
+/// Where history is kept, for the pipeline's tables (addressed by their index). Every call of
+/// one apply runs in the same transaction, so the versions of every table and the record of
+/// their batches commit together or not at all.
 pub trait HistoryStore {
-    /// The newest version held for each of `keys` that has one.
+    /// The newest version held for each of `keys` of `table` that has one.
     fn newest(
         &mut self,
+        table: usize,
         keys: &[&str],
     ) -> impl Future<Output = Result<HashMap<String, Newest>>> + Send;
 
-    /// Closes the current version of each key. Returns how many were closed.
-    fn close(&mut self, closes: &[Close<'_>]) -> impl Future<Output = Result<u64>> + Send;
+    /// Closes the current version of each key of `table`. Returns how many were closed.
+    fn close(
+        &mut self,
+        table: usize,
+        closes: &[Close<'_>],
+    ) -> impl Future<Output = Result<u64>> + Send;
 
-    /// Inserts versions. Returns how many.
-    fn insert(&mut self, versions: &[NewVersion<'_>]) -> impl Future<Output = Result<u64>> + Send;
+    /// Inserts versions of `table`. Returns how many.
+    fn insert(
+        &mut self,
+        table: usize,
+        versions: &[NewVersion<'_>],
+    ) -> impl Future<Output = Result<u64>> + Send;
 
     /// Records the batches as applied (re-applying one is then skipped).
     fn record_batches(
@@ -182,25 +194,33 @@ impl HistorySql {
 
 const RECORD_BATCHES: &str = "INSERT INTO public.cdc_applied_batches
          (batch_id, history_table, events, versions_inserted, versions_closed, first_change_at, last_change_at, run_id)
-     SELECT b.batch_id, $2, b.events, b.ins, b.del, b.first_at, b.last_at, $3
-     FROM unnest($1::text[], $4::int8[], $5::int8[], $6::int8[], $7::timestamptz[], $8::timestamptz[])
-          AS b(batch_id, events, ins, del, first_at, last_at)";
+     SELECT b.batch_id, b.history_tables, b.events, b.ins, b.del, b.first_at, b.last_at, $3
+     FROM unnest($1::text[], $2::text[], $4::int8[], $5::int8[], $6::int8[], $7::timestamptz[], $8::timestamptz[])
+          AS b(batch_id, history_tables, events, ins, del, first_at, last_at)";
 
-/// The history of one table in a PostgreSQL warehouse, inside the apply transaction.
+/// The history of the pipeline's tables in a PostgreSQL warehouse, inside the apply
+/// transaction.
 pub struct PgHistory<'t> {
     tx: &'t Transaction<'t>,
-    sql: &'t HistorySql,
+    sqls: &'t [HistorySql],
 }
 
 impl<'t> PgHistory<'t> {
-    pub fn new(tx: &'t Transaction<'t>, sql: &'t HistorySql) -> Self {
-        PgHistory { tx, sql }
+    pub fn new(tx: &'t Transaction<'t>, sqls: &'t [HistorySql]) -> Self {
+        PgHistory { tx, sqls }
+    }
+
+    fn sql(&self, table: usize) -> Result<&'t HistorySql> {
+        self.sqls
+            .get(table)
+            .ok_or_else(|| Error::internal("the history store", format!("no table {table}")))
     }
 }
 
 impl HistoryStore for PgHistory<'_> {
-    async fn newest(&mut self, keys: &[&str]) -> Result<HashMap<String, Newest>> {
-        let arrays = self.sql.key_arrays(keys.iter().copied())?;
+    async fn newest(&mut self, table: usize, keys: &[&str]) -> Result<HashMap<String, Newest>> {
+        let sql = self.sql(table)?;
+        let arrays = sql.key_arrays(keys.iter().copied())?;
         let arrays: Vec<Vec<&str>> = arrays
             .iter()
             .map(|a| a.iter().map(|p| p.as_ref()).collect())
@@ -209,11 +229,11 @@ impl HistoryStore for PgHistory<'_> {
             arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
         let rows = self
             .tx
-            .query(self.sql.newest.as_str(), &params)
+            .query(sql.newest.as_str(), &params)
             .await
             .map_err(ctx(format!(
                 "reading the newest versions in {}",
-                self.sql.history
+                sql.history
             )))?;
         let mut newest = HashMap::with_capacity(rows.len());
         for r in rows {
@@ -235,11 +255,12 @@ impl HistoryStore for PgHistory<'_> {
         Ok(newest)
     }
 
-    async fn close(&mut self, closes: &[Close<'_>]) -> Result<u64> {
+    async fn close(&mut self, table: usize, closes: &[Close<'_>]) -> Result<u64> {
         if closes.is_empty() {
             return Ok(0);
         }
-        let arrays = self.sql.key_arrays(closes.iter().map(|c| c.key))?;
+        let sql = self.sql(table)?;
+        let arrays = sql.key_arrays(closes.iter().map(|c| c.key))?;
         let arrays: Vec<Vec<&str>> = arrays
             .iter()
             .map(|a| a.iter().map(|p| p.as_ref()).collect())
@@ -254,27 +275,25 @@ impl HistoryStore for PgHistory<'_> {
             arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
         params.extend([&ts as &(dyn ToSql + Sync), &lsn, &del]);
         self.tx
-            .execute(self.sql.close.as_str(), &params)
+            .execute(sql.close.as_str(), &params)
             .await
-            .map_err(ctx(format!(
-                "closing current versions in {}",
-                self.sql.history
-            )))
+            .map_err(ctx(format!("closing current versions in {}", sql.history)))
     }
 
-    async fn insert(&mut self, versions: &[NewVersion<'_>]) -> Result<u64> {
-        let hist = &self.sql.history;
+    async fn insert(&mut self, table: usize, versions: &[NewVersion<'_>]) -> Result<u64> {
+        let sql = self.sql(table)?;
+        let hist = &sql.history;
         let sink = self
             .tx
-            .copy_in(self.sql.copy_in.as_str())
+            .copy_in(sql.copy_in.as_str())
             .await
             .map_err(ctx(format!("starting the COPY into {hist}")))?;
         pin_mut!(sink);
         let mut buf = String::with_capacity(COPY_FLUSH_BYTES + 4096);
         for v in versions {
-            let key = split_key(&v.event.key, self.sql.key_len)
+            let key = split_key(&v.event.key, sql.key_len)
                 .map_err(|m| Error::internal(format!("applying to {hist}"), m))?;
-            copy_row(&mut buf, &key, &self.sql.written, v);
+            copy_row(&mut buf, &key, &sql.written, v);
             if buf.len() >= COPY_FLUSH_BYTES {
                 sink.send(Bytes::from(std::mem::take(&mut buf)))
                     .await
@@ -293,6 +312,7 @@ impl HistoryStore for PgHistory<'_> {
 
     async fn record_batches(&mut self, batches: &[AppliedBatch], run_id: &str) -> Result<()> {
         let names: Vec<&str> = batches.iter().map(|f| f.name.as_str()).collect();
+        let tables: Vec<&str> = batches.iter().map(|f| f.history_tables.as_str()).collect();
         let col = |g: fn(&AppliedBatch) -> i64| batches.iter().map(g).collect::<Vec<i64>>();
         let firsts: Vec<Option<DateTime<Utc>>> = batches.iter().map(|f| f.first).collect();
         let lasts: Vec<Option<DateTime<Utc>>> = batches.iter().map(|f| f.last).collect();
@@ -301,7 +321,7 @@ impl HistoryStore for PgHistory<'_> {
                 RECORD_BATCHES,
                 &[
                     &names,
-                    &self.sql.history,
+                    &tables,
                     &run_id,
                     &col(|f| f.events),
                     &col(|f| f.inserted),

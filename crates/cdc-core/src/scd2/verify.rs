@@ -326,11 +326,25 @@ async fn compare_current_with_source(
 pub async fn run(
     cfg: &crate::config::loader::LoaderConfig,
     with_source: bool,
+    only: Option<&str>,
     shutdown: &crate::shutdown::Shutdown,
-) -> Result<(String, Report)> {
+) -> Result<Vec<(String, Report)>> {
     let warehouse = crate::db::connect(&cfg.warehouse, shutdown).await?;
     let source = crate::db::connect(&cfg.source, shutdown).await?;
-    let spec = crate::catalog::describe_single(&cfg.tables, &source).await?;
-    let report = verify(&warehouse, with_source.then_some(&source), &spec).await?;
-    Ok((spec.history_qualified(), report))
+    let mut specs = cfg.tables.describe(&source).await?;
+    if let Some(t) = only {
+        specs.retain(|s| s.qualified() == t);
+        if specs.is_empty() {
+            return Err(crate::error::Error::config(
+                "--table",
+                format!("'{t}' is not one of the tables CDC_TABLES names (schema.table)"),
+            ));
+        }
+    }
+    let mut reports = Vec::with_capacity(specs.len());
+    for spec in &specs {
+        let report = verify(&warehouse, with_source.then_some(&source), spec).await?;
+        reports.push((spec.history_qualified(), report));
+    }
+    Ok(reports)
 }

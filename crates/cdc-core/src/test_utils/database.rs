@@ -135,15 +135,20 @@ impl TestDb {
                 .change_time_column
                 .clone()
                 .unwrap_or_else(|| "last_updated".into()),
+            pipeline_name: "cdc".into(),
         }
     }
 
     /// This test's table as the source's catalog describes it (what the binaries capture).
     pub async fn described(&self) -> TableSpec {
         let client = connect(&self.source).await;
-        crate::catalog::describe_single(&self.selection(), &client)
+        let mut specs = self
+            .selection()
+            .describe(&client)
             .await
-            .expect("describe the test's table")
+            .expect("describe the test's table");
+        assert_eq!(specs.len(), 1, "one table");
+        specs.remove(0)
     }
 
     pub fn log_dir(&self) -> PathBuf {

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 
 /// Turns pgoutput messages of our table into change events, transaction by transaction.
 pub(super) struct TxDecoder<'a> {
-    spec: &'a TableSpec,
+    specs: &'a [TableSpec],
     /// The source database's name (`source.db`).
     db: &'a str,
     captured_ms: i64,
@@ -30,9 +30,9 @@ pub(super) struct TxDecoder<'a> {
 }
 
 impl<'a> TxDecoder<'a> {
-    pub(super) fn new(spec: &'a TableSpec, db: &'a str, captured_ms: i64) -> Self {
+    pub(super) fn new(specs: &'a [TableSpec], db: &'a str, captured_ms: i64) -> Self {
         TxDecoder {
-            spec,
+            specs,
             db,
             captured_ms,
             relations: HashMap::new(),
@@ -63,8 +63,8 @@ impl<'a> TxDecoder<'a> {
                 self.relations.insert(r.oid, r);
             }
             Message::Insert { rel, new } if !self.skip => {
-                self.emit(sink, rel, Op::Create, None, Some(&new))?;
-                out.rows += 1;
+                let written = self.emit(sink, rel, Op::Create, None, Some(&new))?;
+                out.rows += u64::from(written);
             }
             Message::Update {
                 rel,
@@ -85,8 +85,11 @@ impl<'a> TxDecoder<'a> {
                     }
                 }
                 let rel_info = self.relation(rel)?;
+                let Some(spec) = self.spec_of(rel_info) else {
+                    return Ok(());
+                };
                 let key_changed = match &old {
-                    Some(o) => self.spec.key.iter().any(|k| {
+                    Some(o) => spec.key.iter().any(|k| {
                         rel_info
                             .columns
                             .iter()
@@ -108,15 +111,28 @@ impl<'a> TxDecoder<'a> {
                 out.rows += 1;
             }
             Message::Delete { rel, old } if !self.skip => {
-                self.emit(sink, rel, Op::Delete, Some(&old), None)?;
-                out.deletes += 1;
+                let written = self.emit(sink, rel, Op::Delete, Some(&old), None)?;
+                out.deletes += u64::from(written);
             }
-            Message::Truncate { .. } if !self.skip => {
-                tracing::warn!(table = %self.spec.qualified(), "TRUNCATE is not captured; the history keeps the truncated rows as current");
+            Message::Truncate { rels } if !self.skip => {
+                for rel in rels {
+                    let name = self.relations.get(&rel).map_or_else(
+                        || format!("relation {rel}"),
+                        |r| format!("{}.{}", r.schema, r.name),
+                    );
+                    tracing::warn!(table = %name, "TRUNCATE is not captured; the history keeps the truncated rows as current");
+                }
             }
             _ => {}
         }
         Ok(())
+    }
+
+    /// The description of a relation's table, if it is one of ours.
+    fn spec_of(&self, r: &Relation) -> Option<&'a TableSpec> {
+        self.specs
+            .iter()
+            .find(|s| s.schema == r.schema && s.name == r.name)
     }
 
     fn relation(&self, rel: u32) -> Result<&Relation> {
@@ -135,23 +151,23 @@ impl<'a> TxDecoder<'a> {
         op: Op,
         before: Option<&[Value]>,
         after: Option<&[Value]>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let mut b = std::mem::take(&mut self.buf);
         b.clear();
         let ours = self.build_event(&mut b, rel, op, before, after);
         let result = match ours {
             Ok(true) => {
                 let keep_together = !std::mem::replace(&mut self.tx_first, false);
-                sink.write(&b, keep_together)
+                sink.write(&b, keep_together).map(|()| true)
             }
-            Ok(false) => Ok(()),
+            Ok(false) => Ok(false),
             Err(e) => Err(e),
         };
         self.buf = b;
         result
     }
 
-    /// Writes the event's JSON into `b`; false when the change is not of our table.
+    /// Writes the event's JSON into `b`; false when the change is not of one of our tables.
     fn build_event(
         &self,
         b: &mut Vec<u8>,
@@ -161,19 +177,19 @@ impl<'a> TxDecoder<'a> {
         after: Option<&[Value]>,
     ) -> Result<bool> {
         let r = self.relation(rel)?;
-        if r.schema != self.spec.schema || r.name != self.spec.name {
+        let Some(spec) = self.spec_of(r) else {
             return Ok(false);
-        }
+        };
         let image = after.or(before);
-        let mut parts = Vec::with_capacity(self.spec.key.len());
-        for k in &self.spec.key {
+        let mut parts = Vec::with_capacity(spec.key.len());
+        for k in &spec.key {
             let i = r
                 .columns
                 .iter()
                 .position(|c| c.name == k.name)
                 .ok_or_else(|| {
                     Error::setup(
-                        format!("source table {}", self.spec.qualified()),
+                        format!("source table {}", spec.qualified()),
                         format!("the stream has no key column {}", k.name),
                     )
                 })?;
@@ -184,14 +200,14 @@ impl<'a> TxDecoder<'a> {
                         "pgoutput stream",
                         format!(
                             "a change of {} without its key value {}",
-                            self.spec.qualified(),
+                            spec.qualified(),
                             k.name
                         ),
                     ))
                 }
             }
         }
-        let key = self.spec.encode_key(&parts);
+        let key = spec.encode_key(&parts);
         let key = key.as_str();
         let h = Header {
             op,
@@ -206,7 +222,7 @@ impl<'a> TxDecoder<'a> {
         };
         write_event(
             b,
-            self.spec,
+            spec,
             &h,
             |b| write_image(b, r, before),
             |b| write_image(b, r, after),

@@ -31,22 +31,31 @@ use pgoutput::Message;
 use std::path::PathBuf;
 use tokio_postgres::Client;
 
+/// Logical capture of the pipeline's tables: one slot and one publication for all of them,
+/// one progress file (named by `progress_name`), every transaction in commit order.
 pub struct LogicalCapture {
-    spec: TableSpec,
+    specs: Vec<TableSpec>,
     state_dir: PathBuf,
     slot: SlotSettings,
+    progress_name: String,
     progress: Progress,
     /// The source database's name (`source.db`), read once.
     db: String,
 }
 
 impl LogicalCapture {
-    pub fn new(spec: TableSpec, state_dir: PathBuf, slot: SlotSettings) -> Result<Self> {
-        let progress = Progress::load(&state_dir, &spec, CaptureMode::Logical)?;
+    pub fn new(
+        specs: Vec<TableSpec>,
+        state_dir: PathBuf,
+        slot: SlotSettings,
+        progress_name: String,
+    ) -> Result<Self> {
+        let progress = Progress::load(&state_dir, &progress_name, CaptureMode::Logical)?;
         Ok(LogicalCapture {
-            spec,
+            specs,
             state_dir,
             slot,
+            progress_name,
             progress,
             db: String::new(),
         })
@@ -101,22 +110,29 @@ impl LogicalCapture {
             tx.batch_execute(TEXT_OUTPUT_SETTINGS)
                 .await
                 .map_err(ctx("setting the output format"))?;
-            let cols = ImageColumns::load(&tx, &self.spec).await?;
-            let stream = tx
-                .copy_out(snapshot_copy_sql(&self.spec, &cols)?.as_str())
-                .await
-                .map_err(ctx("reading the initial copy"))?;
-            read_rows(
-                stream,
-                &self.spec,
-                &cols,
-                CaptureMode::Logical,
-                true,
-                now.timestamp_millis(),
-                sink,
-                |_, _| {},
-            )
-            .await
+            let mut rows = 0;
+            for spec in &self.specs {
+                let cols = ImageColumns::load(&tx, spec).await?;
+                let stream = tx
+                    .copy_out(snapshot_copy_sql(spec, &cols)?.as_str())
+                    .await
+                    .map_err(ctx(format!(
+                        "reading the initial copy of {}",
+                        spec.qualified()
+                    )))?;
+                rows += read_rows(
+                    stream,
+                    spec,
+                    &cols,
+                    CaptureMode::Logical,
+                    true,
+                    now.timestamp_millis(),
+                    sink,
+                    |_, _| {},
+                )
+                .await?;
+            }
+            Ok(rows)
         }
         .await;
         let rows = match result {
@@ -136,7 +152,7 @@ impl LogicalCapture {
             filter: Some(filter),
         });
         self.progress
-            .save(&self.state_dir, &self.spec, None, &durable)?;
+            .save(&self.state_dir, &self.progress_name, None, &durable)?;
         Ok(PassOutcome {
             rows,
             snapshot: true,
@@ -193,7 +209,7 @@ impl LogicalCapture {
             .as_ref()
             .and_then(|l| l.filter.clone());
         sink.begin(now, self.progress.next_file_seq);
-        let mut dec = TxDecoder::new(&self.spec, &self.db, now.timestamp_millis());
+        let mut dec = TxDecoder::new(&self.specs, &self.db, now.timestamp_millis());
         let mut out = PassOutcome::default();
         let mut last_end: Option<u64> = None;
         let result: Result<()> = async {
@@ -255,7 +271,7 @@ impl LogicalCapture {
         {
             self.progress.next_file_seq = durable.next_seq();
             self.progress
-                .save(&self.state_dir, &self.spec, None, &durable)?;
+                .save(&self.state_dir, &self.progress_name, None, &durable)?;
         }
         Ok(out)
     }
@@ -273,13 +289,17 @@ impl ChangeSource for LogicalCapture {
     /// Checks the server (wal_level, privilege, table) and creates the publication and the
     /// slot if missing. Misconfiguration is a setup error naming what to change.
     async fn prepare(&mut self, client: &Client) -> Result<()> {
-        check_source_table(client, &self.spec, false).await?;
+        for spec in &self.specs {
+            check_source_table(client, spec, false).await?;
+        }
         slot::check_server(client).await?;
-        slot::ensure_publication(client, &self.slot, &self.spec).await?;
+        for spec in &self.specs {
+            slot::ensure_publication(client, &self.slot, spec).await?;
+        }
         if !slot::exists(client, &self.slot).await? {
             if self.snapshot_done() {
                 return Err(Error::State {
-                    path: Progress::path(&self.state_dir, &self.spec),
+                    path: Progress::path(&self.state_dir, &self.progress_name),
                     message: format!(
                         "the replication slot {} is gone, so changes since the last pass may be lost; remove this file to take a new snapshot",
                         self.slot.slot
