@@ -78,3 +78,44 @@ CREATE TRIGGER trg_orders_key_change
     AFTER UPDATE OF id ON public.orders
     FOR EACH ROW WHEN (OLD.id IS DISTINCT FROM NEW.id)
     EXECUTE FUNCTION public.cdc_record_delete();
+
+-- Customers (a uuid key) and order lines (a composite key), captured beside orders. Deleting
+-- an order deletes its lines. Each has the same capture triggers as orders (what
+-- `extractor setup` installs on any table).
+CREATE TABLE IF NOT EXISTS public.customers (
+    id            UUID        PRIMARY KEY DEFAULT gen_random_uuid(),
+    email         TEXT        NOT NULL,
+    full_name     TEXT,
+    tier          TEXT        NOT NULL DEFAULT 'standard',
+    last_updated  TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+    created_at    TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS public.order_items (
+    order_id      INTEGER        NOT NULL REFERENCES public.orders (id) ON DELETE CASCADE ON UPDATE CASCADE,
+    line_no       INTEGER        NOT NULL,
+    sku           TEXT           NOT NULL,
+    quantity      INTEGER        NOT NULL CHECK (quantity > 0),
+    unit_price    NUMERIC(10, 2) NOT NULL CHECK (unit_price >= 0),
+    last_updated  TIMESTAMPTZ    NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (order_id, line_no)
+);
+CREATE INDEX IF NOT EXISTS idx_customers_last_updated ON public.customers (last_updated, id);
+CREATE INDEX IF NOT EXISTS idx_order_items_last_updated
+    ON public.order_items (last_updated, order_id, line_no);
+ALTER TABLE public.customers REPLICA IDENTITY FULL;
+ALTER TABLE public.order_items REPLICA IDENTITY FULL;
+
+CREATE OR REPLACE TRIGGER trg_customers_last_updated BEFORE INSERT OR UPDATE ON public.customers
+    FOR EACH ROW EXECUTE FUNCTION public.cdc_touch_last_updated();
+CREATE OR REPLACE TRIGGER trg_customers_tombstone AFTER DELETE ON public.customers
+    FOR EACH ROW EXECUTE FUNCTION public.cdc_record_delete();
+CREATE OR REPLACE TRIGGER trg_customers_key_change AFTER UPDATE OF id ON public.customers
+    FOR EACH ROW WHEN ((OLD.id) IS DISTINCT FROM (NEW.id))
+    EXECUTE FUNCTION public.cdc_record_delete();
+CREATE OR REPLACE TRIGGER trg_order_items_last_updated BEFORE INSERT OR UPDATE ON public.order_items
+    FOR EACH ROW EXECUTE FUNCTION public.cdc_touch_last_updated();
+CREATE OR REPLACE TRIGGER trg_order_items_tombstone AFTER DELETE ON public.order_items
+    FOR EACH ROW EXECUTE FUNCTION public.cdc_record_delete();
+CREATE OR REPLACE TRIGGER trg_order_items_key_change AFTER UPDATE OF order_id, line_no ON public.order_items
+    FOR EACH ROW WHEN ((OLD.order_id, OLD.line_no) IS DISTINCT FROM (NEW.order_id, NEW.line_no))
+    EXECUTE FUNCTION public.cdc_record_delete();

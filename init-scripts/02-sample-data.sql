@@ -16,3 +16,17 @@ FROM (VALUES
     (1010, 510, 6,  18.75, 'confirmed',  interval '10 minutes')
 ) AS v(customer_id, product_id, quantity, unit_price, order_status, age)
 WHERE NOT EXISTS (SELECT 1 FROM public.orders);
+
+-- A few customers and order lines, likewise only into empty tables.
+INSERT INTO public.customers (id, email, full_name, tier)
+SELECT v.id::uuid, v.email, v.full_name, v.tier
+FROM (VALUES
+    ('0f8b1f3e-3c0c-4d7e-9a51-1d2f1b7a0001', 'ada@example.com',   'Ada Lovelace',   'gold'),
+    ('0f8b1f3e-3c0c-4d7e-9a51-1d2f1b7a0002', 'alan@example.com',  'Alan Turing',    'standard'),
+    ('0f8b1f3e-3c0c-4d7e-9a51-1d2f1b7a0003', 'grace@example.com', 'Grace Hopper',   'silver')
+) AS v(id, email, full_name, tier)
+WHERE NOT EXISTS (SELECT 1 FROM public.customers);
+INSERT INTO public.order_items (order_id, line_no, sku, quantity, unit_price)
+SELECT o.id, l.line_no, 'SKU-' || o.product_id || '-' || l.line_no, o.quantity, o.unit_price
+FROM public.orders o CROSS JOIN generate_series(1, 2) AS l(line_no)
+WHERE NOT EXISTS (SELECT 1 FROM public.order_items);

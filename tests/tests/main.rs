@@ -7,6 +7,7 @@
 mod cli;
 mod logical;
 mod pipeline;
+mod setup;
 
 use cdc_core::test_utils::TestDb;
 use std::path::PathBuf;

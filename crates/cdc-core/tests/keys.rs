@@ -80,10 +80,10 @@ const LINES: &[&str] = &[
     "DELETE FROM lines WHERE order_id = 1; UPDATE lines SET sku = 'y' WHERE order_id = 10",
 ];
 
-const CUSTOMERS: &[&str] = &[
-    "INSERT INTO customers (id, email) VALUES ('a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 'a@x'), ('00000000-0000-0000-0000-000000000001', 'b@x')",
-    "UPDATE customers SET email = 'a2@x' WHERE email = 'a@x'",
-    "DELETE FROM customers WHERE email = 'b@x'; INSERT INTO customers (id, email) VALUES ('00000000-0000-0000-0000-000000000001', 'b2@x')",
+const ACCOUNTS: &[&str] = &[
+    "INSERT INTO accounts (id, email) VALUES ('a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 'a@x'), ('00000000-0000-0000-0000-000000000001', 'b@x')",
+    "UPDATE accounts SET email = 'a2@x' WHERE email = 'a@x'",
+    "DELETE FROM accounts WHERE email = 'b@x'; INSERT INTO accounts (id, email) VALUES ('00000000-0000-0000-0000-000000000001', 'b2@x')",
 ];
 
 async fn through_timestamp_capture(db: &TestDb, steps: &[&str], cols: &str) {
@@ -148,11 +148,11 @@ async fn a_composite_key_table_follows_the_source_in_logical_mode() {
 #[tokio::test]
 async fn a_uuid_key_table_follows_the_source_in_both_modes() {
     let mut db = TestDb::new("keys_uuid_ts").await;
-    create(&mut db, "customers", "id uuid, email text", &["id"]).await;
-    through_timestamp_capture(&db, CUSTOMERS, "id, email").await;
+    create(&mut db, "accounts", "id uuid, email text", &["id"]).await;
+    through_timestamp_capture(&db, ACCOUNTS, "id, email").await;
     db.cleanup().await;
     let mut db = TestDb::new("keys_uuid_lg").await;
-    create(&mut db, "customers", "id uuid, email text", &["id"]).await;
-    through_logical_capture(&db, CUSTOMERS, "id, email").await;
+    create(&mut db, "accounts", "id uuid, email text", &["id"]).await;
+    through_logical_capture(&db, ACCOUNTS, "id, email").await;
     db.cleanup().await;
 }

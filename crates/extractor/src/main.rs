@@ -20,6 +20,9 @@ struct Cli {
 enum Command {
     /// Capture changes (the default)
     Run,
+    /// Prepare the source for the configured tables and mode (triggers; or replica identity,
+    /// publication and slot), idempotently, and say what was done
+    Setup,
     /// Logical mode: drop the replication slot and the publication, and forget the progress
     DropSlot,
 }
@@ -36,6 +39,10 @@ fn main() {
         let shutdown = cdc_core::shutdown::Shutdown::from_signals();
         match cli.command.unwrap_or(Command::Run) {
             Command::Run => cdc_core::capture::run(cfg, shutdown).await,
+            Command::Setup => {
+                println!("{}", cdc_core::capture::setup(&cfg, &shutdown).await?);
+                Ok(())
+            }
             Command::DropSlot => {
                 println!("{}", cdc_core::capture::drop_slot(&cfg, &shutdown).await?);
                 Ok(())

@@ -5,6 +5,7 @@
 
 pub mod logical;
 mod rows;
+pub mod setup;
 pub mod timestamp;
 
 use crate::catalog::{logical_progress_name, stream_name};
@@ -208,6 +209,41 @@ async fn run_source(
     }
     tracing::info!("extractor stopped");
     Ok(())
+}
+
+/// `extractor setup`: prepares the source for the configured tables and capture mode
+/// (idempotent). Returns what was done, a line per table.
+pub async fn setup(cfg: &ExtractorConfig, shutdown: &Shutdown) -> Result<String> {
+    let source = db::connect(&cfg.source, shutdown).await?;
+    let specs = cfg.tables.describe(&source).await?;
+    let mut done = Vec::new();
+    match cfg.capture_mode {
+        CaptureMode::Timestamp => {
+            for spec in &specs {
+                done.push(
+                    setup::timestamp_table(&source, spec, &cfg.tables.change_time_column).await?,
+                );
+            }
+        }
+        CaptureMode::Logical => {
+            slot::check_server(&source).await?;
+            for spec in &specs {
+                done.push(setup::logical_table(&source, spec).await?);
+                slot::ensure_publication(&source, &cfg.slot, spec).await?;
+            }
+            done.push(format!(
+                "publication {} holds every table",
+                cfg.slot.publication
+            ));
+            if slot::exists(&source, &cfg.slot).await? {
+                done.push(format!("slot {} exists", cfg.slot.slot));
+            } else {
+                slot::create(&source, &cfg.slot).await?;
+                done.push(format!("slot {} created", cfg.slot.slot));
+            }
+        }
+    }
+    Ok(done.join("\n"))
 }
 
 /// `extractor drop-slot`: removes the slot and publication, and the logical progress file

@@ -65,6 +65,7 @@ impl ChangeSource for TimestampCapture {
     async fn prepare(&mut self, client: &Client) -> Result<()> {
         for (spec, _) in &self.tables {
             check_source_table(client, spec, true).await?;
+            super::setup::check_timestamp_table(client, spec).await?;
         }
         let row = client
             .query_one(

@@ -30,7 +30,8 @@ pub async fn install_audit(source: &Client) {
                  RETURN NULL;
              END $$;
              CREATE TRIGGER zz_test_audit AFTER INSERT ON public.cdc_tombstones
-                 FOR EACH ROW EXECUTE FUNCTION public.test_audit_delete();
+                 FOR EACH ROW WHEN (NEW.table_name = 'orders')
+                 EXECUTE FUNCTION public.test_audit_delete();
              INSERT INTO public.test_audit (kind, ts, key, row_image, txid)
                  SELECT 'u', o.last_updated, o.id::text, to_jsonb(o), '0'::xid8 FROM public.orders o;",
         )

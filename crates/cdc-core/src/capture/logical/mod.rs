@@ -291,6 +291,7 @@ impl ChangeSource for LogicalCapture {
     async fn prepare(&mut self, client: &Client) -> Result<()> {
         for spec in &self.specs {
             check_source_table(client, spec, false).await?;
+            super::setup::check_logical_table(client, spec).await?;
         }
         slot::check_server(client).await?;
         for spec in &self.specs {

@@ -1,0 +1,171 @@
+//! `extractor setup`: prepares the source for the configured tables and capture mode,
+//! idempotently, and says what it did. Timestamp mode: the tombstone table and the trigger
+//! functions, then per table the change-time trigger, the delete trigger and the key-change
+//! trigger. Logical mode: `REPLICA IDENTITY FULL` per table, the publication and the slot. A
+//! normal start checks the same things and names `extractor setup` when one is missing.
+
+use crate::db::ctx;
+use crate::error::{Error, Result};
+use crate::table::TableSpec;
+use tokio_postgres::Client;
+
+/// The tombstone table and the trigger functions timestamp capture needs (the same as
+/// `init-scripts/01-operational-schema.sql` creates for the demo).
+const TIMESTAMP_OBJECTS: &str = "
+CREATE TABLE IF NOT EXISTS public.cdc_tombstones (
+    tombstone_id  BIGSERIAL   PRIMARY KEY,
+    table_schema  TEXT        NOT NULL,
+    table_name    TEXT        NOT NULL,
+    deleted_at    TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+    old_row       JSONB       NOT NULL
+);
+ALTER TABLE public.cdc_tombstones ADD COLUMN IF NOT EXISTS old_text TEXT;
+CREATE INDEX IF NOT EXISTS idx_cdc_tombstones_table
+    ON public.cdc_tombstones (table_schema, table_name, deleted_at, tombstone_id);
+CREATE OR REPLACE FUNCTION public.cdc_record_delete() RETURNS trigger
+LANGUAGE plpgsql SET datestyle = 'ISO, MDY' SET intervalstyle = 'postgres' AS $$
+BEGIN
+    INSERT INTO public.cdc_tombstones (table_schema, table_name, old_row, old_text)
+    VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, to_jsonb(OLD), OLD::text);
+    RETURN OLD;
+END;
+$$;";
+
+/// The change-time trigger function for a column (`cdc_touch_last_updated` for the
+/// default column, as in the init scripts; `cdc_touch_<column>` for another).
+fn touch_function(column: &str) -> (String, String) {
+    let name = if column == "last_updated" {
+        "cdc_touch_last_updated".to_owned()
+    } else {
+        format!("cdc_touch_{column}")
+    };
+    let sql = format!(
+        "CREATE OR REPLACE FUNCTION public.{name}() RETURNS trigger
+         LANGUAGE plpgsql AS $$
+         BEGIN
+             PERFORM pg_current_xact_id();
+             NEW.{column} := clock_timestamp();
+             RETURN NEW;
+         END;
+         $$;"
+    );
+    (name, sql)
+}
+
+/// Prepares one table for timestamp capture. Returns what was done.
+pub async fn timestamp_table(
+    client: &Client,
+    spec: &TableSpec,
+    change_time: &str,
+) -> Result<String> {
+    let has: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.columns
+                            WHERE table_schema = $1 AND table_name = $2 AND column_name = $3
+                              AND data_type = 'timestamp with time zone')",
+            &[&spec.schema, &spec.name, &change_time],
+        )
+        .await
+        .map_err(ctx(format!("reading the columns of {}", spec.qualified())))?
+        .get(0);
+    if !has {
+        return Err(Error::setup(
+            format!("source table {}", spec.qualified()),
+            format!(
+                "has no timestamptz column {change_time} (CDC_CHANGE_TIME_COLUMN) for timestamp capture: \
+                 ALTER TABLE {} ADD COLUMN {change_time} timestamptz NOT NULL DEFAULT clock_timestamp(), \
+                 or use CDC_CAPTURE_MODE=logical",
+                spec.qualified()
+            ),
+        ));
+    }
+    let (touch, touch_sql) = touch_function(change_time);
+    let t = &spec.name;
+    let table = spec.qualified();
+    let keys: Vec<&str> = spec.key.iter().map(|k| k.name.as_str()).collect();
+    let old: Vec<String> = keys.iter().map(|k| format!("OLD.{k}")).collect();
+    let new: Vec<String> = keys.iter().map(|k| format!("NEW.{k}")).collect();
+    client
+        .batch_execute(&format!(
+            "SET client_min_messages = warning;
+             {TIMESTAMP_OBJECTS}
+             {touch_sql}
+             CREATE OR REPLACE TRIGGER trg_{t}_last_updated BEFORE INSERT OR UPDATE ON {table}
+                 FOR EACH ROW EXECUTE FUNCTION public.{touch}();
+             CREATE OR REPLACE TRIGGER trg_{t}_tombstone AFTER DELETE ON {table}
+                 FOR EACH ROW EXECUTE FUNCTION public.cdc_record_delete();
+             CREATE OR REPLACE TRIGGER trg_{t}_key_change AFTER UPDATE OF {key_list} ON {table}
+                 FOR EACH ROW WHEN (({old}) IS DISTINCT FROM ({new}))
+                 EXECUTE FUNCTION public.cdc_record_delete();
+             CREATE INDEX IF NOT EXISTS idx_{t}_{change_time} ON {table} ({change_time}, {key_list});",
+            key_list = keys.join(", "),
+            old = old.join(", "),
+            new = new.join(", "),
+        ))
+        .await
+        .map_err(ctx(format!("installing the capture triggers on {table}")))?;
+    Ok(format!(
+        "{table}: triggers trg_{t}_last_updated ({change_time}), trg_{t}_tombstone, trg_{t}_key_change; index on ({change_time}, {})",
+        keys.join(", ")
+    ))
+}
+
+/// Checks that a table has what timestamp capture needs; names `extractor setup` if not.
+pub async fn check_timestamp_table(client: &Client, spec: &TableSpec) -> Result<()> {
+    let row = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE p.proname LIKE 'cdc\\_touch\\_%' AND (t.tgtype & 2) <> 0),
+                    count(*) FILTER (WHERE p.proname = 'cdc_record_delete' AND (t.tgtype & 8) <> 0)
+             FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+             WHERE t.tgrelid = (quote_ident($1) || '.' || quote_ident($2))::regclass AND t.tgenabled <> 'D'",
+            &[&spec.schema, &spec.name],
+        )
+        .await
+        .map_err(ctx(format!("reading the triggers of {}", spec.qualified())))?;
+    let (touch, delete): (i64, i64) = (row.get(0), row.get(1));
+    if touch == 0 || delete == 0 {
+        return Err(Error::setup(
+            format!("source table {}", spec.qualified()),
+            "is not prepared for timestamp capture (its change-time or delete trigger is missing): run `extractor setup`",
+        ));
+    }
+    Ok(())
+}
+
+/// Prepares one table for logical capture: `REPLICA IDENTITY FULL`. Returns what was done.
+pub async fn logical_table(client: &Client, spec: &TableSpec) -> Result<String> {
+    client
+        .batch_execute(&format!(
+            "ALTER TABLE {} REPLICA IDENTITY FULL",
+            spec.qualified()
+        ))
+        .await
+        .map_err(ctx(format!(
+            "setting REPLICA IDENTITY FULL on {}",
+            spec.qualified()
+        )))?;
+    Ok(format!("{}: REPLICA IDENTITY FULL", spec.qualified()))
+}
+
+/// Checks that a table sends full old rows (unchanged large values are taken from them).
+pub async fn check_logical_table(client: &Client, spec: &TableSpec) -> Result<()> {
+    let full: bool = client
+        .query_one(
+            "SELECT relreplident = 'f' FROM pg_class
+             WHERE oid = (quote_ident($1) || '.' || quote_ident($2))::regclass",
+            &[&spec.schema, &spec.name],
+        )
+        .await
+        .map_err(ctx(format!(
+            "reading the replica identity of {}",
+            spec.qualified()
+        )))?
+        .get(0);
+    if !full {
+        return Err(Error::setup(
+            format!("source table {}", spec.qualified()),
+            "does not send full old rows (REPLICA IDENTITY FULL) for logical capture: run `extractor setup`",
+        ));
+    }
+    Ok(())
+}

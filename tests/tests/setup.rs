@@ -1,0 +1,128 @@
+//! `extractor setup` prepares any table for either capture mode, idempotently; a start on an
+//! unprepared table stops with exit 2 naming the table and `extractor setup`.
+
+use crate::{cmd, run, text};
+use cdc_core::test_utils::TestDb;
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn setup_prepares_a_new_table_for_timestamp_capture_and_a_start_without_it_is_refused() {
+    let db = TestDb::new("e2e_setup_ts").await;
+    let source = db.source_client().await;
+    source
+        .batch_execute(
+            "CREATE TABLE public.items (sku text, shop int, name text,
+                 last_updated timestamptz NOT NULL DEFAULT clock_timestamp(), PRIMARY KEY (sku, shop));
+             INSERT INTO public.items VALUES ('a', 1, 'first'), ('b', 1, 'second');
+             CREATE TABLE public.no_time (id int PRIMARY KEY)",
+        )
+        .await
+        .unwrap();
+    let extractor = |args: &[&str], tables: &str| {
+        let mut c = cmd(&db, "extractor");
+        c.args(args).env("CDC_TABLES", tables);
+        run(c)
+    };
+
+    let out = extractor(&["--once"], "public.items");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        stderr(&out).contains("public.items") && stderr(&out).contains("extractor setup"),
+        "{}",
+        text(&out)
+    );
+
+    for _ in 0..2 {
+        let out = extractor(&["setup"], "public.items");
+        assert!(out.status.success(), "{}", text(&out));
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.contains("trg_items_tombstone"), "{}", text(&out));
+    }
+    let out = extractor(&["setup"], "public.no_time");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        stderr(&out).contains("public.no_time") && stderr(&out).contains("last_updated"),
+        "{}",
+        text(&out)
+    );
+
+    // Prepared: captured, applied, and a delete and a key change are followed.
+    let out = extractor(&["--once"], "public.items");
+    assert!(out.status.success(), "{}", text(&out));
+    source
+        .batch_execute(
+            "DELETE FROM public.items WHERE sku = 'a'; UPDATE public.items SET shop = 2 WHERE sku = 'b'",
+        )
+        .await
+        .unwrap();
+    let out = extractor(&["--once"], "public.items");
+    assert!(out.status.success(), "{}", text(&out));
+    let mut c = cmd(&db, "scd2-loader");
+    c.args(["--once"]).env("CDC_TABLES", "public.items");
+    let out = run(c);
+    assert!(out.status.success(), "{}", text(&out));
+    let wh = db.warehouse_client().await;
+    let rows = wh
+        .query(
+            "SELECT sku, shop, is_current, is_deleted FROM public.dim_items_history ORDER BY sku, shop, valid_from",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, i32, bool, bool)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("a".into(), 1, false, true),
+            ("b".into(), 1, false, true),
+            ("b".into(), 2, true, false)
+        ]
+    );
+    let mut c = cmd(&db, "scd2-loader");
+    c.args(["verify"]).env("CDC_TABLES", "public.items");
+    let out = run(c);
+    assert!(out.status.success(), "{}", text(&out));
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn setup_prepares_a_table_for_logical_capture() {
+    let db = TestDb::new("e2e_setup_lg").await;
+    let source = db.source_client().await;
+    source
+        .batch_execute("CREATE TABLE public.notes (id bigint PRIMARY KEY, body text)")
+        .await
+        .unwrap();
+    let extractor = |args: &[&str]| {
+        let mut c = cmd(&db, "extractor");
+        c.args(args)
+            .env("CDC_TABLES", "public.notes")
+            .env("CDC_CAPTURE_MODE", "logical");
+        run(c)
+    };
+    let out = extractor(&["--once"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        stderr(&out).contains("public.notes") && stderr(&out).contains("extractor setup"),
+        "{}",
+        text(&out)
+    );
+    for _ in 0..2 {
+        let out = extractor(&["setup"]);
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("REPLICA IDENTITY FULL"),
+            "{}",
+            text(&out)
+        );
+    }
+    let out = extractor(&["--once"]);
+    assert!(out.status.success(), "{}", text(&out));
+    db.cleanup().await;
+}
