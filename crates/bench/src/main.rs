@@ -315,6 +315,8 @@ impl Bench {
                     &writers,
                     "--ops-per-transaction",
                     &per_tx,
+                    "--tables",
+                    "orders",
                 ],
             )
             .await?;
@@ -405,7 +407,10 @@ impl Bench {
         let started = Instant::now();
         let rate = self.args.rate.to_string();
         let seed_s = seed.to_string();
-        let mutator = runner.spawn("mutator", &["--rate", &rate, "--seed", &seed_s])?;
+        let mutator = runner.spawn(
+            "mutator",
+            &["--rate", &rate, "--seed", &seed_s, "--tables", "orders"],
+        )?;
         // Logical mode: how much WAL the slot holds unconfirmed, sampled twice a second.
         let mut slot_lag = Vec::new();
         let until = Instant::now() + Duration::from_secs(self.args.steady_seconds);

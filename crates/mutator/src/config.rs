@@ -3,7 +3,7 @@
 use cdc_core::config::{positive_secs, RetryArgs, SourceDbArgs};
 use cdc_core::db::DbSettings;
 use cdc_core::error::{Error, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use std::time::Duration;
 
 /// `mutator` flags.
@@ -43,6 +43,19 @@ pub struct MutatorArgs {
     /// batches of a tenth of a second (replaces --interval and --batch-size)
     #[arg(long, env = "MUTATION_RATE")]
     pub rate: Option<f64>,
+    /// Which tables get traffic: `all` (orders with their lines, order_items, customers) or
+    /// `orders` only
+    #[arg(long, env = "MUTATION_TABLES", value_enum, default_value = "all")]
+    pub tables: Traffic,
+}
+
+/// Which tables the mutator writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Traffic {
+    /// orders only (the benchmark's workload)
+    Orders,
+    /// orders (a new order comes with its first line), order_items and customers
+    All,
 }
 
 /// Settled mutator configuration.
@@ -57,6 +70,7 @@ pub struct MutatorConfig {
     pub ops_per_transaction: u32,
     /// Fixed-rate steady mode: operations per second.
     pub rate: Option<f64>,
+    pub tables: Traffic,
 }
 
 impl MutatorArgs {
@@ -97,6 +111,7 @@ impl MutatorArgs {
             concurrency: self.concurrency,
             ops_per_transaction: self.ops_per_transaction,
             rate: self.rate,
+            tables: self.tables,
         })
     }
 }

@@ -230,6 +230,7 @@ impl TestDb {
             ("CDC_SLOT_NAME".into(), self.name.clone()),
             ("CDC_PUBLICATION".into(), "cdc_test_pub".into()),
             ("CDC_TABLES".into(), self.spec.qualified()),
+            ("MUTATION_TABLES".into(), "orders".into()),
         ]
     }
 
