@@ -122,7 +122,7 @@ impl TableSelection {
         let what = || format!("source table {schema}.{table}");
         let rows = client
             .query(
-                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.atttypid::int8,
                         a.attgenerated = 's', pg_get_expr(d.adbin, d.adrelid),
                         coalesce((SELECT k.n FROM unnest(i.indkey) WITH ORDINALITY AS k(att, n)
                                   WHERE k.att = a.attnum), 0)::int4
@@ -144,6 +144,7 @@ impl TableSelection {
             ));
         }
         let mut key: Vec<(i32, Column)> = Vec::new();
+        let mut type_oids: Vec<i64> = Vec::new();
         let mut columns = Vec::new();
         let mut has_change_time = false;
         let mut has_created_at = false;
@@ -156,10 +157,13 @@ impl TableSelection {
                 )
             })?;
             let mut col = Column::new(&name, &r.get::<_, String>(1));
-            if r.get::<_, bool>(2) {
-                col.generated = r.get(3);
+            if r.get::<_, bool>(3) {
+                col.generated = r.get(4);
             }
-            let key_pos: i32 = r.get(4);
+            let key_pos: i32 = r.get(5);
+            if !excluded_column(&self.exclude, schema, table, &name) {
+                type_oids.push(r.get::<_, i64>(2));
+            }
             let excluded = self
                 .exclude
                 .iter()
@@ -218,6 +222,7 @@ impl TableSelection {
             history_schema: schema.to_owned(),
             history_table: format!("dim_{table}_history"),
             history_key_columns,
+            types: user_types(client, &type_oids).await?,
         })
     }
 }
@@ -238,6 +243,110 @@ pub fn logical_progress_name(specs: &[TableSpec], pipeline: &str) -> String {
         [one] => one.qualified(),
         _ => format!("pipeline-{pipeline}"),
     }
+}
+
+fn excluded_column(
+    exclude: &[(String, String, String)],
+    schema: &str,
+    table: &str,
+    column: &str,
+) -> bool {
+    exclude
+        .iter()
+        .any(|(s, t, c)| s == schema && t == table && c == column)
+}
+
+/// The user-defined types (enums, domains, composites; through arrays, domains' base types
+/// and composites' attributes) that columns of these types need, dependencies first.
+async fn user_types(
+    client: &impl GenericClient,
+    oids: &[i64],
+) -> Result<Vec<crate::table::TypeDef>> {
+    let mut out: Vec<crate::table::TypeDef> = Vec::new();
+    let mut seen: Vec<i64> = Vec::new();
+    // Depth-first with an explicit stack: (type, whether its dependencies are already queued).
+    let mut stack: Vec<(i64, bool)> = oids.iter().rev().map(|&o| (o, false)).collect();
+    while let Some((oid, expanded)) = stack.pop() {
+        if seen.contains(&oid) {
+            continue;
+        }
+        let row = client
+            .query_one(
+                "SELECT t.typtype::text, n.nspname::text, format('%I.%I', n.nspname, t.typname),
+                        t.typelem::int8, t.typbasetype::int8, t.typrelid::int8,
+                        n.nspname IN ('pg_catalog', 'information_schema'),
+                        coalesce((SELECT array_agg(a.atttypid::int8 ORDER BY a.attnum) FROM pg_attribute a
+                                  WHERE a.attrelid = t.typrelid AND a.attnum > 0 AND NOT a.attisdropped), '{}')
+                 FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace WHERE t.oid = $1::int8::oid",
+                &[&oid],
+            )
+            .await
+            .map_err(ctx("reading the source's types"))?;
+        let (kind, schema, name): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+        let (elem, base, rel, builtin): (i64, i64, i64, bool) =
+            (row.get(3), row.get(4), row.get(5), row.get(6));
+        let attrs: Vec<i64> = row.get(7);
+        // An array: its element type is what needs creating.
+        if elem != 0 && kind == "b" {
+            seen.push(oid);
+            stack.push((elem, false));
+            continue;
+        }
+        if builtin || !matches!(kind.as_str(), "e" | "d" | "c") {
+            seen.push(oid);
+            continue;
+        }
+        if !expanded {
+            stack.push((oid, true));
+            match kind.as_str() {
+                "d" => stack.push((base, false)),
+                "c" => stack.extend(attrs.iter().rev().map(|&a| (a, false))),
+                _ => {}
+            }
+            continue;
+        }
+        seen.push(oid);
+        let ddl_sql = match kind.as_str() {
+            "e" => "SELECT format('CREATE TYPE %I.%I AS ENUM (%s)', n.nspname, t.typname,
+                           string_agg(quote_literal(e.enumlabel), ', ' ORDER BY e.enumsortorder))
+                    FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+                    JOIN pg_enum e ON e.enumtypid = t.oid WHERE t.oid = $1::int8::oid GROUP BY n.nspname, t.typname",
+            "d" => "SELECT format('CREATE DOMAIN %I.%I AS %s%s%s', n.nspname, t.typname,
+                           format_type(t.typbasetype, t.typtypmod),
+                           CASE WHEN t.typnotnull THEN ' NOT NULL' ELSE '' END,
+                           coalesce((SELECT string_agg(format(' CONSTRAINT %I %s', c.conname, pg_get_constraintdef(c.oid)), '')
+                                     FROM pg_constraint c WHERE c.contypid = t.oid), ''))
+                    FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace WHERE t.oid = $1::int8::oid",
+            _ => "SELECT format('CREATE TYPE %I.%I AS (%s)', n.nspname, t.typname,
+                           string_agg(format('%I %s', a.attname, format_type(a.atttypid, a.atttypmod)), ', ' ORDER BY a.attnum))
+                    FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+                    JOIN pg_attribute a ON a.attrelid = t.typrelid AND a.attnum > 0 AND NOT a.attisdropped
+                    WHERE t.oid = $1::int8::oid GROUP BY n.nspname, t.typname",
+        };
+        if kind == "c" && rel != 0 {
+            let standalone: bool = client
+                .query_one(
+                    "SELECT relkind = 'c' FROM pg_class WHERE oid = $1::int8::oid",
+                    &[&rel],
+                )
+                .await
+                .map_err(ctx("reading the source's types"))?
+                .get(0);
+            if !standalone {
+                return Err(Error::setup(
+                    format!("type {name}"),
+                    "is a table's row type; a column of a table's row type is not supported",
+                ));
+            }
+        }
+        let ddl: String = client
+            .query_one(ddl_sql, &[&oid])
+            .await
+            .map_err(ctx(format!("reading the definition of type {name}")))?
+            .get(0);
+        out.push(crate::table::TypeDef { name, schema, ddl });
+    }
+    Ok(out)
 }
 
 /// A schema, table or column name the pipeline splices into SQL as it is: a lower-case SQL

@@ -56,6 +56,7 @@ pub async fn migrate(client: &mut Client, spec: &TableSpec) -> Result<()> {
         .map_err(ctx("recording a migration"))?;
         tracing::info!(version, name, "applied warehouse migration");
     }
+    create_types(&tx, spec).await?;
     tx.batch_execute(&history_ddl(spec))
         .await
         .map_err(ctx(format!(
@@ -65,6 +66,29 @@ pub async fn migrate(client: &mut Client, spec: &TableSpec) -> Result<()> {
     check_history_columns(&tx, spec).await?;
     make_generated_columns(&tx, spec).await?;
     tx.commit().await.map_err(ctx("committing migrations"))?;
+    Ok(())
+}
+
+/// Creates in the warehouse each user-defined type the table's columns need that it lacks,
+/// with the source's definition.
+async fn create_types(tx: &tokio_postgres::Transaction<'_>, spec: &TableSpec) -> Result<()> {
+    for t in &spec.types {
+        let missing: bool = tx
+            .query_one("SELECT to_regtype($1) IS NULL", &[&t.name])
+            .await
+            .map_err(ctx(format!("looking up type {} in the warehouse", t.name)))?
+            .get(0);
+        if missing {
+            tx.batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {}; {}",
+                crate::table::quote_ident(&t.schema),
+                t.ddl
+            ))
+            .await
+            .map_err(ctx(format!("creating type {} in the warehouse", t.name)))?;
+            tracing::info!(r#type = %t.name, "created a type of the source in the warehouse");
+        }
+    }
     Ok(())
 }
 

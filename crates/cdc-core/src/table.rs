@@ -74,6 +74,18 @@ pub struct TableSpec {
     pub history_table: String,
     /// The history's names of the key columns, in key order.
     pub history_key_columns: Vec<String>,
+    /// User-defined types its columns use (enums, domains, composites), dependencies first:
+    /// the warehouse creates each that it lacks, with the source's definition.
+    pub types: Vec<TypeDef>,
+}
+
+/// A user-defined type of the source and the DDL that creates it as the source defines it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TypeDef {
+    /// `schema.name`, quoted as needed.
+    pub name: String,
+    pub schema: String,
+    pub ddl: String,
 }
 
 impl TableSpec {
@@ -99,6 +111,7 @@ impl TableSpec {
             history_schema: "public".into(),
             history_table: "dim_orders_history".into(),
             history_key_columns: vec!["order_key".into()],
+            types: Vec::new(),
         }
     }
 

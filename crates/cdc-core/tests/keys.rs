@@ -156,3 +156,53 @@ async fn a_uuid_key_table_follows_the_source_in_both_modes() {
     through_logical_capture(&db, ACCOUNTS, "id, email").await;
     db.cleanup().await;
 }
+
+const PROFILES: &[&str] = &[
+    "INSERT INTO profiles (id, m, p, a, ms, s) VALUES
+         (1, 'happy', 5, ROW('1 Main St', 'sad')::addr, '{happy,sad}', 'xl'),
+         (2, NULL, 1, NULL, '{}', 's')",
+    "UPDATE profiles SET m = 'sad', a = ROW('2 Side St', NULL)::addr, ms = '[0:0]={sad}' WHERE id = 1",
+    "DELETE FROM profiles WHERE id = 2; UPDATE profiles SET p = 7, s = 's' WHERE id = 1",
+];
+
+/// Enum, domain (with a check), composite (with an enum attribute), an enum array and an enum
+/// of another schema: the warehouse gets each type with the source's definition.
+async fn create_profiles(db: &mut TestDb) {
+    db.source_client()
+        .await
+        .batch_execute(
+            "CREATE TYPE mood AS ENUM ('sad', 'happy');
+             CREATE DOMAIN posint AS integer CHECK (VALUE > 0);
+             CREATE TYPE addr AS (street text, kind mood);
+             CREATE SCHEMA shop; CREATE TYPE shop.size AS ENUM ('s', 'm', 'xl');",
+        )
+        .await
+        .unwrap();
+    create(
+        db,
+        "profiles",
+        "id int, m mood, p posint, a addr, ms mood[], s shop.size",
+        &["id"],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn enum_domain_and_composite_columns_get_their_types_in_the_warehouse() {
+    let cols = "id, m, p, a, ms, s";
+    let mut db = TestDb::new("keys_types_ts").await;
+    create_profiles(&mut db).await;
+    through_timestamp_capture(&db, PROFILES, cols).await;
+    let wh = db.warehouse_client().await;
+    let domain = printed(
+        &wh,
+        "SELECT pg_get_constraintdef(c.oid) FROM pg_constraint c WHERE c.contypid = 'posint'::regtype",
+    )
+    .await;
+    assert_eq!(domain, [vec![Some("CHECK ((VALUE > 0))".to_owned())]]);
+    db.cleanup().await;
+    let mut db = TestDb::new("keys_types_lg").await;
+    create_profiles(&mut db).await;
+    through_logical_capture(&db, PROFILES, cols).await;
+    db.cleanup().await;
+}

@@ -195,6 +195,7 @@ async fn create_typed(db: &mut TestDb) {
         history_schema: "public".into(),
         history_table: "dim_typed_history".into(),
         history_key_columns: vec!["code".into()],
+        types: Vec::new(),
     };
 }
 
