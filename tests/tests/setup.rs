@@ -126,3 +126,39 @@ async fn setup_prepares_a_table_for_logical_capture() {
     assert!(out.status.success(), "{}", text(&out));
     db.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_slot_this_pipeline_did_not_create_is_refused() {
+    let db = TestDb::new("e2e_foreign_slot").await;
+    // Another pipeline's slot under the name this one is configured with.
+    db.source_client()
+        .await
+        .execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&db.name],
+        )
+        .await
+        .unwrap();
+    let mut c = cmd(&db, "extractor");
+    c.args(["--once"]).env("CDC_CAPTURE_MODE", "logical");
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(stderr(&out).contains("CDC_SLOT_NAME"), "{}", text(&out));
+    // The other pipeline's slot was left as it was: nothing confirmed, no initial copy taken.
+    assert!(
+        !db.state_dir()
+            .join(format!("extractor-{}.json", "public.orders"))
+            .exists(),
+        "{}",
+        text(&out)
+    );
+    // Once dropped, this pipeline creates its own and captures.
+    let mut c = cmd(&db, "extractor");
+    c.args(["drop-slot"]).env("CDC_CAPTURE_MODE", "logical");
+    assert!(run(c).status.success());
+    let mut c = cmd(&db, "extractor");
+    c.args(["--once"]).env("CDC_CAPTURE_MODE", "logical");
+    let out = run(c);
+    assert!(out.status.success(), "{}", text(&out));
+    db.cleanup().await;
+}

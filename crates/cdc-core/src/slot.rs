@@ -111,6 +111,49 @@ pub async fn create(client: &Client, slot: &SlotSettings) -> Result<()> {
     Ok(())
 }
 
+/// Records in the state directory that this pipeline (its logical progress `owner`) creates
+/// the slot, then creates it: until the initial copy is saved, that record is what tells this
+/// pipeline's slot from another's (written first, so that no crash leaves our slot without it).
+pub async fn create_owned(
+    client: &Client,
+    slot: &SlotSettings,
+    state_dir: &std::path::Path,
+    owner: &str,
+) -> Result<()> {
+    crate::changelog::write_atomic(
+        &owner_path(slot, state_dir),
+        format!("{owner}\n").as_bytes(),
+    )?;
+    create(client, slot).await
+}
+
+/// Forgets that this pipeline created the slot (`extractor drop-slot`).
+pub fn forget_owner(slot: &SlotSettings, state_dir: &std::path::Path) {
+    let _ = std::fs::remove_file(owner_path(slot, state_dir));
+}
+
+/// An existing slot that this pipeline has no progress for is refused unless this pipeline
+/// created it: taking another pipeline's slot would confirm away that pipeline's changes.
+pub fn check_owner(slot: &SlotSettings, state_dir: &std::path::Path, owner: &str) -> Result<()> {
+    let recorded = std::fs::read_to_string(owner_path(slot, state_dir)).unwrap_or_default();
+    if recorded.trim() == owner {
+        return Ok(());
+    }
+    Err(Error::config(
+        "CDC_SLOT_NAME",
+        format!(
+            "slot {} already exists and this pipeline has no progress for it (CDC_STATE_DIR): it may be another pipeline's, \
+             whose changes this one would consume; choose another CDC_SLOT_NAME, or, if it is a leftover of this pipeline, \
+             remove it with `extractor drop-slot`",
+            slot.slot
+        ),
+    ))
+}
+
+fn owner_path(slot: &SlotSettings, state_dir: &std::path::Path) -> std::path::PathBuf {
+    state_dir.join(format!("slot-{}.owner", slot.slot))
+}
+
 /// Creates the publication for `spec`'s table, or adds the table to it.
 pub async fn ensure_publication(
     client: &Client,

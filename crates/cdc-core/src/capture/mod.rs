@@ -235,10 +235,16 @@ pub async fn setup(cfg: &ExtractorConfig, shutdown: &Shutdown) -> Result<String>
                 "publication {} holds every table",
                 cfg.slot.publication
             ));
+            let owner = logical_progress_name(&specs, &cfg.tables.pipeline_name);
             if slot::exists(&source, &cfg.slot).await? {
+                let ours = Progress::load(&cfg.state_dir, &owner, CaptureMode::Logical)
+                    .is_ok_and(|p| p.logical.is_some_and(|l| l.snapshot_done));
+                if !ours {
+                    slot::check_owner(&cfg.slot, &cfg.state_dir, &owner)?;
+                }
                 done.push(format!("slot {} exists", cfg.slot.slot));
             } else {
-                slot::create(&source, &cfg.slot).await?;
+                slot::create_owned(&source, &cfg.slot, &cfg.state_dir, &owner).await?;
                 done.push(format!("slot {} created", cfg.slot.slot));
             }
         }
@@ -251,6 +257,7 @@ pub async fn setup(cfg: &ExtractorConfig, shutdown: &Shutdown) -> Result<String>
 pub async fn drop_slot(cfg: &ExtractorConfig, shutdown: &Shutdown) -> Result<String> {
     let source = db::connect(&cfg.source, shutdown).await?;
     let (slot, publication) = slot::drop(&source, &cfg.slot).await?;
+    slot::forget_owner(&cfg.slot, &cfg.state_dir);
     let removed = match cfg.tables.describe(&source).await {
         Ok(specs) => remove_logical_progress(
             &cfg.state_dir,

@@ -307,7 +307,11 @@ impl ChangeSource for LogicalCapture {
                     ),
                 });
             }
-            slot::create(client, &self.slot).await?;
+            slot::create_owned(client, &self.slot, &self.state_dir, &self.progress_name).await?;
+        } else if !self.snapshot_done() {
+            // A slot this pipeline has no progress for: ours only if we created it (a crash
+            // before the initial copy), else another pipeline's, whose changes we would take.
+            slot::check_owner(&self.slot, &self.state_dir, &self.progress_name)?;
         }
         Ok(())
     }
