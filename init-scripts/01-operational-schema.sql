@@ -59,7 +59,8 @@ CREATE INDEX IF NOT EXISTS idx_cdc_tombstones_table
 -- The text form is written with the extractor's date and interval styles, whatever the
 -- deleting session uses, so that it reads back to the same values (restored on return).
 CREATE OR REPLACE FUNCTION public.cdc_record_delete() RETURNS trigger
-LANGUAGE plpgsql SET datestyle = 'ISO, MDY' SET intervalstyle = 'postgres' AS $$
+LANGUAGE plpgsql SET datestyle = 'ISO, MDY' SET intervalstyle = 'postgres'
+    SET extra_float_digits = 3 AS $$
 BEGIN
     INSERT INTO public.cdc_tombstones (table_schema, table_name, old_row, old_text)
     VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, to_jsonb(OLD), OLD::text);

@@ -162,3 +162,47 @@ async fn a_slot_this_pipeline_did_not_create_is_refused() {
     assert!(out.status.success(), "{}", text(&out));
     db.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_loader_given_fewer_tables_than_the_extractor_stops_without_quarantining() {
+    let db = TestDb::new("e2e_fewer_tables").await;
+    let mut c = cmd(&db, "extractor");
+    c.args(["--once"]).env("CDC_TABLES", "public.*");
+    let out = run(c);
+    assert!(out.status.success(), "{}", text(&out));
+    let mut c = cmd(&db, "scd2-loader");
+    c.args(["--once"]).env("CDC_TABLES", "public.orders");
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(stderr(&out).contains("CDC_TABLES"), "{}", text(&out));
+    let dead = db.log_dir().join("dead_letter");
+    assert_eq!(std::fs::read_dir(&dead).map(|d| d.count()).unwrap_or(0), 0);
+    // With the extractor's tables the same files apply.
+    let mut c = cmd(&db, "scd2-loader");
+    c.args(["--once"]).env("CDC_TABLES", "public.*");
+    let out = run(c);
+    assert!(out.status.success(), "{}", text(&out));
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_table_added_after_the_logical_initial_copy_is_refused() {
+    let db = TestDb::new("e2e_added_table").await;
+    let extractor = |tables: &str, args: &[&str]| {
+        let mut c = cmd(&db, "extractor");
+        c.args(args)
+            .env("CDC_TABLES", tables)
+            .env("CDC_CAPTURE_MODE", "logical");
+        run(c)
+    };
+    let out = extractor("public.orders,public.customers", &["--once"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = extractor("public.*", &["--once"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        stderr(&out).contains("public.order_items") && stderr(&out).contains("drop-slot"),
+        "{}",
+        text(&out)
+    );
+    db.cleanup().await;
+}

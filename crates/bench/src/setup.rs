@@ -103,6 +103,9 @@ impl Clusters {
             ("CDC_CAPTURE_MODE", mode),
             ("CDC_SLOT_NAME", SLOT),
             ("CDC_PUBLICATION", PUBLICATION),
+            // The single-table workload the figures are about.
+            ("CDC_TABLES", "public.orders"),
+            ("MUTATION_TABLES", "orders"),
             ("LOG_LEVEL", "info"),
             ("LOG_FORMAT", "json"),
         ]

@@ -87,7 +87,7 @@ impl TableSelection {
                     let rows = client
                         .query(
                             "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                             WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+                             WHERE n.nspname = $1 AND c.relkind = 'r' AND NOT c.relispartition
                                AND c.relname NOT LIKE 'cdc\\_%'
                              ORDER BY 1",
                             &[schema],
@@ -120,6 +120,45 @@ impl TableSelection {
         table: &str,
     ) -> Result<TableSpec> {
         let what = || format!("source table {schema}.{table}");
+        let kind: Option<String> = client
+            .query_opt(
+                "SELECT c.relkind::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE n.nspname = $1 AND c.relname = $2",
+                &[&schema, &table],
+            )
+            .await
+            .map_err(ctx(format!("looking up {schema}.{table}")))?
+            .map(|r| r.get(0));
+        match kind.as_deref() {
+            None | Some("r") => {}
+            Some("p") => {
+                return Err(Error::setup(
+                    what(),
+                    "is partitioned; partitioned tables are not captured yet (their changes come under the partitions' names): name its partitions in CDC_TABLES",
+                ))
+            }
+            Some(_) => {
+                return Err(Error::setup(what(), "is not a table (a view or another relation); name tables in CDC_TABLES"))
+            }
+        }
+        let reserved: Vec<String> = client
+            .query_one(
+                "SELECT coalesce(array_agg(word::text), '{}') FROM pg_get_keywords() WHERE catcode IN ('R', 'T')",
+                &[],
+            )
+            .await
+            .map_err(ctx("reading PostgreSQL's reserved words"))?
+            .get(0);
+        for (what_name, name) in [("schema", schema), ("table", table)] {
+            check_name(name)
+                .and_then(|()| not_reserved(name, &reserved))
+                .map_err(|m| {
+                    Error::setup(
+                        what(),
+                        format!("{what_name} name {m}; such names are not supported yet"),
+                    )
+                })?;
+        }
         let rows = client
             .query(
                 "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.atttypid::int8,
@@ -131,7 +170,7 @@ impl TableSelection {
                  JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
                  LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
                  LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
-                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')
+                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind = 'r'
                  ORDER BY a.attnum",
                 &[&schema, &table],
             )
@@ -150,12 +189,14 @@ impl TableSelection {
         let mut has_created_at = false;
         for r in &rows {
             let name: String = r.get(0);
-            check_name(&name).map_err(|m| {
-                Error::setup(
-                    what(),
-                    format!("column {name:?}: {m}; such names are not supported yet"),
-                )
-            })?;
+            check_name(&name)
+                .and_then(|()| not_reserved(&name, &reserved))
+                .map_err(|m| {
+                    Error::setup(
+                        what(),
+                        format!("column {name:?}: {m}; such names are not supported yet"),
+                    )
+                })?;
             let mut col = Column::new(&name, &r.get::<_, String>(1));
             if r.get::<_, bool>(3) {
                 col.generated = r.get(4);
@@ -347,6 +388,15 @@ async fn user_types(
         out.push(crate::table::TypeDef { name, schema, ddl });
     }
     Ok(out)
+}
+
+/// A name that is a reserved word of PostgreSQL's grammar would need quoting.
+fn not_reserved(name: &str, reserved: &[String]) -> std::result::Result<(), String> {
+    if reserved.iter().any(|w| w == name) {
+        Err(format!("'{name}' is a reserved SQL word"))
+    } else {
+        Ok(())
+    }
 }
 
 /// A schema, table or column name the pipeline splices into SQL as it is: a lower-case SQL

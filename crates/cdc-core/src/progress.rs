@@ -55,6 +55,10 @@ pub struct LogicalState {
     pub snapshot_done: bool,
     /// Dropped once the slot has been confirmed past `until_lsn`.
     pub filter: Option<SnapshotFilter>,
+    /// The tables the initial copy took (`schema.table`); empty in files written before
+    /// several tables could be captured, where it is the file's own table.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tables: Vec<String>,
 }
 
 /// The initial copy's snapshot (`pg_current_snapshot()`): transactions it shows are skipped

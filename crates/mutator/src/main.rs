@@ -18,7 +18,8 @@ struct Cli {
 }
 
 fn main() {
-    let _ = dotenvy::dotenv();
+    // `.env` of the working directory only (dotenvy::dotenv would also search its parents).
+    let _ = dotenvy::from_path(".env");
     let cli = Cli::parse();
     let cfg = match cli.log.validate().and_then(|()| cli.args.validate()) {
         Ok(cfg) => cfg,

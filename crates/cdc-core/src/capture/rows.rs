@@ -340,7 +340,8 @@ pub fn snapshot_copy_sql(spec: &TableSpec, cols: &ImageColumns) -> Result<String
 /// without one (logical capture), the time of the snapshot.
 pub(super) fn change_time_expr(spec: &TableSpec, alias: &str) -> String {
     match &spec.change_time_column {
-        Some(ct) => micros(&format!("{alias}.{ct}")),
+        // A NULL (possible where no trigger keeps the column, in logical mode): the copy's time.
+        Some(ct) => micros(&format!("coalesce({alias}.{ct}, now())")),
         None => micros("now()"),
     }
 }
@@ -378,7 +379,12 @@ pub(super) fn rows_copy_sql(
         ) => {
             let parts = spec
                 .key_parts(k)
-                .map_err(|m| Error::decode(format!("the watermark of {}", spec.qualified()), m))?;
+                .map_err(|m| Error::State {
+                    path: format!("extractor-{}.json", spec.qualified()).into(),
+                    message: format!(
+                        "its watermark key does not fit the table's primary key any more ({m}); remove it to capture the table again"
+                    ),
+                })?;
             let typed: Vec<String> = parts
                 .iter()
                 .zip(&spec.key)

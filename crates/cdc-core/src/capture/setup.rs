@@ -23,7 +23,8 @@ ALTER TABLE public.cdc_tombstones ADD COLUMN IF NOT EXISTS old_text TEXT;
 CREATE INDEX IF NOT EXISTS idx_cdc_tombstones_table
     ON public.cdc_tombstones (table_schema, table_name, deleted_at, tombstone_id);
 CREATE OR REPLACE FUNCTION public.cdc_record_delete() RETURNS trigger
-LANGUAGE plpgsql SET datestyle = 'ISO, MDY' SET intervalstyle = 'postgres' AS $$
+LANGUAGE plpgsql SET datestyle = 'ISO, MDY' SET intervalstyle = 'postgres'
+    SET extra_float_digits = 3 AS $$
 BEGIN
     INSERT INTO public.cdc_tombstones (table_schema, table_name, old_row, old_text)
     VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, to_jsonb(OLD), OLD::text);

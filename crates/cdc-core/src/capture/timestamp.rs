@@ -229,7 +229,9 @@ async fn capture_table(
     let what = format!("tombstones of {}", spec.qualified());
     let deletes = &mut out.deletes;
     copy_rows(stream, &what, |row| {
-        max_tomb = Some(required_i64(row, 0, &what)?);
+        // Read in delete-time order: the highest id is what the removal may go up to.
+        let id = required_i64(row, 0, &what)?;
+        max_tomb = Some(max_tomb.map_or(id, |m: i64| m.max(id)));
         let op = required_op(row, 3, &what)?;
         let values = image_values(row, 4);
         let key = cols.key(spec, &values, &what)?;

@@ -106,32 +106,63 @@ impl<'a> FromIterator<Option<&'a str>> for Values {
 
 /// Decodes one line against the table description. The error says what is wrong with it.
 pub fn decode(line: &str, spec: &TableSpec) -> Result<DecodedEvent, String> {
-    decode_for(line, std::slice::from_ref(spec))
+    decode_for(line, std::slice::from_ref(spec)).map_err(|e| e.to_string())
+}
+
+/// Why a line is not an event the loader can apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Not a valid change event; the message says what is wrong.
+    Invalid(String),
+    /// A valid event of a table the loader was not configured with (`schema.table`).
+    UnknownTable(String),
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeError::Invalid(m) => f.write_str(m),
+            DecodeError::UnknownTable(t) => write!(
+                f,
+                "event is for table {t}, which this loader does not apply"
+            ),
+        }
+    }
+}
+
+impl From<String> for DecodeError {
+    fn from(m: String) -> Self {
+        DecodeError::Invalid(m)
+    }
+}
+
+impl From<&str> for DecodeError {
+    fn from(m: &str) -> Self {
+        DecodeError::Invalid(m.to_owned())
+    }
 }
 
 /// Decodes one line for whichever of `specs` it is about (`DecodedEvent::table` is its
-/// index); an event of any other table is an error naming it.
-pub fn decode_for(line: &str, specs: &[TableSpec]) -> Result<DecodedEvent, String> {
+/// index); an event of any other table is `DecodeError::UnknownTable`.
+pub fn decode_for(line: &str, specs: &[TableSpec]) -> Result<DecodedEvent, DecodeError> {
     let env: Envelope<'_> =
         serde_json::from_str(line).map_err(|e| format!("not a change event: {e}"))?;
     if let Some(v) = env.format_version {
         if v > FORMAT_VERSION {
             return Err(format!(
                 "format_version {v} is newer than this loader reads ({FORMAT_VERSION})"
-            ));
+            )
+            .into());
         }
     }
     let Some(table) = specs
         .iter()
         .position(|s| env.source.schema == s.schema && env.source.table == s.name)
     else {
-        let applied: Vec<String> = specs.iter().map(|s| s.qualified()).collect();
-        return Err(format!(
-            "event is for table {}.{}, this loader applies {}",
-            env.source.schema,
-            env.source.table,
-            applied.join(", ")
-        ));
+        return Err(DecodeError::UnknownTable(format!(
+            "{}.{}",
+            env.source.schema, env.source.table
+        )));
     };
     let spec = &specs[table];
     let lsn = match env.source.lsn {
@@ -150,9 +181,9 @@ pub fn decode_for(line: &str, specs: &[TableSpec]) -> Result<DecodedEvent, Strin
     for k in &spec.key {
         match row.get(k.name.as_str()).map(|v| json_text(v)) {
             Some(Ok(Some(v))) => parts.push(v),
-            Some(Ok(None)) => return Err(format!("key column {} is null", k.name)),
-            Some(Err(e)) => return Err(format!("key column {}: {e}", k.name)),
-            None => return Err(format!("row image has no key column {}", k.name)),
+            Some(Ok(None)) => return Err(format!("key column {} is null", k.name).into()),
+            Some(Err(e)) => return Err(format!("key column {}: {e}", k.name).into()),
+            None => return Err(format!("row image has no key column {}", k.name).into()),
         }
     }
     let parts: Vec<&str> = parts.iter().map(|p| p.as_ref()).collect();
@@ -174,7 +205,7 @@ pub fn decode_for(line: &str, specs: &[TableSpec]) -> Result<DecodedEvent, Strin
                 ),
                 // Not sent by logical replication; the history table generates it.
                 None if c.generated.is_some() => values.push(None),
-                None => return Err(format!("row image has no column {}", c.name)),
+                None => return Err(format!("row image has no column {}", c.name).into()),
             }
         }
     }

@@ -7,7 +7,7 @@
 pub mod decode;
 pub mod encode;
 
-pub use decode::{decode, decode_for, DecodedEvent, Values};
+pub use decode::{decode, decode_for, DecodeError, DecodedEvent, Values};
 
 use serde::Deserialize;
 

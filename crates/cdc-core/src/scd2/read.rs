@@ -5,7 +5,7 @@
 use super::plan::Ev;
 use super::row_hash::RowHasher;
 use crate::error::{Error, Result};
-use crate::event::decode_for;
+use crate::event::{decode_for, DecodeError};
 use crate::table::TableSpec;
 use chrono::{DateTime, Utc};
 use std::collections::BTreeSet;
@@ -70,7 +70,19 @@ pub fn read_chunks(
                         line: i as u64 + 1,
                         message,
                     };
-                    let ev = decode_for(&line, specs).map_err(bad)?;
+                    let ev = decode_for(&line, specs).map_err(|e| match e {
+                        // Not the file's fault: the loader was started with other tables than
+                        // the extractor. Stop rather than quarantine the other tables' events.
+                        DecodeError::UnknownTable(t) => Error::setup(
+                            format!("change-log file {}", path.display()),
+                            format!(
+                                "line {} holds events of table {t}, which the loader's CDC_TABLES does not name; \
+                                 give the loader the extractor's CDC_TABLES",
+                                i + 1
+                            ),
+                        ),
+                        DecodeError::Invalid(m) => bad(m),
+                    })?;
                     let ts = timestamp(ev.ts_us).map_err(bad)?;
                     timestamp(ev.captured_ms.saturating_mul(1000)).map_err(bad)?;
                     Ok(Some((ev, ts)))

@@ -150,6 +150,7 @@ impl LogicalCapture {
         self.progress.logical = Some(LogicalState {
             snapshot_done: true,
             filter: Some(filter),
+            tables: self.specs.iter().map(|s| s.qualified()).collect(),
         });
         self.progress
             .save(&self.state_dir, &self.progress_name, None, &durable)?;
@@ -277,6 +278,37 @@ impl LogicalCapture {
     }
 }
 
+impl LogicalCapture {
+    /// The tables now configured must be those the initial copy took: a table added since
+    /// has no initial copy, and its rows that never change would be missing for good.
+    fn check_copied_tables(&self) -> Result<()> {
+        let Some(state) = &self.progress.logical else {
+            return Ok(());
+        };
+        let mut copied = if state.tables.is_empty() {
+            vec![self.progress.table.clone()]
+        } else {
+            state.tables.clone()
+        };
+        let mut now: Vec<String> = self.specs.iter().map(|s| s.qualified()).collect();
+        copied.sort();
+        now.sort();
+        if copied == now {
+            return Ok(());
+        }
+        Err(Error::State {
+            path: Progress::path(&self.state_dir, &self.progress_name),
+            message: format!(
+                "the initial copy took {}, but CDC_TABLES now names {}: a table added since has no initial copy. \
+                 Name the same tables, or run `extractor drop-slot` (which forgets this progress) to start over with \
+                 a new initial copy of every table",
+                copied.join(", "),
+                now.join(", ")
+            ),
+        })
+    }
+}
+
 impl ChangeSource for LogicalCapture {
     fn mode(&self) -> CaptureMode {
         CaptureMode::Logical
@@ -308,7 +340,9 @@ impl ChangeSource for LogicalCapture {
                 });
             }
             slot::create_owned(client, &self.slot, &self.state_dir, &self.progress_name).await?;
-        } else if !self.snapshot_done() {
+        } else if self.snapshot_done() {
+            self.check_copied_tables()?;
+        } else {
             // A slot this pipeline has no progress for: ours only if we created it (a crash
             // before the initial copy), else another pipeline's, whose changes we would take.
             slot::check_owner(&self.slot, &self.state_dir, &self.progress_name)?;
