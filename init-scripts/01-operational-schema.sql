@@ -1,5 +1,5 @@
--- Operational (source) schema: the `orders` table the application writes, and what
--- timestamp-mode capture needs from it. The one source of this schema: docker-compose mounts
+-- Operational (source) schema: the tables the application writes (`orders`, `customers`,
+-- `order_items`), prepared for timestamp capture with the triggers of 00-cdc-capture.sql. The one source of this schema: docker-compose mounts
 -- this directory, scripts/local-db.sh and the tests apply it. Idempotent.
 
 CREATE TABLE IF NOT EXISTS public.orders (
@@ -23,50 +23,10 @@ CREATE INDEX IF NOT EXISTS idx_orders_status ON public.orders (order_status);
 -- Full before-images in the logical-replication stream.
 ALTER TABLE public.orders REPLICA IDENTITY FULL;
 
--- last_updated is maintained by the database on every insert and update, whatever the client
--- sends. The transaction id is taken first so that a transaction is visible as a writer in
--- pg_stat_activity.backend_xid no later than the time it stamps on its rows: the extractor
--- bounds each poll by the oldest such writer and so never skips a late-committing one.
-CREATE OR REPLACE FUNCTION public.cdc_touch_last_updated() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_current_xact_id();
-    NEW.last_updated := clock_timestamp();
-    RETURN NEW;
-END;
-$$;
-
 DROP TRIGGER IF EXISTS trg_orders_last_updated ON public.orders;
 CREATE TRIGGER trg_orders_last_updated
     BEFORE INSERT OR UPDATE ON public.orders
     FOR EACH ROW EXECUTE FUNCTION public.cdc_touch_last_updated();
-
--- Deletes leave a tombstone with the full old row; the extractor emits them and removes
--- the ones it has written to a durable change-log file. `old_text` is the row's text form,
--- which reads back exactly for every type (the JSON copy loses -0, array bounds, duplicate
--- json keys and xml declarations); `old_row` is kept for readers of the JSON.
-CREATE TABLE IF NOT EXISTS public.cdc_tombstones (
-    tombstone_id  BIGSERIAL   PRIMARY KEY,
-    table_schema  TEXT        NOT NULL,
-    table_name    TEXT        NOT NULL,
-    deleted_at    TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
-    old_row       JSONB       NOT NULL
-);
-ALTER TABLE public.cdc_tombstones ADD COLUMN IF NOT EXISTS old_text TEXT;
-CREATE INDEX IF NOT EXISTS idx_cdc_tombstones_table
-    ON public.cdc_tombstones (table_schema, table_name, deleted_at, tombstone_id);
-
--- The text form is written with the extractor's date and interval styles, whatever the
--- deleting session uses, so that it reads back to the same values (restored on return).
-CREATE OR REPLACE FUNCTION public.cdc_record_delete() RETURNS trigger
-LANGUAGE plpgsql SET datestyle = 'ISO, MDY' SET intervalstyle = 'postgres'
-    SET extra_float_digits = 3 AS $$
-BEGIN
-    INSERT INTO public.cdc_tombstones (table_schema, table_name, old_row, old_text)
-    VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, to_jsonb(OLD), OLD::text);
-    RETURN OLD;
-END;
-$$;
 
 DROP TRIGGER IF EXISTS trg_orders_tombstone ON public.orders;
 CREATE TRIGGER trg_orders_tombstone

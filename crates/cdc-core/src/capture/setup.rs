@@ -9,28 +9,9 @@ use crate::error::{Error, Result};
 use crate::table::TableSpec;
 use tokio_postgres::Client;
 
-/// The tombstone table and the trigger functions timestamp capture needs (the same as
-/// `init-scripts/01-operational-schema.sql` creates for the demo).
-const TIMESTAMP_OBJECTS: &str = "
-CREATE TABLE IF NOT EXISTS public.cdc_tombstones (
-    tombstone_id  BIGSERIAL   PRIMARY KEY,
-    table_schema  TEXT        NOT NULL,
-    table_name    TEXT        NOT NULL,
-    deleted_at    TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
-    old_row       JSONB       NOT NULL
-);
-ALTER TABLE public.cdc_tombstones ADD COLUMN IF NOT EXISTS old_text TEXT;
-CREATE INDEX IF NOT EXISTS idx_cdc_tombstones_table
-    ON public.cdc_tombstones (table_schema, table_name, deleted_at, tombstone_id);
-CREATE OR REPLACE FUNCTION public.cdc_record_delete() RETURNS trigger
-LANGUAGE plpgsql SET datestyle = 'ISO, MDY' SET intervalstyle = 'postgres'
-    SET extra_float_digits = 3 AS $$
-BEGIN
-    INSERT INTO public.cdc_tombstones (table_schema, table_name, old_row, old_text)
-    VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, to_jsonb(OLD), OLD::text);
-    RETURN OLD;
-END;
-$$;";
+/// The tombstone table and the trigger functions timestamp capture needs: the demo's
+/// `init-scripts/00-cdc-capture.sql`, the one source of them.
+const TIMESTAMP_OBJECTS: &str = include_str!("../../../../init-scripts/00-cdc-capture.sql");
 
 /// The change-time trigger function for a column (`cdc_touch_last_updated` for the
 /// default column, as in the init scripts; `cdc_touch_<column>` for another).

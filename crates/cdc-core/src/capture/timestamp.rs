@@ -92,7 +92,7 @@ impl ChangeSource for TimestampCapture {
         if !tomb.get::<_, bool>(0) {
             return Err(Error::setup(
                 "source schema",
-                "public.cdc_tombstones is missing: apply init-scripts/01-operational-schema.sql to the source database",
+                "public.cdc_tombstones is missing: run `extractor setup`",
             ));
         }
         Ok(())
@@ -314,14 +314,16 @@ async fn remove_tombstones(
 /// have seen, at its change time) and the delete itself, at the delete time. Columns: id,
 /// change time (µs), delete time (µs), op of the last state, the image columns. The
 /// deleted row is read back from its text form (`old_text`, each value exact); a tombstone
-/// left by an older trigger without it, from its JSON copy.
+/// left by an older trigger without it, from its JSON copy. (`OFFSET 0` keeps the row read
+/// once: `(expr).*` alone would evaluate `expr` once for every column.)
 fn tombstone_copy_sql(spec: &TableSpec, cols: &ImageColumns, prev: Option<&Watermark>) -> String {
     let r = "r";
     format!(
         "COPY (SELECT tb.tombstone_id, {ts}, {deleted}, {op}, {list}
                FROM public.cdc_tombstones tb
-               CROSS JOIN LATERAL (SELECT (coalesce(tb.old_text::{table},
-                                                    jsonb_populate_record(NULL::{table}, tb.old_row))).*) {r}
+               CROSS JOIN LATERAL (SELECT (s.v).* FROM (SELECT coalesce(tb.old_text::{table},
+                                           jsonb_populate_record(NULL::{table}, tb.old_row)) AS v
+                                   OFFSET 0) s) {r}
                WHERE tb.table_schema = {schema} AND tb.table_name = {name}
                ORDER BY tb.deleted_at, tb.tombstone_id) TO STDOUT",
         ts = change_time_expr(spec, r),

@@ -1,0 +1,44 @@
+-- What timestamp capture needs in the source, for any table: the change-time trigger
+-- function, the tombstone table and the delete trigger function. `extractor setup` applies
+-- this same file (it is embedded in the binary) before it installs the triggers; the demo's
+-- init scripts apply it first. Idempotent.
+
+-- last_updated is maintained by the database on every insert and update, whatever the client
+-- sends. The transaction id is taken first so that a transaction is visible as a writer in
+-- pg_stat_activity.backend_xid no later than the time it stamps on its rows: the extractor
+-- bounds each poll by the oldest such writer and so never skips a late-committing one.
+CREATE OR REPLACE FUNCTION public.cdc_touch_last_updated() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_current_xact_id();
+    NEW.last_updated := clock_timestamp();
+    RETURN NEW;
+END;
+$$;
+
+-- Deletes leave a tombstone with the full old row; the extractor emits them and removes
+-- the ones it has written to a durable change-log file. `old_text` is the row's text form,
+-- which reads back exactly for every type (the JSON copy loses -0, array bounds, duplicate
+-- json keys and xml declarations); `old_row` is kept for readers of the JSON.
+CREATE TABLE IF NOT EXISTS public.cdc_tombstones (
+    tombstone_id  BIGSERIAL   PRIMARY KEY,
+    table_schema  TEXT        NOT NULL,
+    table_name    TEXT        NOT NULL,
+    deleted_at    TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+    old_row       JSONB       NOT NULL
+);
+ALTER TABLE public.cdc_tombstones ADD COLUMN IF NOT EXISTS old_text TEXT;
+CREATE INDEX IF NOT EXISTS idx_cdc_tombstones_table
+    ON public.cdc_tombstones (table_schema, table_name, deleted_at, tombstone_id);
+
+-- The text form is written with the extractor's date and interval styles, whatever the
+-- deleting session uses, so that it reads back to the same values (restored on return).
+CREATE OR REPLACE FUNCTION public.cdc_record_delete() RETURNS trigger
+LANGUAGE plpgsql SET datestyle = 'ISO, MDY' SET intervalstyle = 'postgres'
+    SET extra_float_digits = 3 AS $$
+BEGIN
+    INSERT INTO public.cdc_tombstones (table_schema, table_name, old_row, old_text)
+    VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, to_jsonb(OLD), OLD::text);
+    RETURN OLD;
+END;
+$$;
