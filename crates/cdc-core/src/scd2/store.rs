@@ -100,6 +100,8 @@ pub struct HistorySql {
     written: Vec<usize>,
     /// Columns of the key.
     key_len: usize,
+    /// Whether `newest` returns keys as their text (else as their position in the query).
+    key_by_text: bool,
 }
 
 impl HistorySql {
@@ -144,13 +146,33 @@ impl HistorySql {
         let key_names: String = (0..n).map(|j| format!("k{j}, ")).collect();
         let hk = spec.history_key_list("x");
         // Keys come back as their position in the key arrays, so that the event's spelling of
-        // a key (a JSON number, padded char(n), ...) never has to match the warehouse's output.
-        // A single-column key also filters with `= ANY`, which the planner drives the index by.
+        // a key (a JSON number, padded char(n), ...) never has to match the warehouse's output;
+        // except for a single key of a type whose text is the event's spelling, which comes back
+        // as its text from an index scan alone (the cheaper plan). A single-column key also
+        // filters with `= ANY`, which the planner drives the index by.
         let single_key_filter = match (&spec.key[..], &spec.history_key_columns[..]) {
             ([k], [h]) => format!("WHERE x.{h} = ANY($1::text[]::{}[])", k.sql_type),
             _ => String::new(),
         };
-        let newest = format!(
+        let key_by_text = match (&spec.key[..], &spec.history_key_columns[..]) {
+            ([k], [_]) => {
+                let t = k.sql_type.to_ascii_lowercase();
+                ["integer", "bigint", "smallint", "text", "uuid"].contains(&t.as_str())
+                    || t.starts_with("character varying")
+            }
+            _ => false,
+        };
+        let newest = if key_by_text {
+            format!(
+                "SELECT DISTINCT ON ({hk}) {hk}::text, x.is_current, decode(replace(x.row_hash::text, '-', ''), 'hex'),
+                        CASE WHEN x.is_current THEN x.valid_from ELSE x.valid_to END,
+                        (coalesce(CASE WHEN x.is_current THEN x.source_lsn ELSE x.end_lsn END, '0/0') - '0/0'::pg_lsn)::int8
+                 FROM {h} x
+                 {single_key_filter}
+                 ORDER BY {hk}, x.valid_from DESC, x.source_lsn DESC NULLS LAST"
+            )
+        } else {
+            format!(
             "SELECT DISTINCT ON ({hk}) f.i::int8, x.is_current, decode(replace(x.row_hash::text, '-', ''), 'hex'),
                     CASE WHEN x.is_current THEN x.valid_from ELSE x.valid_to END,
                     (coalesce(CASE WHEN x.is_current THEN x.source_lsn ELSE x.end_lsn END, '0/0') - '0/0'::pg_lsn)::int8
@@ -158,9 +180,10 @@ impl HistorySql {
              JOIN unnest({arrays}) WITH ORDINALITY AS f({key_names}i) ON {matched}
              {single_key_filter}
              ORDER BY {hk}, x.valid_from DESC, x.source_lsn DESC NULLS LAST",
-            arrays = key_arrays(1),
-            matched = key_match("f"),
-        );
+                arrays = key_arrays(1),
+                matched = key_match("f"),
+            )
+        };
         let close = format!(
             "UPDATE {h} x SET valid_to = f.ts, end_lsn = CASE WHEN f.lsn IS NULL THEN NULL ELSE '0/0'::pg_lsn + f.lsn::numeric END,
                               is_current = false, is_deleted = f.del, updated_at = now()
@@ -188,6 +211,7 @@ impl HistorySql {
             copy_in,
             written,
             key_len: n,
+            key_by_text,
         }
     }
 }
@@ -238,12 +262,17 @@ impl HistoryStore for PgHistory<'_> {
         let mut newest = HashMap::with_capacity(rows.len());
         for r in rows {
             let ts: DateTime<Utc> = r.get(3);
-            let i: i64 = r.get(0);
-            let Some(key) = usize::try_from(i - 1).ok().and_then(|i| keys.get(i)) else {
-                continue;
+            let key = if sql.key_by_text {
+                r.get::<_, String>(0)
+            } else {
+                let i: i64 = r.get(0);
+                let Some(key) = usize::try_from(i - 1).ok().and_then(|i| keys.get(i)) else {
+                    continue;
+                };
+                (*key).to_owned()
             };
             newest.insert(
-                (*key).to_owned(),
+                key,
                 Newest {
                     current: r.get(1),
                     hash: hash16(r.get(2)),
