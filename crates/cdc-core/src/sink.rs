@@ -27,6 +27,18 @@ pub trait ChangeSink: Send {
     fn abort(&mut self);
 }
 
+/// Ends a batch: commits it when `written` (what writing it produced) is `Ok`, aborts it
+/// otherwise, so that nothing of a failed pass becomes visible.
+pub fn commit_if_ok<T>(sink: &mut dyn ChangeSink, written: Result<T>) -> Result<(T, Durable)> {
+    match written {
+        Ok(v) => Ok((v, sink.commit()?)),
+        Err(e) => {
+            sink.abort();
+            Err(e)
+        }
+    }
+}
+
 /// One durable unit of a committed batch (a change-log file).
 #[derive(Debug, Clone)]
 pub struct WrittenFile {

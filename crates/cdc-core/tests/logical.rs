@@ -48,6 +48,14 @@ pub async fn logical_snapshot(db: &TestDb) -> Basis {
 /// Passes until the slot has confirmed everything written before the call (the test
 /// clusters commit asynchronously, so the newest WAL may need a moment to be flushed).
 pub async fn drain(db: &TestDb) {
+    drain_by(db, async || {
+        logical_pass(db).await;
+    })
+    .await
+}
+
+/// Runs `pass` until the slot has confirmed everything written before the call.
+pub async fn drain_by(db: &TestDb, pass: impl AsyncFn()) {
     let source = db.source_client().await;
     let target: i64 = source
         .query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8", &[])
@@ -55,7 +63,7 @@ pub async fn drain(db: &TestDb) {
         .unwrap()
         .get(0);
     for _ in 0..200 {
-        logical_pass(db).await;
+        pass().await;
         let confirmed: i64 = source
             .query_one(
                 "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1",

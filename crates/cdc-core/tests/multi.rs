@@ -5,6 +5,7 @@
 //! and every invariant holds.
 
 use crate::keys::printed;
+use crate::logical::drain_by;
 use cdc_core::capture::logical::LogicalCapture;
 use cdc_core::capture::timestamp::TimestampCapture;
 use cdc_core::capture::ChangeSource;
@@ -63,28 +64,7 @@ async fn catch_up(db: &TestDb, specs: &[TableSpec], logical: bool) {
     if !logical {
         return pass(db, specs, false).await;
     }
-    let source = db.source_client().await;
-    let target: i64 = source
-        .query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8", &[])
-        .await
-        .unwrap()
-        .get(0);
-    for _ in 0..200 {
-        pass(db, specs, true).await;
-        let confirmed: i64 = source
-            .query_one(
-                "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1",
-                &[&db.name],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if confirmed >= target {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    panic!("the slot did not catch up");
+    drain_by(db, async || pass(db, specs, true).await).await;
 }
 
 async fn load_all(db: &TestDb) {

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::event::encode::{write_event, TEXT_OUTPUT_SETTINGS};
 use crate::event::{CaptureMode, Op};
 use crate::progress::{Progress, Watermark};
-use crate::sink::{ChangeSink, Durable};
+use crate::sink::{commit_if_ok, ChangeSink, Durable};
 use crate::table::{sql_literal, TableSpec};
 use chrono::{DateTime, Utc};
 use std::path::PathBuf;
@@ -150,14 +150,7 @@ impl ChangeSource for TimestampCapture {
             Ok(found)
         }
         .await;
-        let found = match result {
-            Ok(v) => v,
-            Err(e) => {
-                sink.abort();
-                return Err(e);
-            }
-        };
-        let durable = sink.commit()?;
+        let (found, durable) = commit_if_ok(sink, result)?;
         let next_seq = durable.next_seq();
         out = PassOutcome {
             rows: out.rows,

@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::event::encode::TEXT_OUTPUT_SETTINGS;
 use crate::event::CaptureMode;
 use crate::progress::{LogicalState, Progress, SnapshotFilter};
-use crate::sink::ChangeSink;
+use crate::sink::{commit_if_ok, ChangeSink};
 use crate::slot::{self, SlotSettings};
 use crate::table::TableSpec;
 use chrono::Utc;
@@ -135,14 +135,7 @@ impl LogicalCapture {
             Ok(rows)
         }
         .await;
-        let rows = match result {
-            Ok(n) => n,
-            Err(e) => {
-                sink.abort();
-                return Err(e);
-            }
-        };
-        let durable = sink.commit()?;
+        let (rows, durable) = commit_if_ok(sink, result)?;
         tx.commit()
             .await
             .map_err(ctx("ending the snapshot transaction"))?;
@@ -234,11 +227,7 @@ impl LogicalCapture {
             Ok(())
         }
         .await;
-        if let Err(e) = result {
-            sink.abort();
-            return Err(e);
-        }
-        let durable = sink.commit()?;
+        let ((), durable) = commit_if_ok(sink, result)?;
         let out = PassOutcome {
             rows: out.rows,
             deletes: out.deletes,
