@@ -8,35 +8,79 @@ use crate::table::TableSpec;
 use std::collections::BTreeMap;
 use tokio_postgres::Client;
 
-/// Installs the ground truth on the source: every committed row state (after insert or
-/// update) and every delete, with the exact times the pipeline must use, in
+/// Installs the ground truth on the source for `orders`: every committed row state (after
+/// insert or update) and every delete, with the exact times the pipeline must use, in
 /// `public.test_audit`. Rows that exist already are recorded as their current state.
 pub async fn install_audit(source: &Client) {
-    source
-        .batch_execute(
-            "CREATE TABLE public.test_audit (
-                 seq BIGSERIAL PRIMARY KEY, kind TEXT NOT NULL, ts TIMESTAMPTZ NOT NULL,
-                 key TEXT NOT NULL, txid XID8 NOT NULL DEFAULT pg_current_xact_id(), row_image JSONB NOT NULL);
-             CREATE FUNCTION public.test_audit_row() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-                 INSERT INTO public.test_audit (kind, ts, key, row_image) VALUES ('u', NEW.last_updated, NEW.id::text, to_jsonb(NEW));
-                 RETURN NULL;
-             END $$;
-             CREATE TRIGGER zz_test_audit AFTER INSERT OR UPDATE ON public.orders
+    install_audit_for(source, &[TableSpec::orders()]).await
+}
+
+/// The ground truth for several tables (each with its change-time column and the tombstone
+/// trigger): keys are recorded as the pipeline spells them (a composite key as the JSON
+/// array of its columns' texts).
+pub async fn install_audit_for(source: &Client, specs: &[TableSpec]) {
+    let mut sql = String::from(
+        "CREATE TABLE public.test_audit (
+             seq BIGSERIAL PRIMARY KEY, tbl TEXT NOT NULL, kind TEXT NOT NULL, ts TIMESTAMPTZ NOT NULL,
+             key TEXT NOT NULL, txid XID8 NOT NULL DEFAULT pg_current_xact_id(), row_image JSONB NOT NULL);
+         CREATE TABLE public.test_audit_tables (tbl TEXT PRIMARY KEY, change_time TEXT NOT NULL, keys TEXT[] NOT NULL);
+         CREATE FUNCTION public.test_audit_key(j jsonb, keys text[]) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+             SELECT CASE WHEN cardinality(keys) = 1 THEN j->>keys[1]
+                         ELSE (SELECT jsonb_agg(j->>k ORDER BY n) FROM unnest(keys) WITH ORDINALITY u(k, n))::text END
+         $$;
+         CREATE FUNCTION public.test_audit_row() RETURNS trigger LANGUAGE plpgsql AS $$
+         DECLARE j jsonb := to_jsonb(NEW); t public.test_audit_tables;
+         BEGIN
+             SELECT * INTO t FROM public.test_audit_tables WHERE tbl = TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
+             INSERT INTO public.test_audit (tbl, kind, ts, key, row_image)
+                 VALUES (t.tbl, 'u', (j->>t.change_time)::timestamptz, public.test_audit_key(j, t.keys), j);
+             RETURN NULL;
+         END $$;
+         CREATE FUNCTION public.test_audit_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+         DECLARE t public.test_audit_tables;
+         BEGIN
+             SELECT * INTO t FROM public.test_audit_tables WHERE tbl = NEW.table_schema || '.' || NEW.table_name;
+             IF FOUND THEN
+                 INSERT INTO public.test_audit (tbl, kind, ts, key, row_image)
+                     VALUES (t.tbl, 'd', NEW.deleted_at, public.test_audit_key(NEW.old_row, t.keys), NEW.old_row);
+             END IF;
+             RETURN NULL;
+         END $$;
+         CREATE TRIGGER zz_test_audit AFTER INSERT ON public.cdc_tombstones
+             FOR EACH ROW EXECUTE FUNCTION public.test_audit_delete();",
+    );
+    for spec in specs {
+        let t = spec.qualified();
+        let ct = spec
+            .change_time_column
+            .clone()
+            .unwrap_or_else(|| "last_updated".into());
+        let keys: Vec<String> = spec.key.iter().map(|k| format!("'{}'", k.name)).collect();
+        sql.push_str(&format!(
+            "INSERT INTO public.test_audit_tables VALUES ('{t}', '{ct}', ARRAY[{keys}]);
+             CREATE TRIGGER zz_test_audit AFTER INSERT OR UPDATE ON {t}
                  FOR EACH ROW EXECUTE FUNCTION public.test_audit_row();
-             CREATE FUNCTION public.test_audit_delete() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-                 INSERT INTO public.test_audit (kind, ts, key, row_image) VALUES ('d', NEW.deleted_at, NEW.old_row->>'id', NEW.old_row);
-                 RETURN NULL;
-             END $$;
-             CREATE TRIGGER zz_test_audit AFTER INSERT ON public.cdc_tombstones
-                 FOR EACH ROW WHEN (NEW.table_name = 'orders')
-                 EXECUTE FUNCTION public.test_audit_delete();
-             INSERT INTO public.test_audit (kind, ts, key, row_image, txid)
-                 SELECT 'u', o.last_updated, o.id::text, to_jsonb(o), '0'::xid8 FROM public.orders o;",
-        )
+             INSERT INTO public.test_audit (tbl, kind, ts, key, row_image, txid)
+                 SELECT '{t}', 'u', (to_jsonb(o)->>'{ct}')::timestamptz,
+                        public.test_audit_key(to_jsonb(o), ARRAY[{keys}]), to_jsonb(o), '0'::xid8
+                 FROM {t} o;",
+            keys = keys.join(", ")
+        ));
+    }
+    source
+        .batch_execute(&sql)
         .await
         .expect("install the test audit");
+}
+
+/// A key as the pipeline spells it (`TableSpec::encode_key`), from the audit's spelling.
+fn canonical_key(spec: &TableSpec, key: String) -> String {
+    if spec.key.len() == 1 {
+        return key;
+    }
+    let parts: Vec<String> = serde_json::from_str(&key).expect("an audit key is a JSON array");
+    let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+    spec.encode_key(&parts)
 }
 
 fn col_text(spec: &TableSpec, alias: &str, history: bool) -> String {
@@ -90,6 +134,7 @@ pub async fn expected_history_on(source: &Client, spec: &TableSpec, basis: &Basi
         "SELECT DISTINCT ON (a.key, a.txid, CASE WHEN a.txid = '0'::xid8 THEN a.seq END)
                 a.key, a.kind, (extract(epoch FROM a.ts) * 1000000)::int8, a.seq, a.txid::text::int8, {commit}, {cols}
          FROM public.test_audit a, jsonb_populate_record(NULL::{t}, a.row_image) r
+         WHERE a.tbl = '{t}'
          ORDER BY a.key, a.txid, CASE WHEN a.txid = '0'::xid8 THEN a.seq END, a.seq DESC",
         cols = col_text(spec, "r", false),
         t = spec.qualified()
@@ -97,7 +142,7 @@ pub async fn expected_history_on(source: &Client, spec: &TableSpec, basis: &Basi
     let rows = source.query(&sql, &[]).await.expect("read test_audit");
     let mut events: BTreeMap<String, Vec<AuditEvent>> = BTreeMap::new();
     for r in rows {
-        let key: String = r.get(0);
+        let key: String = canonical_key(spec, r.get(0));
         let kind: String = r.get(1);
         events.entry(key).or_default().push(AuditEvent {
             change_us: r.get(2),
@@ -154,13 +199,23 @@ pub async fn expected_history_on(source: &Client, spec: &TableSpec, basis: &Basi
     out
 }
 
-/// The history the warehouse holds, in the same shape (a table with a single-column key).
+/// The history the warehouse holds, in the same shape.
 pub async fn actual_history(warehouse: &Client, spec: &TableSpec) -> History {
     let sql = format!(
-        "SELECT h.{k}::text, (extract(epoch FROM h.valid_from) * 1000000)::int8,
+        "SELECT {k}, (extract(epoch FROM h.valid_from) * 1000000)::int8,
                 (extract(epoch FROM h.valid_to) * 1000000)::int8, h.is_deleted, {cols}
-         FROM {t} h ORDER BY h.{k}, h.valid_from",
-        k = spec.history_key_columns[0],
+         FROM {t} h ORDER BY {order}, h.valid_from",
+        k = if spec.key.len() == 1 {
+            format!("h.{}::text", spec.history_key_columns[0])
+        } else {
+            let parts: Vec<String> = spec
+                .history_key_columns
+                .iter()
+                .map(|c| format!("h.{c}::text"))
+                .collect();
+            format!("to_jsonb(ARRAY[{}])::text", parts.join(", "))
+        },
+        order = spec.history_key_list("h"),
         cols = col_text(spec, "h", true),
         t = spec.history_qualified()
     );
@@ -170,12 +225,14 @@ pub async fn actual_history(warehouse: &Client, spec: &TableSpec) -> History {
         let values = (0..spec.columns.len())
             .map(|i| r.get::<_, Option<String>>(4 + i))
             .collect();
-        out.entry(r.get(0)).or_default().push(Version {
-            valid_from_us: r.get(1),
-            valid_to_us: r.get(2),
-            is_deleted: r.get(3),
-            values,
-        });
+        out.entry(canonical_key(spec, r.get(0)))
+            .or_default()
+            .push(Version {
+                valid_from_us: r.get(1),
+                valid_to_us: r.get(2),
+                is_deleted: r.get(3),
+                values,
+            });
     }
     out
 }

@@ -6,6 +6,8 @@ pub mod audit;
 pub mod database;
 pub mod model;
 
-pub use audit::{actual_history, expected_history, expected_history_on, install_audit, Basis};
+pub use audit::{
+    actual_history, expected_history, expected_history_on, install_audit, install_audit_for, Basis,
+};
 pub use database::{connect, workspace_root, TestDb};
 pub use model::{assert_same_history, History, Version};
