@@ -52,7 +52,7 @@ help: ## Show this list of targets
 # ---- Run ------------------------------------------------------------------------------------
 
 quick-start: prereqs ## Fresh machine: check/install prerequisites, create .env, start everything
-	@if [ ! -f .env ]; then cp .env.example .env; echo "created .env from .env.example"; fi
+	@if [ ! -f .env ]; then install -m 600 .env.example .env; echo "created .env from .env.example (owner-only: it holds passwords)"; fi
 	$(RUN) start
 
 prereqs: ## Check prerequisites: cargo, and PostgreSQL (Docker engine or server binaries; apt as root)

@@ -70,9 +70,9 @@ init_cluster() {
     chown postgres: "$BASE"
   fi
   local pwfile
-  pwfile="$(mktemp)"
+  pwfile="$(mktemp)" # owner-only: the password is readable by the cluster's owner alone
   printf '%s\n' "$PASSWORD" > "$pwfile"
-  chmod 644 "$pwfile"
+  if [[ "$(id -u)" -eq 0 ]]; then chown postgres: "$pwfile"; fi
   echo "local-db: initializing $name cluster in $dir"
   as_owner "$BIN/initdb" -D "$dir" -U "$SUPERUSER" --pwfile="$pwfile" -A scram-sha-256 \
     -E UTF8 --locale=C.UTF-8 >"$BASE/$name-initdb.log" 2>&1 \

@@ -206,3 +206,34 @@ async fn a_table_added_after_the_logical_initial_copy_is_refused() {
     );
     db.cleanup().await;
 }
+
+/// Change logs, archives and progress hold business data: owner-only files and directories.
+#[cfg(unix)]
+#[tokio::test]
+async fn files_holding_data_are_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let db = TestDb::new("e2e_file_modes").await;
+    for binary in ["extractor", "scd2-loader"] {
+        let mut c = cmd(&db, binary);
+        c.arg("--once");
+        let out = run(c);
+        assert!(out.status.success(), "{binary}: {}", text(&out));
+    }
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let processed = db.log_dir().join("processed");
+    let archived: Vec<_> = std::fs::read_dir(&processed)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(!archived.is_empty());
+    for p in archived {
+        assert_eq!(mode(&p), 0o600, "{}", p.display());
+    }
+    let progress = db.state_dir().join("extractor-public.orders.json");
+    assert_eq!(mode(&progress), 0o600);
+    for d in [db.log_dir(), processed, db.state_dir()] {
+        assert_eq!(mode(&d), 0o700, "{}", d.display());
+    }
+    db.cleanup().await;
+}

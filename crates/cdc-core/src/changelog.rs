@@ -57,13 +57,13 @@ impl ChangeLogSink {
     }
 
     fn open_next(&mut self) -> Result<()> {
-        fs::create_dir_all(&self.dir)
+        create_private_dir(&self.dir)
             .map_err(|e| Error::io("creating the change-log directory", &self.dir, e))?;
         let name = format!("{}_{}_{:010}.jsonl", self.prefix, self.stamp, self.next_seq);
         self.next_seq += 1;
         let temp = self.dir.join(format!("{TEMP_PREFIX}{name}"));
         let file =
-            File::create(&temp).map_err(|e| Error::io("creating change-log file", &temp, e))?;
+            create_private(&temp).map_err(|e| Error::io("creating change-log file", &temp, e))?;
         self.current = Some(OpenFile {
             temp,
             final_path: self.dir.join(name),
@@ -155,6 +155,26 @@ impl ChangeSink for ChangeLogSink {
     }
 }
 
+/// Creates (or truncates) a file only its owner can read: change logs, archives, dead letters
+/// and progress hold business data.
+fn create_private(path: &Path) -> std::io::Result<File> {
+    let mut o = fs::OpenOptions::new();
+    o.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+    o.open(path)
+}
+
+/// Creates a directory (and its missing parents) only its owner can enter; an existing one is
+/// left as it is.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut b = fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+    b.create(dir)
+}
+
 /// fsyncs a directory so that a rename in it survives a crash.
 pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
@@ -165,13 +185,13 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 /// Writes `bytes` to `path` atomically and durably (temp, fsync, rename, fsync directory).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(|e| Error::io("creating directory", dir, e))?;
+    create_private_dir(dir).map_err(|e| Error::io("creating directory", dir, e))?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let temp = dir.join(format!("{TEMP_PREFIX}{name}"));
-    let mut f = File::create(&temp).map_err(|e| Error::io("creating file", &temp, e))?;
+    let mut f = create_private(&temp).map_err(|e| Error::io("creating file", &temp, e))?;
     f.write_all(bytes)
         .map_err(|e| Error::io("writing file", &temp, e))?;
     f.sync_all()
@@ -259,7 +279,7 @@ pub fn quarantine(file: &Path, reason: &Error) -> Result<PathBuf> {
 
 fn move_into(file: &Path, sub: &str) -> Result<PathBuf> {
     let dir = file.parent().unwrap_or(Path::new(".")).join(sub);
-    fs::create_dir_all(&dir).map_err(|e| Error::io("creating directory", &dir, e))?;
+    create_private_dir(&dir).map_err(|e| Error::io("creating directory", &dir, e))?;
     let target = dir.join(file_name(file));
     fs::rename(file, &target).map_err(|e| Error::io("moving change-log file", &target, e))?;
     sync_dir(&dir)?;
