@@ -98,8 +98,8 @@ status: ## Databases, processes and lag (exit 0 when healthy)
 loader: ## Apply the pending change-log files now (scd2-loader --once, foreground)
 	$(RUN) loader
 
-logs: ## Follow the logs (tail -F)
-	tail -n 50 -F $(LOG_DIR)/*.log
+logs: ## Follow the logs (tail -F; logs that do not exist yet are followed once they appear)
+	tail -n 50 -F $(LOG_DIR)/mutator.log $(LOG_DIR)/extractor.log $(LOG_DIR)/scd2-loader.log
 
 validate: $(ENSURE_BINS) ## Check the SCD2 history invariants (scd2-loader verify)
 	$(BIN_DIR)/scd2-loader verify
@@ -142,12 +142,13 @@ lint: ## rustfmt check and clippy with -D warnings
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets --all-features -- -D warnings
 
-test: ## Whole test suite against throw-away clusters on ports 55433/55434
+test: ## Whole test suite against throw-away clusters on ports 55433/55434 (stopped afterwards)
 	@command -v cargo-nextest >/dev/null 2>&1 || cargo nextest --version >/dev/null 2>&1 || { \
 	  echo "cargo-nextest not found: cargo install cargo-nextest --locked" >&2; exit 1; }
 	$(TEST_DB_ENV) scripts/local-db.sh start
 	cargo build --workspace --bins
-	$(TEST_ENV) cargo nextest run --workspace
+	status=0; $(TEST_ENV) cargo nextest run --workspace || status=$$?; \
+	  $(TEST_DB_ENV) scripts/local-db.sh stop >/dev/null || true; exit $$status
 
 test-db-stop: ## Stop the test clusters started by make test
 	$(TEST_DB_ENV) scripts/local-db.sh stop

@@ -140,7 +140,7 @@ pub async fn connect(db: &DbSettings, shutdown: &Shutdown) -> Result<Client> {
                     let p = db.role.setting_prefix();
                     return Err(Error::Db {
                         context: format!(
-                            "connecting to the {} database at {} (settings {p}_HOST, {p}_PORT, {p}_NAME, {p}_USER)",
+                            "connecting to the {} database at {} (settings {p}_HOST, {p}_PORT, {p}_NAME, {p}_USER, {p}_PASSWORD)",
                             db.role.noun(),
                             db.display(),
                         ),
