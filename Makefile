@@ -40,7 +40,7 @@ BENCH_ENV = BENCH_SOURCE_PORT=55634 BENCH_WAREHOUSE_PORT=55633
 BENCH_ARGS ?=
 
 .PHONY: help quick-start prereqs start stop status restart loader test test-db-stop test-rapid \
-        validate logs clean prod-start db-up db-down db-status db-reset build fmt lint mutate-burst \
+        validate logs clean clean-archive prod-start db-up db-down db-status db-reset build fmt lint mutate-burst \
         bench bench-quick bench-db-stop
 
 help: ## Show this list of targets
@@ -107,11 +107,18 @@ validate: $(ENSURE_BINS) ## Check the SCD2 history invariants (scd2-loader verif
 mutate-burst: $(ENSURE_BINS) ## Run COUNT operations on the source at once (COUNT=1000)
 	$(BIN_DIR)/mutator --count $(COUNT)
 
-clean: ## Stop the pipeline; remove change logs, extractor state, logs and run/
+clean: ## Stop the pipeline; remove pending change logs, extractor state, logs and run/ (keeps processed/ and dead_letter/)
 	$(RUN) stop
-	find data/cdc_logs -mindepth 1 -maxdepth 1 ! -name .gitkeep -exec rm -rf {} +
+	find data/cdc_logs -mindepth 1 -maxdepth 1 ! -name .gitkeep ! -name processed ! -name dead_letter -exec rm -rf {} +
 	rm -rf data/state run
 	rm -f $(LOG_DIR)/*.log
+
+clean-archive: ## Delete data/cdc_logs/processed/ and dead_letter/, the raw audit trail (needs CONFIRM=1)
+	@if [ "$(CONFIRM)" != "1" ]; then \
+	  echo "This deletes data/cdc_logs/processed/ (every applied change-log file) and data/cdc_logs/dead_letter/ (quarantined files)."; \
+	  echo "Run: make clean-archive CONFIRM=1"; exit 1; fi
+	rm -rf data/cdc_logs/processed data/cdc_logs/dead_letter
+	@echo "deleted data/cdc_logs/processed and data/cdc_logs/dead_letter"
 
 # ---- Databases ------------------------------------------------------------------------------
 

@@ -237,3 +237,137 @@ async fn files_holding_data_are_owner_only() {
     }
     db.cleanup().await;
 }
+
+/// A pipeline owns its publication and change-log directory: another pipeline (another
+/// `CDC_PIPELINE_NAME`) is refused them with exit 2, and `drop-slot` leaves them alone.
+#[tokio::test]
+async fn another_pipelines_publication_and_change_log_directory_are_refused() {
+    let db = TestDb::new("e2e_ownership").await;
+    let first = {
+        let mut c = cmd(&db, "extractor");
+        c.args(["--once"]).env("CDC_CAPTURE_MODE", "logical");
+        run(c)
+    };
+    assert!(first.status.success(), "{}", text(&first));
+    let other_slot = format!("{}_b", db.name);
+    let other = |args: &[&str], own_dirs: bool| {
+        let mut c = cmd(&db, "extractor");
+        c.args(args)
+            .env("CDC_CAPTURE_MODE", "logical")
+            .env("CDC_PIPELINE_NAME", "billing")
+            .env("CDC_SLOT_NAME", &other_slot);
+        if own_dirs {
+            c.env("CDC_LOG_DIR", db.dir.join("billing_logs"))
+                .env("CDC_STATE_DIR", db.dir.join("billing_state"));
+        }
+        run(c)
+    };
+    // Same change-log directory: refused before anything is captured.
+    let out = other(&["--once"], false);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        stderr(&out).contains("CDC_LOG_DIR") && stderr(&out).contains("pipeline 'cdc'"),
+        "{}",
+        text(&out)
+    );
+    // Its own directories but the first pipeline's publication: refused, no slot created.
+    let out = other(&["--once"], true);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        stderr(&out).contains("CDC_PUBLICATION") && stderr(&out).contains("pipeline cdc"),
+        "{}",
+        text(&out)
+    );
+    let out = other(&["drop-slot"], true);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let source = db.source_client().await;
+    let pubs: i64 = source
+        .query_one(
+            "SELECT count(*) FROM pg_publication WHERE pubname = 'cdc_test_pub'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        pubs, 1,
+        "drop-slot of another pipeline left the publication"
+    );
+    let slots: i64 = source
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&other_slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0);
+    // The loader of another pipeline is refused the directory; a missing one is refused too.
+    let mut c = cmd(&db, "scd2-loader");
+    c.args(["--once"]).env("CDC_PIPELINE_NAME", "billing");
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(stderr(&out).contains("CDC_LOG_DIR"), "{}", text(&out));
+    let mut c = cmd(&db, "scd2-loader");
+    c.args(["--once"])
+        .env("CDC_LOG_DIR", db.dir.join("cdc_lgos"));
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        stderr(&out).contains("CDC_LOG_DIR") && stderr(&out).contains("does not exist"),
+        "{}",
+        text(&out)
+    );
+    // The first pipeline is unaffected.
+    let mut c = cmd(&db, "scd2-loader");
+    c.args(["--once"]);
+    let out = run(c);
+    assert!(out.status.success(), "{}", text(&out));
+    db.cleanup().await;
+}
+
+/// A second extractor of a running pipeline exits 2 naming the running one, and the running
+/// one's files are untouched.
+#[tokio::test]
+async fn a_second_extractor_is_refused_while_one_runs() {
+    let db = TestDb::new("e2e_second_extractor").await;
+    let mut c = cmd(&db, "extractor");
+    c.env("CDC_EXTRACTION_INTERVAL_SECONDS", "0.2")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut first = c.spawn().expect("start extractor");
+    let lock = db.log_dir().join(".extractor.lock");
+    let pid = first.id().to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::fs::read_to_string(&lock).unwrap_or_default() != pid {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "extractor never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // A leftover-looking temporary file must survive the second one's start.
+    let temp = db.log_dir().join(".tmp-in-flight.jsonl");
+    std::fs::write(&temp, "{}\n").unwrap();
+    let mut c = cmd(&db, "extractor");
+    c.args(["--once"]);
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        stderr(&out).contains("another extractor is running") && stderr(&out).contains(&pid),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        temp.exists(),
+        "the second extractor removed the first one's file"
+    );
+    assert!(
+        first.try_wait().unwrap().is_none(),
+        "the first extractor died"
+    );
+    first.kill().unwrap();
+    first.wait().unwrap();
+    std::fs::remove_file(&temp).unwrap();
+    db.cleanup().await;
+}

@@ -13,6 +13,7 @@ pub mod error;
 pub mod event;
 pub mod metadata;
 pub mod migrate;
+pub mod ownership;
 pub mod progress;
 pub mod scd2;
 pub mod shutdown;

@@ -13,6 +13,8 @@ use tokio_postgres::Client;
 pub struct SlotSettings {
     pub slot: String,
     pub publication: String,
+    /// The pipeline that owns the publication (`CDC_PIPELINE_NAME`).
+    pub pipeline: String,
     /// Most changes decoded in one pass (whole transactions are never split).
     pub max_changes_per_pass: i32,
 }
@@ -154,27 +156,41 @@ fn owner_path(slot: &SlotSettings, state_dir: &std::path::Path) -> std::path::Pa
     state_dir.join(format!("slot-{}.owner", slot.slot))
 }
 
-/// Creates the publication for `spec`'s table, or adds the table to it.
+/// The comment that marks a publication as a pipeline's.
+const OWNER_COMMENT: &str = "cdc-historical-warehouse pipeline ";
+
+fn owner_comment(pipeline: &str) -> String {
+    format!("{OWNER_COMMENT}{pipeline}")
+}
+
+/// Creates the publication of `specs`' tables for `pipeline`, or adds missing tables to it.
+/// The publication records its pipeline in its comment; one owned by another pipeline, or an
+/// unmarked one that publishes tables outside `specs` (whose changes this pipeline would
+/// receive), is refused. An unmarked one publishing only our tables (made by hand, or by an
+/// earlier version) is claimed.
 pub async fn ensure_publication(
     client: &Client,
     slot: &SlotSettings,
-    spec: &TableSpec,
+    specs: &[TableSpec],
 ) -> Result<()> {
+    let pipeline = slot.pipeline.as_str();
     let pubname = &slot.publication;
-    let exists = client
+    let ident = quote_ident(pubname);
+    let ours = owner_comment(pipeline);
+    let row = client
         .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            "SELECT obj_description(oid, 'pg_publication'), puballtables FROM pg_publication WHERE pubname = $1",
             &[pubname],
         )
         .await
-        .map_err(ctx("looking up the publication"))?
-        .is_some();
-    if !exists {
+        .map_err(ctx("looking up the publication"))?;
+    let Some(row) = row else {
+        let tables: Vec<String> = specs.iter().map(|s| s.qualified()).collect();
         client
             .batch_execute(&format!(
-                "CREATE PUBLICATION {} FOR TABLE {}",
-                quote_ident(pubname),
-                spec.qualified()
+                "CREATE PUBLICATION {ident} FOR TABLE {}; COMMENT ON PUBLICATION {ident} IS {}",
+                tables.join(", "),
+                quote_literal(&ours)
             ))
             .await
             .map_err(ctx(format!(
@@ -182,20 +198,69 @@ pub async fn ensure_publication(
             )))?;
         tracing::info!(publication = %pubname, "created publication");
         return Ok(());
-    }
-    let has_table = client
-        .query_opt(
-            "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
-            &[pubname, &spec.schema, &spec.name],
+    };
+    let comment: Option<String> = row.get(0);
+    let all_tables: bool = row.get(1);
+    let published: Vec<(String, String)> = client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+            &[pubname],
         )
         .await
         .map_err(ctx("reading the publication's tables"))?
-        .is_some();
-    if !has_table {
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let foreign: Vec<String> = published
+        .iter()
+        .filter(|(sc, t)| !specs.iter().any(|s| &s.schema == sc && &s.name == t))
+        .map(|(sc, t)| format!("{sc}.{t}"))
+        .collect();
+    match comment.as_deref() {
+        Some(c) if c == ours => {}
+        Some(c) if c.starts_with(OWNER_COMMENT) => {
+            return Err(Error::config(
+                "CDC_PUBLICATION",
+                format!(
+                    "publication {pubname} belongs to {}; this is pipeline '{pipeline}':                      choose another CDC_PUBLICATION or CDC_PIPELINE_NAME",
+                    c.trim_start_matches("cdc-historical-warehouse ")
+                ),
+            ))
+        }
+        _ if all_tables || !foreign.is_empty() => {
+            return Err(Error::config(
+                "CDC_PUBLICATION",
+                format!(
+                    "publication {pubname} already exists and publishes {} outside CDC_TABLES;                      it may be another application's: choose another CDC_PUBLICATION",
+                    if all_tables {
+                        "every table".to_owned()
+                    } else {
+                        foreign.join(", ")
+                    }
+                ),
+            ))
+        }
+        _ => {
+            client
+                .batch_execute(&format!(
+                    "COMMENT ON PUBLICATION {ident} IS {}",
+                    quote_literal(&ours)
+                ))
+                .await
+                .map_err(ctx(format!("marking publication {pubname} as this pipeline's")))?;
+            tracing::info!(publication = %pubname, "claimed existing publication");
+        }
+    }
+    for spec in specs {
+        if published
+            .iter()
+            .any(|(sc, t)| sc == &spec.schema && t == &spec.name)
+        {
+            continue;
+        }
         client
             .batch_execute(&format!(
-                "ALTER PUBLICATION {} ADD TABLE {}",
-                quote_ident(pubname),
+                "ALTER PUBLICATION {ident} ADD TABLE {}",
                 spec.qualified()
             ))
             .await
@@ -205,6 +270,10 @@ pub async fn ensure_publication(
             )))?;
     }
     Ok(())
+}
+
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
 }
 
 /// Confirms the slot up to `target` (never backwards). Takes the proof that the changes up
@@ -248,6 +317,27 @@ pub async fn lag(client: &Client, slot: &str) -> Result<Option<SlotLag>> {
 
 /// Drops the slot and the publication (`extractor drop-slot`). Returns whether each existed.
 pub async fn drop(client: &Client, slot: &SlotSettings) -> Result<(bool, bool)> {
+    let comment: Option<String> = client
+        .query_opt(
+            "SELECT obj_description(oid, 'pg_publication') FROM pg_publication WHERE pubname = $1",
+            &[&slot.publication],
+        )
+        .await
+        .map_err(ctx("looking up the publication"))?
+        .and_then(|r| r.get(0));
+    if let Some(c) =
+        comment.filter(|c| c.starts_with(OWNER_COMMENT) && *c != owner_comment(&slot.pipeline))
+    {
+        return Err(Error::config(
+            "CDC_PUBLICATION",
+            format!(
+                "publication {} belongs to {}, not to pipeline '{}'; nothing was dropped",
+                slot.publication,
+                c.trim_start_matches("cdc-historical-warehouse "),
+                slot.pipeline
+            ),
+        ));
+    }
     let dropped_slot = client
         .execute(
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",

@@ -16,6 +16,7 @@ use crate::error::{error_chain, Result};
 use crate::event::CaptureMode;
 use crate::metadata::{self, RunCounts, RunRecord, RunStatus};
 use crate::migrate;
+use crate::ownership::{claim_log_dir, ExtractorLock, LogDirOwner};
 use crate::progress::{Progress, Watermark};
 use crate::shutdown::Shutdown;
 use crate::sink::{ChangeSink, Durable};
@@ -79,6 +80,9 @@ impl PassOutcome {
 
 /// Runs the extractor until shutdown (or one pass with `once`).
 pub async fn run(cfg: ExtractorConfig, shutdown: Shutdown) -> Result<()> {
+    // Before anything touches the directories: a second extractor's cleanup below would
+    // delete this one's in-flight temporary files.
+    let _lock = ExtractorLock::acquire(&cfg.log_dir, &cfg.state_dir, &cfg.tables.pipeline_name)?;
     let removed = clean_leftovers(&cfg.log_dir)? + clean_leftovers(&cfg.state_dir)?;
     if removed > 0 {
         tracing::info!(
@@ -89,11 +93,15 @@ pub async fn run(cfg: ExtractorConfig, shutdown: Shutdown) -> Result<()> {
     let client = db::connect(&cfg.source, &shutdown).await?;
     let specs = cfg.tables.describe(&client).await?;
     let pipeline = &cfg.tables.pipeline_name;
-    let sink = ChangeLogSink::new(
+    let stream = stream_name(&specs, pipeline);
+    claim_log_dir(
         &cfg.log_dir,
-        &stream_name(&specs, pipeline),
-        cfg.max_rows_per_file,
-    );
+        &LogDirOwner {
+            pipeline: pipeline.clone(),
+            stream: stream.clone(),
+        },
+    )?;
+    let sink = ChangeLogSink::new(&cfg.log_dir, &stream, cfg.max_rows_per_file);
     match cfg.capture_mode {
         CaptureMode::Timestamp => {
             let source = TimestampCapture::new(specs.clone(), cfg.state_dir.clone())?;
@@ -229,8 +237,8 @@ pub async fn setup(cfg: &ExtractorConfig, shutdown: &Shutdown) -> Result<String>
             slot::check_server(&source).await?;
             for spec in &specs {
                 done.push(setup::logical_table(&source, spec).await?);
-                slot::ensure_publication(&source, &cfg.slot, spec).await?;
             }
+            slot::ensure_publication(&source, &cfg.slot, &specs).await?;
             done.push(format!(
                 "publication {} holds every table",
                 cfg.slot.publication

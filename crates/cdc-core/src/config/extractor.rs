@@ -55,20 +55,14 @@ pub struct ExtractorArgs {
         default_value = "data/state"
     )]
     pub state_dir: PathBuf,
-    /// Logical mode: name of the replication slot (created if missing)
-    #[arg(
-        long = "slot-name",
-        env = "CDC_SLOT_NAME",
-        default_value = "cdc_orders_slot"
-    )]
-    pub slot_name: String,
-    /// Logical mode: name of the publication (created if missing)
-    #[arg(
-        long = "publication",
-        env = "CDC_PUBLICATION",
-        default_value = "cdc_orders_pub"
-    )]
-    pub publication: String,
+    /// Logical mode: name of the replication slot (created if missing) [default:
+    /// <CDC_PIPELINE_NAME>_slot]
+    #[arg(long = "slot-name", env = "CDC_SLOT_NAME")]
+    pub slot_name: Option<String>,
+    /// Logical mode: name of the publication (created if missing) [default:
+    /// <CDC_PIPELINE_NAME>_pub]
+    #[arg(long = "publication", env = "CDC_PUBLICATION")]
+    pub publication: Option<String>,
     /// Logical mode: most changes decoded in one pass (transactions are never split)
     #[arg(
         long = "max-changes-per-pass",
@@ -102,10 +96,10 @@ impl ExtractorArgs {
         if self.max_rows_per_file == 0 {
             return Err(Error::config("CDC_MAX_ROWS_PER_FILE", "must be at least 1"));
         }
+        let tables = self.tables.validate()?;
         Ok(ExtractorConfig {
             source: self.source.validate(retry)?,
             warehouse: self.warehouse.validate(retry)?,
-            tables: self.tables.validate()?,
             log_dir: non_empty_path("CDC_LOG_DIR", &self.log_dir.cdc_log_dir)?,
             state_dir: non_empty_path("CDC_STATE_DIR", &self.state_dir)?,
             capture_mode: self.capture_mode,
@@ -116,8 +110,9 @@ impl ExtractorArgs {
             )?,
             max_rows_per_file: self.max_rows_per_file,
             slot: SlotSettings {
-                slot: slot_name("CDC_SLOT_NAME", &self.slot_name)?,
-                publication: slot_name("CDC_PUBLICATION", &self.publication)?,
+                slot: slot_name("CDC_SLOT_NAME", &self.slot_name, &tables, "slot")?,
+                publication: slot_name("CDC_PUBLICATION", &self.publication, &tables, "pub")?,
+                pipeline: tables.pipeline_name.clone(),
                 max_changes_per_pass: if self.max_changes_per_pass >= 1 {
                     self.max_changes_per_pass
                 } else {
@@ -128,6 +123,7 @@ impl ExtractorArgs {
                 },
             },
             once: self.once,
+            tables,
         })
     }
 }

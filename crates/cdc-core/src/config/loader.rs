@@ -54,12 +54,9 @@ pub struct LoaderArgs {
     )]
     pub state_dir: PathBuf,
     /// Logical mode: the extractor's replication slot (its lag is shown by `status`)
-    #[arg(
-        long = "slot-name",
-        env = "CDC_SLOT_NAME",
-        default_value = "cdc_orders_slot"
-    )]
-    pub slot_name: String,
+    /// [default: <CDC_PIPELINE_NAME>_slot]
+    #[arg(long = "slot-name", env = "CDC_SLOT_NAME")]
+    pub slot_name: Option<String>,
 }
 
 /// Settled loader configuration.
@@ -91,10 +88,10 @@ impl LoaderArgs {
                 "must be at least 1",
             ));
         }
+        let tables = self.tables.validate()?;
         Ok(LoaderConfig {
             warehouse: self.warehouse.validate(retry)?,
             source: self.source.validate(retry)?,
-            tables: self.tables.validate()?,
             log_dir: non_empty_path("CDC_LOG_DIR", &self.log_dir.cdc_log_dir)?,
             state_dir: non_empty_path("CDC_STATE_DIR", &self.state_dir)?,
             poll_interval: positive_secs(
@@ -104,7 +101,8 @@ impl LoaderArgs {
             )?,
             max_files_per_batch: self.max_files_per_batch,
             max_events_in_memory: self.max_events_in_memory,
-            slot_name: slot_name("CDC_SLOT_NAME", &self.slot_name)?,
+            slot_name: slot_name("CDC_SLOT_NAME", &self.slot_name, &tables, "slot")?,
+            tables,
         })
     }
 }

@@ -272,8 +272,9 @@ pub struct TablesArgs {
         default_value = "last_updated"
     )]
     pub change_time_column: String,
-    /// Name of the pipeline: the change-log files' prefix and the logical progress file when
-    /// several tables are captured
+    /// Name of the pipeline: names the slot and publication unless they are set, and owns
+    /// them and the change-log directory; with several tables also the change-log files'
+    /// prefix and the logical progress file's name
     #[arg(
         long = "pipeline-name",
         env = "CDC_PIPELINE_NAME",
@@ -353,8 +354,19 @@ pub fn positive_secs(setting: &str, value: f64, allow_zero: bool) -> Result<Dura
     Ok(Duration::from_secs_f64(value))
 }
 
-/// Slot and publication names: lower-case letters, digits and `_`, at most 63.
-pub fn slot_name(setting: &str, s: &str) -> Result<String> {
+/// Slot and publication names: lower-case letters, digits and `_`, at most 63; when not
+/// set (or empty), `<pipeline name>_<suffix>`.
+pub fn slot_name(
+    setting: &str,
+    given: &Option<String>,
+    tables: &TableSelection,
+    suffix: &str,
+) -> Result<String> {
+    let s = match given.as_deref().map(str::trim) {
+        Some(s) if !s.is_empty() => s.to_owned(),
+        _ => format!("{}_{suffix}", tables.pipeline_name),
+    };
+    let s = s.as_str();
     let ok = !s.is_empty()
         && s.len() <= 63
         && s.chars()

@@ -4,12 +4,14 @@
 
 use super::apply::{apply_files, ApplyStats, Applying};
 use super::store::{HistorySql, PgHistory};
+use crate::catalog::stream_name;
 use crate::changelog::{self, file_name};
 use crate::config::loader::LoaderConfig;
 use crate::db::{self, ctx, Backoff};
 use crate::error::{error_chain, Error, Result};
 use crate::metadata::{self, RunCounts, RunRecord, RunStatus};
 use crate::migrate;
+use crate::ownership::{check_log_dir, LogDirOwner};
 use crate::shutdown::Shutdown;
 use crate::table::TableSpec;
 use chrono::Utc;
@@ -148,6 +150,13 @@ pub async fn describe_tables(cfg: &LoaderConfig, shutdown: &Shutdown) -> Result<
 pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<LoaderTotals> {
     let run_id = metadata::new_run_id("loader");
     let specs = describe_tables(cfg, &shutdown).await?;
+    check_log_dir(
+        &cfg.log_dir,
+        &LogDirOwner {
+            pipeline: cfg.tables.pipeline_name.clone(),
+            stream: stream_name(&specs, &cfg.tables.pipeline_name),
+        },
+    )?;
     let mut applier = Applier::connect(cfg, &specs, &shutdown).await?;
     tracing::info!(
         history = %applier.histories,

@@ -179,6 +179,7 @@ impl TestDb {
         SlotSettings {
             slot: self.name.clone(),
             publication: "cdc_test_pub".into(),
+            pipeline: self.selection().pipeline_name,
             max_changes_per_pass: 200_000,
         }
     }

@@ -315,9 +315,7 @@ impl ChangeSource for LogicalCapture {
             super::setup::check_logical_table(client, spec).await?;
         }
         slot::check_server(client).await?;
-        for spec in &self.specs {
-            slot::ensure_publication(client, &self.slot, spec).await?;
-        }
+        slot::ensure_publication(client, &self.slot, &self.specs).await?;
         if !slot::exists(client, &self.slot).await? {
             if self.snapshot_done() {
                 return Err(Error::State {
