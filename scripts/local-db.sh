@@ -4,7 +4,7 @@
 # docker-compose.yml, init-scripts applied on first start. Works as root (clusters run as the
 # `postgres` OS user) and as a normal user.
 #
-#   scripts/local-db.sh start|stop|status|reset
+#   scripts/local-db.sh start|stop [source|warehouse]|status|reset
 #
 # Settings (environment or .env): DB_PORT (source, 5434), WAREHOUSE_DB_PORT (5433), DB_NAME,
 # WAREHOUSE_DB_NAME, DB_USER/DB_PASSWORD (the clusters' superuser), LOCAL_DB_DIR (.local/pg),
@@ -165,8 +165,12 @@ case "$cmd" in
     rm -f "$BASE/warehouse.fresh"
     ;;
   stop)
-    stop_cluster source
-    stop_cluster warehouse
+    # `stop source` or `stop warehouse` stops one (outage tests); `start` starts it again.
+    case "${2:-both}" in
+      source|warehouse) stop_cluster "$2" ;;
+      both) stop_cluster source; stop_cluster warehouse ;;
+      *) die "usage: $0 stop [source|warehouse]" ;;
+    esac
     ;;
   status)
     rc=0
@@ -181,7 +185,7 @@ case "$cmd" in
     echo "local-db: removed $BASE"
     ;;
   *)
-    echo "usage: $0 start|stop|status|reset" >&2
+    echo "usage: $0 start|stop [source|warehouse]|status|reset" >&2
     exit 2
     ;;
 esac

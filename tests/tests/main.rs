@@ -6,6 +6,7 @@
 
 mod cli;
 mod logical;
+mod outage;
 mod pipeline;
 mod setup;
 

@@ -167,7 +167,7 @@ fn create_private(path: &Path) -> std::io::Result<File> {
 
 /// Creates a directory (and its missing parents) only its owner can enter; an existing one is
 /// left as it is.
-pub(crate) fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     let mut b = fs::DirBuilder::new();
     b.recursive(true);
     #[cfg(unix)]

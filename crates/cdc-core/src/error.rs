@@ -103,7 +103,8 @@ impl Error {
     }
 
     /// Whether the whole unit of work may be retried after reconnecting: decided from the
-    /// error's kind (closed connection, connection-class or transient SQLSTATE), never its text.
+    /// error's kind (closed connection, connection-class or transient SQLSTATE, a full disk),
+    /// never its text.
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Db { source, .. } => is_transient_pg(source),
@@ -112,6 +113,11 @@ impl Error {
                 deadpool_postgres::PoolError::Timeout(_) => true,
                 _ => false,
             },
+            // A full disk empties again (archives pruned, space added): wait, don't exit.
+            Error::Io { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            ),
             _ => false,
         }
     }

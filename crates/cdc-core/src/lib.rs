@@ -21,6 +21,7 @@ pub mod sink;
 pub mod slot;
 pub mod table;
 pub mod telemetry;
+pub mod waiting;
 
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;

@@ -80,3 +80,134 @@ pub async fn record(client: &impl GenericClient, r: &RunRecord<'_>) -> Result<()
         .map_err(ctx("recording the run in pipeline_metadata"))?;
     Ok(())
 }
+
+/// A finished unit of work waiting to be recorded (owned, for the `Recorder`'s queue).
+#[derive(Debug, Clone)]
+pub struct PendingRecord {
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+    pub status: RunStatus,
+    pub counts: RunCounts,
+    pub error: Option<String>,
+    pub metrics: serde_json::Value,
+}
+
+/// Most records held while the warehouse is unreachable; beyond it the oldest are dropped
+/// (counted in the log). At one pass every 5 s that is more than five days.
+pub const MAX_QUEUED_RECORDS: usize = 100_000;
+
+/// Records a looping program's runs in `pipeline_metadata` from a task of its own, so that
+/// the work never waits for the warehouse: while the warehouse is unreachable the records
+/// queue in memory, and reach the table in order once it is back.
+pub struct Recorder {
+    tx: tokio::sync::mpsc::UnboundedSender<PendingRecord>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Recorder {
+    /// Starts the recording task. `prepare` runs on every new connection before records are
+    /// written (the schema migration).
+    pub fn start<F, Fut>(
+        db: crate::db::DbSettings,
+        pipeline_name: &'static str,
+        run_id: String,
+        mut waiting: crate::waiting::Waiting,
+        shutdown: crate::shutdown::Shutdown,
+        prepare: F,
+    ) -> Recorder
+    where
+        F: Fn(tokio_postgres::Client) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<tokio_postgres::Client>> + Send,
+    {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<PendingRecord>();
+        let task = tokio::spawn(async move {
+            let mut queue = std::collections::VecDeque::new();
+            let mut dropped = 0u64;
+            let mut client: Option<tokio_postgres::Client> = None;
+            let mut backoff = crate::db::Backoff::default();
+            // Ends when the sender is gone (the program is stopping) and the queue is empty,
+            // or when the program stops while the warehouse is unreachable.
+            loop {
+                if queue.is_empty() {
+                    match rx.recv().await {
+                        Some(r) => queue.push_back(r),
+                        None => break,
+                    }
+                }
+                while let Ok(r) = rx.try_recv() {
+                    queue.push_back(r);
+                }
+                while queue.len() > MAX_QUEUED_RECORDS {
+                    queue.pop_front();
+                    dropped += 1;
+                }
+                if dropped > 0 && dropped.is_power_of_two() {
+                    tracing::warn!(
+                        dropped,
+                        "warehouse unreachable for long: oldest run records dropped"
+                    );
+                }
+                let result: Result<tokio_postgres::Client> = async {
+                    let c = match client.take() {
+                        Some(c) => c,
+                        None => prepare(crate::db::connect_once(&db).await?).await?,
+                    };
+                    while let Some(r) = queue.front() {
+                        let rec = RunRecord {
+                            pipeline_name,
+                            run_id: &run_id,
+                            start: r.start,
+                            end: r.end,
+                            status: r.status,
+                            counts: r.counts.clone(),
+                            error: r.error.clone(),
+                            metrics: r.metrics.clone(),
+                        };
+                        record(&c, &rec).await?;
+                        queue.pop_front();
+                    }
+                    Ok(c)
+                }
+                .await;
+                match result {
+                    Ok(c) => {
+                        client = Some(c);
+                        waiting.resolved();
+                        backoff.reset();
+                    }
+                    Err(e) if e.is_retryable() => {
+                        waiting.fault(&e);
+                        let stopping = rx.is_closed() || shutdown.is_triggered();
+                        if stopping || shutdown.sleep(backoff.next_delay()).await {
+                            if !queue.is_empty() {
+                                tracing::warn!(
+                                    records = queue.len(),
+                                    "stopping with run records the warehouse did not get"
+                                );
+                            }
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        // Not the warehouse being away (a refused login, a broken schema): the
+                        // record is dropped so that it does not block the ones behind it.
+                        tracing::warn!(error = %crate::error::error_chain(&e), "could not record a run in pipeline_metadata");
+                        queue.pop_front();
+                    }
+                }
+            }
+        });
+        Recorder { tx, task }
+    }
+
+    /// Queues a record (never waits).
+    pub fn record(&self, r: PendingRecord) {
+        let _ = self.tx.send(r);
+    }
+
+    /// Stops: records still queued are written if the warehouse answers within `grace`.
+    pub async fn finish(self, grace: std::time::Duration) {
+        drop(self.tx);
+        let _ = tokio::time::timeout(grace, self.task).await;
+    }
+}

@@ -14,7 +14,7 @@ use crate::config::extractor::ExtractorConfig;
 use crate::db::{self, Backoff};
 use crate::error::{error_chain, Result};
 use crate::event::CaptureMode;
-use crate::metadata::{self, RunCounts, RunRecord, RunStatus};
+use crate::metadata::{self, PendingRecord, Recorder, RunCounts, RunStatus};
 use crate::migrate;
 use crate::ownership::{claim_log_dir, ExtractorLock, LogDirOwner};
 use crate::progress::{Progress, Watermark};
@@ -22,6 +22,7 @@ use crate::shutdown::Shutdown;
 use crate::sink::{ChangeSink, Durable};
 use crate::slot;
 use crate::table::TableSpec;
+use crate::waiting::{Outages, Waiting};
 use chrono::Utc;
 use logical::LogicalCapture;
 use std::future::Future;
@@ -90,8 +91,27 @@ pub async fn run(cfg: ExtractorConfig, shutdown: Shutdown) -> Result<()> {
             "removed temporary files left by an interrupted run"
         );
     }
-    let client = db::connect(&cfg.source, &shutdown).await?;
-    let specs = cfg.tables.describe(&client).await?;
+    let outages = Outages::default();
+    let mut waiting = Waiting::new(
+        Some(&cfg.state_dir),
+        "extractor",
+        "source",
+        format!("the source database at {}", cfg.source.display()),
+        &outages,
+    );
+    // The tables' descriptions need the source: a looping extractor waits for it.
+    let mut backoff = Backoff::default();
+    let (client, specs) = loop {
+        let attempt = async {
+            let client = connect_source(&cfg, &shutdown, &mut waiting).await?;
+            let specs = cfg.tables.describe(&client).await?;
+            Ok((client, specs))
+        };
+        match attempt.await {
+            Ok(v) => break v,
+            Err(e) => wait_out(&cfg, &shutdown, &mut waiting, &mut backoff, e).await?,
+        }
+    };
     let pipeline = &cfg.tables.pipeline_name;
     let stream = stream_name(&specs, pipeline);
     claim_log_dir(
@@ -102,10 +122,17 @@ pub async fn run(cfg: ExtractorConfig, shutdown: Shutdown) -> Result<()> {
         },
     )?;
     let sink = ChangeLogSink::new(&cfg.log_dir, &stream, cfg.max_rows_per_file);
+    let looping = Looping {
+        cfg: &cfg,
+        specs: &specs,
+        shutdown,
+        waiting,
+        outages,
+    };
     match cfg.capture_mode {
         CaptureMode::Timestamp => {
             let source = TimestampCapture::new(specs.clone(), cfg.state_dir.clone())?;
-            Box::pin(run_source(source, sink, client, &specs, &cfg, shutdown)).await
+            Box::pin(run_source(source, sink, client, looping)).await
         }
         CaptureMode::Logical => {
             let source = LogicalCapture::new(
@@ -114,26 +141,79 @@ pub async fn run(cfg: ExtractorConfig, shutdown: Shutdown) -> Result<()> {
                 cfg.slot.clone(),
                 logical_progress_name(&specs, pipeline),
             )?;
-            Box::pin(run_source(source, sink, client, &specs, &cfg, shutdown)).await
+            Box::pin(run_source(source, sink, client, looping)).await
         }
     }
 }
 
-/// The extractor's loop over any source and sink.
+/// What the extractor's loop runs with.
+struct Looping<'a> {
+    cfg: &'a ExtractorConfig,
+    specs: &'a [TableSpec],
+    shutdown: Shutdown,
+    /// The source being away.
+    waiting: Waiting,
+    outages: Outages,
+}
+
+/// Connects to the source: with `--once` within `DB_CONNECT_RETRY_SECONDS`, otherwise for as
+/// long as it takes.
+async fn connect_source(
+    cfg: &ExtractorConfig,
+    shutdown: &Shutdown,
+    waiting: &mut Waiting,
+) -> Result<Client> {
+    if cfg.once {
+        db::connect(&cfg.source, shutdown).await
+    } else {
+        db::connect_patiently(&cfg.source, shutdown, waiting).await
+    }
+}
+
+/// A failed start-up step: a transient failure (the source going away half-way) is waited
+/// out with backoff unless the extractor runs `--once`; anything else is returned.
+async fn wait_out(
+    cfg: &ExtractorConfig,
+    shutdown: &Shutdown,
+    waiting: &mut Waiting,
+    backoff: &mut Backoff,
+    e: crate::error::Error,
+) -> Result<()> {
+    if !e.is_retryable() || cfg.once {
+        return Err(e);
+    }
+    waiting.fault(&e);
+    if shutdown.sleep(backoff.next_delay()).await {
+        return Err(crate::error::Error::Shutdown);
+    }
+    Ok(())
+}
+
+/// The extractor's loop over any source and sink. Capture never needs the warehouse: the
+/// passes' records go to `pipeline_metadata` from a recorder of their own, which waits for
+/// the warehouse while it is away.
 async fn run_source(
     mut capture: impl ChangeSource,
     mut sink: impl ChangeSink,
-    mut source: Client,
-    specs: &[TableSpec],
-    cfg: &ExtractorConfig,
-    shutdown: Shutdown,
+    source: Client,
+    looping: Looping<'_>,
 ) -> Result<()> {
+    let Looping {
+        cfg,
+        specs,
+        shutdown,
+        mut waiting,
+        outages,
+    } = looping;
     let run_id = metadata::new_run_id("extractor");
-    capture.prepare(&source).await?;
-    let mut warehouse = db::connect(&cfg.warehouse, &shutdown).await?;
-    for spec in specs {
-        migrate::migrate(&mut warehouse, spec).await?;
+    let mut backoff = Backoff::default();
+    let mut source = source;
+    while let Err(e) = capture.prepare(&source).await {
+        wait_out(cfg, &shutdown, &mut waiting, &mut backoff, e).await?;
+        source = connect_source(cfg, &shutdown, &mut waiting).await?;
     }
+    waiting.resolved();
+    let recorder = start_recorder(cfg, specs, &run_id, &shutdown, &outages);
     let tables = specs
         .iter()
         .map(|s| s.qualified())
@@ -148,9 +228,9 @@ async fn run_source(
         "extractor started"
     );
 
-    let mut backoff = Backoff::default();
+    backoff.reset();
     let mut pass_no: u64 = 0;
-    loop {
+    let outcome = loop {
         pass_no += 1;
         let started = Utc::now();
         let clock = Instant::now();
@@ -170,6 +250,7 @@ async fn run_source(
         match &result {
             Ok(out) => {
                 backoff.reset();
+                waiting.resolved();
                 if out.events > 0 {
                     tracing::info!(
                         events = out.events,
@@ -188,35 +269,67 @@ async fn run_source(
             Err(e) => tracing::warn!(error = %error_chain(e), "capture pass failed"),
         }
         drop(_entered);
-        record_pass(
-            &mut warehouse,
-            cfg,
-            &tables,
-            &run_id,
-            started,
-            elapsed,
-            &result,
-            &shutdown,
-        )
-        .await;
+        recorder.record(pass_record(cfg, &tables, started, elapsed, &result));
         match result {
             Ok(_) => {}
-            Err(e) if e.is_retryable() => {
-                let delay = backoff.next_delay();
-                if shutdown.sleep(delay).await {
-                    break;
+            Err(e) if e.is_retryable() && !cfg.once => {
+                // The source went away (or the disk is full): wait it out, reconnect, go on.
+                waiting.fault(&e);
+                if shutdown.sleep(backoff.next_delay()).await {
+                    break Ok(());
                 }
-                source = db::connect(&cfg.source, &shutdown).await?;
+                if !source.is_closed() {
+                    continue;
+                }
+                match db::connect_patiently(&cfg.source, &shutdown, &mut waiting).await {
+                    Ok(c) => source = c,
+                    Err(crate::error::Error::Shutdown) => break Ok(()),
+                    Err(e) => break Err(e),
+                }
                 continue;
             }
-            Err(e) => return Err(e),
+            Err(e) => break Err(e),
         }
         if cfg.once || shutdown.sleep(cfg.interval).await {
-            break;
+            break Ok(());
         }
-    }
+    };
+    recorder.finish(std::time::Duration::from_secs(5)).await;
     tracing::info!("extractor stopped");
-    Ok(())
+    outcome
+}
+
+/// The recorder of the extractor's passes; it migrates the warehouse's schema on connecting.
+fn start_recorder(
+    cfg: &ExtractorConfig,
+    specs: &[TableSpec],
+    run_id: &str,
+    shutdown: &Shutdown,
+    outages: &Outages,
+) -> Recorder {
+    let specs = specs.to_vec();
+    Recorder::start(
+        cfg.warehouse.clone(),
+        PIPELINE_NAME,
+        run_id.to_owned(),
+        Waiting::new(
+            Some(&cfg.state_dir),
+            "extractor",
+            "warehouse",
+            format!("the warehouse database at {}", cfg.warehouse.display()),
+            outages,
+        ),
+        shutdown.clone(),
+        move |mut client| {
+            let specs = specs.clone();
+            async move {
+                for spec in &specs {
+                    migrate::migrate(&mut client, spec).await?;
+                }
+                Ok(client)
+            }
+        },
+    )
 }
 
 /// `extractor setup`: prepares the source for the configured tables and capture mode
@@ -300,18 +413,14 @@ fn remove_logical_progress(state_dir: &std::path::Path, name: &str) -> bool {
     }
 }
 
-/// Records a pass; the warehouse being down must not stop capture, so failures only warn.
-#[allow(clippy::too_many_arguments)]
-async fn record_pass(
-    warehouse: &mut Client,
+/// The record of a pass for `pipeline_metadata`.
+fn pass_record(
     cfg: &ExtractorConfig,
     tables: &str,
-    run_id: &str,
     started: chrono::DateTime<Utc>,
     elapsed: std::time::Duration,
     result: &Result<PassOutcome>,
-    shutdown: &Shutdown,
-) {
+) -> PendingRecord {
     let (status, counts, error, metrics) = match result {
         Ok(o) => (
             RunStatus::Success,
@@ -339,22 +448,12 @@ async fn record_pass(
             serde_json::json!({ "duration_ms": elapsed.as_millis() as u64, "table": tables }),
         ),
     };
-    let record = RunRecord {
-        pipeline_name: PIPELINE_NAME,
-        run_id,
+    PendingRecord {
         start: started,
         end: Utc::now(),
         status,
         counts,
         error,
         metrics,
-    };
-    if let Err(e) = metadata::record(&*warehouse, &record).await {
-        tracing::warn!(error = %error_chain(&e), "could not record the pass in pipeline_metadata");
-        if e.is_retryable() {
-            if let Ok(c) = db::connect(&cfg.warehouse, shutdown).await {
-                *warehouse = c;
-            }
-        }
     }
 }

@@ -3,8 +3,9 @@
 
 pub mod copy_text;
 
-use crate::error::{is_transient_pg, Error, Result};
+use crate::error::{Error, Result};
 use crate::shutdown::Shutdown;
+use crate::waiting::Waiting;
 use std::fmt;
 use std::time::{Duration, Instant};
 use tokio_postgres::{Client, NoTls};
@@ -121,37 +122,68 @@ impl Backoff {
 pub async fn connect(db: &DbSettings, shutdown: &Shutdown) -> Result<Client> {
     let started = Instant::now();
     let mut backoff = Backoff::default();
-    let config = db.pg_config();
     loop {
-        match config.connect(NoTls).await {
-            Ok((client, connection)) => {
-                let target = db.display();
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!(db = %target, error = %e, "connection closed");
-                    }
-                });
-                return Ok(client);
-            }
+        match connect_once(db).await {
+            Ok(client) => return Ok(client),
             Err(e) => {
-                let retryable = is_transient_pg(&e);
                 let delay = backoff.next_delay();
-                if !retryable || started.elapsed() + delay > db.connect_retry {
-                    let p = db.role.setting_prefix();
-                    return Err(Error::Db {
-                        context: format!(
-                            "connecting to the {} database at {} (settings {p}_HOST, {p}_PORT, {p}_NAME, {p}_USER, {p}_PASSWORD)",
-                            db.role.noun(),
-                            db.display(),
-                        ),
-                        source: e,
-                    });
+                if !e.is_retryable() || started.elapsed() + delay > db.connect_retry {
+                    return Err(e);
                 }
-                tracing::warn!(db = %db.display(), error = %e, retry_in_ms = delay.as_millis() as u64, "database unreachable; retrying");
+                tracing::warn!(db = %db.display(), error = %crate::error::error_chain(&e), retry_in_ms = delay.as_millis() as u64, "database unreachable; retrying");
                 if shutdown.sleep(delay).await {
                     return Err(Error::Shutdown);
                 }
             }
+        }
+    }
+}
+
+/// Connects to `db` for a looping program: transient failures are retried with capped
+/// backoff for as long as it takes (recorded in `waiting`); a refused login or a missing
+/// database fails at once.
+pub async fn connect_patiently(
+    db: &DbSettings,
+    shutdown: &Shutdown,
+    waiting: &mut Waiting,
+) -> Result<Client> {
+    let mut backoff = Backoff::default();
+    loop {
+        match connect_once(db).await {
+            Ok(client) => return Ok(client),
+            Err(e) if e.is_retryable() => {
+                waiting.fault(&e);
+                if shutdown.sleep(backoff.next_delay()).await {
+                    return Err(Error::Shutdown);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// One connection attempt; the error names the settings to check.
+pub(crate) async fn connect_once(db: &DbSettings) -> Result<Client> {
+    match db.pg_config().connect(NoTls).await {
+        Ok((client, connection)) => {
+            let target = db.display();
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(db = %target, error = %e, "connection closed");
+                }
+            });
+            Ok(client)
+        }
+        Err(e) => {
+            let p = db.role.setting_prefix();
+            Err(Error::Db {
+                context: format!(
+                    "connecting to the {} database at {} (settings {p}_HOST, {p}_PORT, {p}_NAME, {p}_USER, {p}_PASSWORD)",
+                    db.role.noun(),
+                    db.display(),
+                ),
+                source: e,
+            })
         }
     }
 }

@@ -14,6 +14,7 @@ use crate::migrate;
 use crate::ownership::{check_log_dir, LogDirOwner};
 use crate::shutdown::Shutdown;
 use crate::table::TableSpec;
+use crate::waiting::{Outages, Waiting};
 use chrono::Utc;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -41,12 +42,39 @@ pub struct Applier {
 }
 
 impl Applier {
+    /// Connects within `DB_CONNECT_RETRY_SECONDS`, or, given `waiting` (a looping loader),
+    /// waits for the warehouse for as long as it takes.
     pub async fn connect(
         cfg: &LoaderConfig,
         specs: &[TableSpec],
         shutdown: &Shutdown,
+        waiting: Option<&mut Waiting>,
     ) -> Result<Self> {
-        let mut client = db::connect(&cfg.warehouse, shutdown).await?;
+        let Some(waiting) = waiting else {
+            let client = db::connect(&cfg.warehouse, shutdown).await?;
+            return Self::prepare(client, cfg, specs).await;
+        };
+        let mut backoff = Backoff::default();
+        loop {
+            let client = db::connect_patiently(&cfg.warehouse, shutdown, waiting).await?;
+            match Self::prepare(client, cfg, specs).await {
+                Ok(applier) => {
+                    waiting.resolved();
+                    return Ok(applier);
+                }
+                Err(e) if e.is_retryable() => {
+                    waiting.fault(&e);
+                    if shutdown.sleep(backoff.next_delay()).await {
+                        return Err(Error::Shutdown);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Migrates the schema and takes the tables' locks.
+    async fn prepare(mut client: Client, cfg: &LoaderConfig, specs: &[TableSpec]) -> Result<Self> {
         for spec in specs {
             migrate::migrate(&mut client, spec).await?;
             let locked: bool = client
@@ -139,17 +167,57 @@ impl Applier {
 }
 
 /// The configured tables, described by the source's catalog (the loader reads the source
-/// only for this, at start-up).
-pub async fn describe_tables(cfg: &LoaderConfig, shutdown: &Shutdown) -> Result<Vec<TableSpec>> {
-    let source = db::connect(&cfg.source, shutdown).await?;
-    cfg.tables.describe(&source).await
+/// only for this, at start-up). Given `waiting` (a looping loader), waits for the source for
+/// as long as it takes.
+pub async fn describe_tables(
+    cfg: &LoaderConfig,
+    shutdown: &Shutdown,
+    waiting: Option<&mut Waiting>,
+) -> Result<Vec<TableSpec>> {
+    let Some(waiting) = waiting else {
+        let source = db::connect(&cfg.source, shutdown).await?;
+        return cfg.tables.describe(&source).await;
+    };
+    let mut backoff = Backoff::default();
+    loop {
+        let source = db::connect_patiently(&cfg.source, shutdown, waiting).await?;
+        match cfg.tables.describe(&source).await {
+            Ok(specs) => {
+                waiting.resolved();
+                return Ok(specs);
+            }
+            Err(e) if e.is_retryable() => {
+                waiting.fault(&e);
+                if shutdown.sleep(backoff.next_delay()).await {
+                    return Err(Error::Shutdown);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Runs the loader: with `once`, applies everything pending and returns; otherwise keeps
 /// applying new files until shutdown.
 pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<LoaderTotals> {
     let run_id = metadata::new_run_id("loader");
-    let specs = describe_tables(cfg, &shutdown).await?;
+    let outages = Outages::default();
+    let wait =
+        |key: &str, what: String| Waiting::new(Some(&cfg.state_dir), "loader", key, what, &outages);
+    let mut source_wait = wait(
+        "source",
+        format!("the source database at {}", cfg.source.display()),
+    );
+    let mut warehouse_wait = wait(
+        "warehouse",
+        format!("the warehouse database at {}", cfg.warehouse.display()),
+    );
+    let mut files_wait = wait(
+        "files",
+        format!("the change-log directory {}", cfg.log_dir.display()),
+    );
+    let specs = describe_tables(cfg, &shutdown, patience(once, &mut source_wait)).await?;
+    drop(source_wait);
     check_log_dir(
         &cfg.log_dir,
         &LogDirOwner {
@@ -157,7 +225,8 @@ pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<L
             stream: stream_name(&specs, &cfg.tables.pipeline_name),
         },
     )?;
-    let mut applier = Applier::connect(cfg, &specs, &shutdown).await?;
+    let mut applier =
+        Applier::connect(cfg, &specs, &shutdown, patience(once, &mut warehouse_wait)).await?;
     tracing::info!(
         history = %applier.histories,
         warehouse = %cfg.warehouse.display(),
@@ -170,7 +239,21 @@ pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<L
         if shutdown.is_triggered() {
             break;
         }
-        let pending = changelog::pending_files(&cfg.log_dir)?;
+        let pending = match changelog::pending_files(&cfg.log_dir) {
+            Ok(p) => {
+                files_wait.resolved();
+                p
+            }
+            // The directory briefly unreadable (a remount, a permission being fixed).
+            Err(e @ Error::Io { .. }) if !once => {
+                files_wait.fault(&e);
+                if shutdown.sleep(backoff.next_delay()).await {
+                    break;
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if pending.is_empty() {
             if once || shutdown.sleep(cfg.poll_interval).await {
                 break;
@@ -178,14 +261,30 @@ pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<L
             continue;
         }
         match apply_pending(&mut applier, cfg, &pending, &run_id, &mut totals).await {
-            Ok(()) => backoff.reset(),
+            Ok(()) => {
+                backoff.reset();
+                warehouse_wait.resolved();
+            }
             Err(e) if e.is_retryable() => {
                 let delay = backoff.next_delay();
-                tracing::warn!(error = %error_chain(&e), retry_in_ms = delay.as_millis() as u64, "apply failed; reconnecting");
+                tracing::warn!(error = %error_chain(&e), retry_in_ms = delay.as_millis() as u64, "apply failed; retrying");
+                if !once {
+                    warehouse_wait.fault(&e);
+                }
                 if shutdown.sleep(delay).await {
                     break;
                 }
-                applier = Applier::connect(cfg, &specs, &shutdown).await?;
+                if applier.client.is_closed() {
+                    // The old connection is gone, and its table locks with it.
+                    drop(applier);
+                    applier = Applier::connect(
+                        cfg,
+                        &specs,
+                        &shutdown,
+                        patience(once, &mut warehouse_wait),
+                    )
+                    .await?;
+                }
             }
             Err(e) => return Err(e),
         }
@@ -198,6 +297,15 @@ pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<L
         "loader stopped"
     );
     Ok(totals)
+}
+
+/// A looping loader waits out outages (recorded in `w`); `--once` keeps its bounded retry.
+fn patience(once: bool, w: &mut Waiting) -> Option<&mut Waiting> {
+    if once {
+        None
+    } else {
+        Some(w)
+    }
 }
 
 /// Applies the pending files in batches of at most `max_files_per_batch` files.

@@ -40,6 +40,18 @@ pub async fn status(
         }
     };
 
+    for w in crate::waiting::current(&cfg.state_dir) {
+        let _ = writeln!(
+            s,
+            "{} waiting for {} since {} ({:.0}s; last error: {})",
+            w.program,
+            w.waiting_for,
+            w.since.format("%Y-%m-%d %H:%M:%S UTC"),
+            secs(now - w.since),
+            w.last_error
+        );
+    }
+
     let pending = changelog::pending_files(&cfg.log_dir)?;
     let dead = std::fs::read_dir(cfg.log_dir.join(DEAD_LETTER_DIR))
         .map(|d| {

@@ -115,7 +115,9 @@ impl TestDb {
             .join("test-runs")
             .join(&name);
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("test directory");
+        // The change-log directory exists before any program starts, as the project's
+        // `data/cdc_logs` does (the loader refuses a missing one).
+        crate::changelog::create_private_dir(&dir.join("cdc_logs")).expect("test directory");
         TestDb {
             name,
             source,
