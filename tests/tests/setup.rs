@@ -371,3 +371,32 @@ async fn a_second_extractor_is_refused_while_one_runs() {
     std::fs::remove_file(&temp).unwrap();
     db.cleanup().await;
 }
+
+/// A progress file whose watermark is ahead of the source's clock would skip changes: exit 2
+/// naming the file.
+#[tokio::test]
+async fn a_progress_file_from_the_future_is_refused() {
+    let db = TestDb::new("e2e_future_progress").await;
+    let once = || {
+        let mut c = cmd(&db, "extractor");
+        c.arg("--once");
+        run(c)
+    };
+    let out = once();
+    assert!(out.status.success(), "{}", text(&out));
+    let file = db.state_dir().join("extractor-public.orders.json");
+    let mut p: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let ts = p["watermark"]["ts_us"].as_i64().unwrap();
+    p["watermark"]["ts_us"] = (ts + 86_400_000_000).into();
+    std::fs::write(&file, p.to_string()).unwrap();
+    let out = once();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        stderr(&out).contains("later than the source's clock")
+            && stderr(&out).contains("extractor-public.orders.json"),
+        "{}",
+        text(&out)
+    );
+    db.cleanup().await;
+}

@@ -61,6 +61,10 @@ pub struct BenchArgs {
     /// Seed of the workload
     #[arg(long, default_value = "42")]
     seed: u64,
+    /// Tables of the workload: `orders` (the figures' single table, with its ceilings) or
+    /// `all` (orders, customers and order_items, captured by one pipeline; no ceilings)
+    #[arg(long, default_value = "orders", value_parser = ["orders", "all"])]
+    tables: String,
     /// Workload writers (the mutator's --concurrency)
     #[arg(long, default_value = "1")]
     writers: usize,
@@ -275,7 +279,7 @@ impl Bench {
         std::fs::create_dir_all(&work)?;
         Ok(Runner {
             bin_dir: self.bin_dir.clone(),
-            env: self.clusters.env(mode, &work),
+            env: self.clusters.env(mode, &self.args.tables, &work),
             log_dir: work.join("logs"),
             cwd: work,
         })
@@ -290,6 +294,7 @@ impl Bench {
     ) -> Result<ThroughputRun> {
         self.clusters.fresh().await?;
         let runner = self.runner(mode, &format!("throughput-{ops}"))?;
+        let ceilings = ceilings && self.args.tables == "orders";
         let log_dir = runner.cwd.join("cdc_logs");
         // The initial copy (the sample rows), applied before the measured workload.
         runner.measured("extractor", &["--once"]).await?;
@@ -316,7 +321,7 @@ impl Bench {
                     "--ops-per-transaction",
                     &per_tx,
                     "--tables",
-                    "orders",
+                    &self.args.tables,
                 ],
             )
             .await?;
@@ -351,17 +356,11 @@ impl Bench {
         };
 
         let mut wh = self.clusters.warehouse().await?;
-        let before: i64 = wh
-            .query_one("SELECT count(*) FROM public.dim_orders_history", &[])
-            .await?
-            .get(0);
+        let before = self.versions(&wh).await?;
         let m = runner.measured("scd2-loader", &["--once"]).await?;
         run.apply_secs = m.secs;
         run.loader_rss_kb = m.max_rss_kb;
-        let after: i64 = wh
-            .query_one("SELECT count(*) FROM public.dim_orders_history", &[])
-            .await?
-            .get(0);
+        let after = self.versions(&wh).await?;
         run.versions = (after - before) as u64;
         let pending = change_logs(&log_dir)?.len();
         if pending > 0 {
@@ -390,8 +389,8 @@ impl Bench {
         let wh = self.clusters.warehouse().await?;
         let source = self.clusters.source().await?;
         let deadline = Instant::now() + Duration::from_secs(60);
-        while fingerprint(&wh, WAREHOUSE_FINGERPRINT).await.ok()
-            != Some(fingerprint(&source, SOURCE_FINGERPRINT).await?)
+        while self.fingerprint(&wh, true).await.ok()
+            != Some(self.fingerprint(&source, false).await?)
         {
             extractor.check_alive()?;
             loader.check_alive()?;
@@ -409,7 +408,14 @@ impl Bench {
         let seed_s = seed.to_string();
         let mutator = runner.spawn(
             "mutator",
-            &["--rate", &rate, "--seed", &seed_s, "--tables", "orders"],
+            &[
+                "--rate",
+                &rate,
+                "--seed",
+                &seed_s,
+                "--tables",
+                &self.args.tables,
+            ],
         )?;
         // Logical mode: how much WAL the slot holds unconfirmed, sampled twice a second.
         let mut slot_lag = Vec::new();
@@ -433,9 +439,9 @@ impl Bench {
         mutator.stop().await?;
         let seconds = started.elapsed().as_secs_f64();
         let stopped = Instant::now();
-        let target = fingerprint(&source, SOURCE_FINGERPRINT).await?;
+        let target = self.fingerprint(&source, false).await?;
         let deadline = stopped + Duration::from_secs(120);
-        while fingerprint(&wh, WAREHOUSE_FINGERPRINT).await? != target {
+        while self.fingerprint(&wh, true).await? != target {
             extractor.check_alive()?;
             loader.check_alive()?;
             if Instant::now() > deadline {
@@ -452,16 +458,22 @@ impl Bench {
 
         // Delay of each version: the commit of the batch that wrote it (track_commit_timestamp
         // on the warehouse; the batch's row is never updated) minus its change time.
-        let rows = wh
-            .query(
-                "SELECT (extract(epoch FROM pg_xact_commit_timestamp(b.xmin) - h.valid_from) * 1000)::float8,
-                        extract(epoch FROM h.valid_from - $1)::float8
-                 FROM public.dim_orders_history h JOIN public.cdc_applied_batches b USING (batch_id)
-                 WHERE h.valid_from >= $1",
-                &[&t0],
-            )
-            .await
-            .context("reading the delays (the warehouse needs track_commit_timestamp = on)")?;
+        let mut rows = Vec::new();
+        for history in self.histories() {
+            rows.extend(
+                wh.query(
+                    &format!(
+                        "SELECT (extract(epoch FROM pg_xact_commit_timestamp(b.xmin) - h.valid_from) * 1000)::float8,
+                                extract(epoch FROM h.valid_from - $1)::float8
+                         FROM {history} h JOIN public.cdc_applied_batches b USING (batch_id)
+                         WHERE h.valid_from >= $1"
+                    ),
+                    &[&t0],
+                )
+                .await
+                .context("reading the delays (the warehouse needs track_commit_timestamp = on)")?,
+            );
+        }
         let delays: Vec<(f64, f64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         Ok(SteadyRun {
             seconds,
@@ -471,6 +483,59 @@ impl Bench {
             slot_lag_max_bytes: slot_lag.iter().copied().reduce(f64::max),
             ..report::delay_figures(&delays, seconds)
         })
+    }
+}
+
+impl Bench {
+    /// The history tables of the workload.
+    fn histories(&self) -> Vec<&'static str> {
+        match self.args.tables.as_str() {
+            "all" => vec![
+                "public.dim_orders_history",
+                "public.dim_customers_history",
+                "public.dim_order_items_history",
+            ],
+            _ => vec!["public.dim_orders_history"],
+        }
+    }
+
+    /// Versions in the workload's history tables.
+    async fn versions(&self, wh: &tokio_postgres::Client) -> Result<i64> {
+        let mut n = 0;
+        for h in self.histories() {
+            n += wh
+                .query_one(&format!("SELECT count(*) FROM {h}"), &[])
+                .await?
+                .get::<_, i64>(0);
+        }
+        Ok(n)
+    }
+
+    /// What the source holds (`history` false) or the history's current rows hold: orders'
+    /// rows, and with all tables the other two tables' row counts.
+    async fn fingerprint(&self, client: &tokio_postgres::Client, history: bool) -> Result<String> {
+        let mut parts = vec![
+            fingerprint(
+                client,
+                if history {
+                    WAREHOUSE_FINGERPRINT
+                } else {
+                    SOURCE_FINGERPRINT
+                },
+            )
+            .await?,
+        ];
+        if self.args.tables == "all" {
+            for t in ["customers", "order_items"] {
+                let sql = if history {
+                    format!("SELECT count(*)::text FROM public.dim_{t}_history WHERE is_current")
+                } else {
+                    format!("SELECT count(*)::text FROM public.{t}")
+                };
+                parts.push(fingerprint(client, &sql).await?);
+            }
+        }
+        Ok(parts.join("/"))
     }
 }
 

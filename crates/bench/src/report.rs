@@ -104,8 +104,14 @@ impl Report {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "\nCDC pipeline benchmark: {} cores, PostgreSQL {}, {}; workload {} operations (seed {}), median of {} run(s) [min–max]\n",
-            self.machine.cores, self.machine.postgres, self.machine.os, p.ops, p.seed, p.runs
+            "\nCDC pipeline benchmark: {} cores, PostgreSQL {}, {}; workload {} operations on {} (seed {}), median of {} run(s) [min–max]\n",
+            self.machine.cores,
+            self.machine.postgres,
+            self.machine.os,
+            p.ops,
+            if p.tables == "all" { "orders, customers and order_items" } else { "orders" },
+            p.seed,
+            p.runs
         );
         let _ = writeln!(
             s,

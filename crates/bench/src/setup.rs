@@ -90,7 +90,7 @@ impl Clusters {
     }
 
     /// The environment of the pipeline's binaries for these databases and `work`.
-    pub fn env(&self, mode: &str, work: &Path) -> Vec<(String, String)> {
+    pub fn env(&self, mode: &str, tables: &str, work: &Path) -> Vec<(String, String)> {
         let mut env: Vec<(String, String)> = [
             ("DB_HOST", self.host.as_str()),
             ("DB_NAME", SOURCE_DB),
@@ -103,15 +103,19 @@ impl Clusters {
             ("CDC_CAPTURE_MODE", mode),
             ("CDC_SLOT_NAME", SLOT),
             ("CDC_PUBLICATION", PUBLICATION),
-            // The single-table workload the figures are about.
-            ("CDC_TABLES", "public.orders"),
-            ("MUTATION_TABLES", "orders"),
             ("LOG_LEVEL", "info"),
             ("LOG_FORMAT", "json"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
+        // The single-table workload the figures are about, or every table of the demo.
+        let (capture, mutate) = match tables {
+            "all" => ("public.*", "all"),
+            _ => ("public.orders", "orders"),
+        };
+        env.push(("CDC_TABLES".into(), capture.into()));
+        env.push(("MUTATION_TABLES".into(), mutate.into()));
         env.push(("DB_PORT".into(), self.source_port.to_string()));
         env.push(("WAREHOUSE_DB_PORT".into(), self.warehouse_port.to_string()));
         env.push((

@@ -241,6 +241,33 @@ pub fn pending_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// Entries of `dir` named like change-log files that are not regular files (a symbolic link,
+/// a directory): never applied, so the loader quarantines them with a reason rather than
+/// skip them silently.
+pub fn strays(dir: &Path) -> Result<Vec<(PathBuf, &'static str)>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("listing the change-log directory", dir, e)),
+    };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || !name.ends_with(".jsonl") {
+            continue;
+        }
+        let what = match e.file_type() {
+            Ok(t) if t.is_file() => continue,
+            Ok(t) if t.is_symlink() => "is a symbolic link",
+            Ok(t) if t.is_dir() => "is a directory",
+            _ => "is not a regular file",
+        };
+        out.push((e.path(), what));
+    }
+    out.sort();
+    Ok(out)
+}
+
 pub fn file_name(p: &Path) -> String {
     p.file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -262,7 +289,7 @@ pub fn quarantine(file: &Path, reason: &Error) -> Result<PathBuf> {
         cur = e.source();
     }
     let line = match reason {
-        Error::Parse { line, .. } => Some(*line),
+        Error::Parse { line, .. } if *line > 0 => Some(*line),
         _ => None,
     };
     let sidecar = serde_json::json!({

@@ -36,8 +36,9 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    /// A change-log line that is not a valid change event.
-    #[error("{path}:{line}: {message}")]
+    /// A change-log line that is not a valid change event (`line` 0: the file as a whole,
+    /// e.g. one that cannot be opened).
+    #[error("{}{}: {message}", path.display(), if *line > 0 { format!(":{line}") } else { String::new() })]
     Parse {
         path: PathBuf,
         line: u64,

@@ -140,3 +140,93 @@ async fn a_file_whose_values_the_warehouse_rejects_is_quarantined_alone() {
     assert_history_exact(&db).await;
     db.cleanup().await;
 }
+
+/// Every kind of bad input in the change-log directory is quarantined with its reason, alone,
+/// and nothing is skipped silently: a file that is not UTF-8, a value the warehouse would
+/// round or read relative to the load, a symbolic link and a directory named like a file.
+#[tokio::test]
+async fn each_kind_of_bad_input_is_quarantined_with_its_reason_and_the_rest_applies() {
+    let db = TestDb::new("bad_inputs").await;
+    let source = db.source_client().await;
+    install_audit(&source).await;
+    capture(&db).await;
+    let line = |id: i32, price: &str, date: &str| {
+        format!(
+            r#"{{"op":"c","before":null,"after":{{"id":{id},"customer_id":1,"product_id":1,"quantity":1,"unit_price":"{price}","total_amount":"1.00","order_status":"pending","order_date":"{date}","created_at":"2026-01-01T00:00:00+00:00","last_updated":"2026-01-01T00:00:00+00:00"}},"source":{{"schema":"public","table":"orders","ts_us":1767225600000000}},"ts_ms":1767225600000}}"#
+        )
+    };
+    let dir = db.log_dir();
+    let name = |n: u32| format!("orders_99990101T000000.000000Z_{n:010}.jsonl");
+    // Saved in Latin-1 by an editor: "pending" became "pénding" in one byte.
+    let mut latin1 = line(3001, "1.00", "2026-01-01T00:00:00+00:00").into_bytes();
+    let at = latin1.windows(7).position(|w| w == b"pending").unwrap();
+    latin1[at + 1] = 0xE9;
+    latin1.push(b'\n');
+    std::fs::write(dir.join(name(1)), latin1).unwrap();
+    std::fs::write(
+        dir.join(name(2)),
+        line(3002, "12.345", "2026-01-01T00:00:00+00:00") + "\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join(name(3)), line(3003, "1.00", "yesterday") + "\n").unwrap();
+    #[cfg(unix)]
+    std::os::unix::fs::symlink("/etc/hostname", dir.join(name(4))).unwrap();
+    std::fs::create_dir(dir.join(name(5))).unwrap();
+    std::fs::write(
+        dir.join(name(6)),
+        line(3006, "12.340", "2026-01-01T00:00:00+00:00") + "\n",
+    )
+    .unwrap();
+
+    let totals = load(&db).await;
+    let dead = dir.join(DEAD_LETTER_DIR);
+    let reason = |n: u32| {
+        let text = std::fs::read_to_string(dead.join(format!("{}.reason.json", name(n))))
+            .unwrap_or_else(|e| panic!("no reason for file {n}: {e}"));
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["error"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert!(reason(1).contains("not valid UTF-8"), "{}", reason(1));
+    assert!(
+        reason(2).contains("unit_price") && reason(2).contains("rounded"),
+        "{}",
+        reason(2)
+    );
+    assert!(
+        reason(3).contains("order_date") && reason(3).contains("relative to the load"),
+        "{}",
+        reason(3)
+    );
+    if cfg!(unix) {
+        assert!(reason(4).contains("symbolic link"), "{}", reason(4));
+        assert!(
+            std::fs::symlink_metadata(dead.join(name(4))).is_ok(),
+            "the link itself is kept"
+        );
+    }
+    assert!(reason(5).contains("is a directory"), "{}", reason(5));
+    assert_eq!(totals.quarantined, if cfg!(unix) { 5 } else { 4 });
+    // The exact value applied; none of the refused ones did.
+    let wh = db.warehouse_client().await;
+    let keys: Vec<(i32, String)> = wh
+        .query(
+            "SELECT order_key, unit_price::text FROM dim_orders_history WHERE order_key > 3000 ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(keys, vec![(3006, "12.34".to_owned())]);
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".jsonl"))
+        .collect();
+    assert!(left.is_empty(), "nothing left behind: {left:?}");
+    db.cleanup().await;
+}

@@ -95,6 +95,33 @@ impl ChangeSource for TimestampCapture {
                 "public.cdc_tombstones is missing: run `extractor setup`",
             ));
         }
+        // A watermark ahead of the source's clock would skip every change stamped before it.
+        let now: DateTime<Utc> = client
+            .query_one("SELECT clock_timestamp()", &[])
+            .await
+            .map_err(ctx("reading the source clock"))?
+            .get(0);
+        for (spec, progress) in &self.tables {
+            let Some(w) = &progress.watermark else {
+                continue;
+            };
+            if w.ts_us > now.timestamp_micros() {
+                let at = DateTime::<Utc>::from_timestamp_micros(w.ts_us)
+                    .map(|t| t.to_rfc3339())
+                    .unwrap_or_else(|| w.ts_us.to_string());
+                return Err(Error::State {
+                    path: Progress::path(&self.state_dir, &spec.qualified()),
+                    message: format!(
+                        "its watermark ({at}) is later than the source's clock ({}), so changes stamped \
+                         in between would be skipped: the file is from another database, was edited, or the \
+                         source's clock went back. Remove the file to take a new snapshot of {}, or wait \
+                         until the source's clock passes the watermark",
+                        now.to_rfc3339(),
+                        spec.qualified()
+                    ),
+                });
+            }
+        }
         Ok(())
     }
 

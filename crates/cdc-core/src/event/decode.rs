@@ -180,7 +180,11 @@ pub fn decode_for(line: &str, specs: &[TableSpec]) -> Result<DecodedEvent, Decod
     let mut parts = Vec::with_capacity(spec.key.len());
     for k in &spec.key {
         match row.get(k.name.as_str()).map(|v| json_text(v)) {
-            Some(Ok(Some(v))) => parts.push(v),
+            Some(Ok(Some(v))) => {
+                super::exact::check(&k.sql_type, &v)
+                    .map_err(|e| format!("key column {}: {e}", k.name))?;
+                parts.push(v)
+            }
             Some(Ok(None)) => return Err(format!("key column {} is null", k.name).into()),
             Some(Err(e)) => return Err(format!("key column {}: {e}", k.name).into()),
             None => return Err(format!("row image has no key column {}", k.name).into()),
@@ -198,11 +202,14 @@ pub fn decode_for(line: &str, specs: &[TableSpec]) -> Result<DecodedEvent, Decod
                 Some(v) if c.is_json() && env.format_version.unwrap_or(1) < 2 => {
                     values.push((v.get() != "null").then(|| v.get()))
                 }
-                Some(v) => values.push(
-                    json_text(v)
-                        .map_err(|e| format!("column {}: {e}", c.name))?
-                        .as_deref(),
-                ),
+                Some(v) => {
+                    let text = json_text(v).map_err(|e| format!("column {}: {e}", c.name))?;
+                    if let Some(t) = text.as_deref() {
+                        super::exact::check(&c.sql_type, t)
+                            .map_err(|e| format!("column {}: {e}", c.name))?;
+                    }
+                    values.push(text.as_deref())
+                }
                 // Not sent by logical replication; the history table generates it.
                 None if c.generated.is_some() => values.push(None),
                 None => return Err(format!("row image has no column {}", c.name).into()),

@@ -6,6 +6,7 @@
 
 pub mod decode;
 pub mod encode;
+mod exact;
 
 pub use decode::{decode, decode_for, DecodeError, DecodedEvent, Values};
 

@@ -239,7 +239,11 @@ pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<L
         if shutdown.is_triggered() {
             break;
         }
-        let pending = match changelog::pending_files(&cfg.log_dir) {
+        let listed = match quarantine_strays(cfg, &run_id, &applier, &mut totals).await {
+            Ok(()) => changelog::pending_files(&cfg.log_dir),
+            Err(e) => Err(e),
+        };
+        let pending = match listed {
             Ok(p) => {
                 files_wait.resolved();
                 p
@@ -264,6 +268,14 @@ pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<L
             Ok(()) => {
                 backoff.reset();
                 warehouse_wait.resolved();
+            }
+            // A file that vanished or could not be moved (a full disk, a permission being
+            // fixed): nothing was lost (applied files are recorded), so wait and go on.
+            Err(e @ Error::Io { .. }) if !once => {
+                files_wait.fault(&e);
+                if shutdown.sleep(backoff.next_delay()).await {
+                    break;
+                }
             }
             Err(e) if e.is_retryable() => {
                 let delay = backoff.next_delay();
@@ -383,6 +395,26 @@ async fn apply_pending(
                 Err(e) => return Err(e),
             }
         }
+    }
+    Ok(())
+}
+
+/// Quarantines what is named like a change-log file but is not a regular file (a symbolic
+/// link, a directory), so that nothing in the directory is skipped silently.
+async fn quarantine_strays(
+    cfg: &LoaderConfig,
+    run_id: &str,
+    applier: &Applier,
+    totals: &mut LoaderTotals,
+) -> Result<()> {
+    for (path, what) in changelog::strays(&cfg.log_dir)? {
+        let reason = Error::Parse {
+            path: path.clone(),
+            line: 0,
+            message: format!("{what}, not a change-log file written by the extractor"),
+        };
+        quarantine(&path, &reason, run_id, applier).await?;
+        totals.quarantined += 1;
     }
     Ok(())
 }

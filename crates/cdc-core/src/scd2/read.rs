@@ -53,6 +53,15 @@ pub fn read_chunks(
         let mut tables = BTreeSet::new();
         let reader = match std::fs::File::open(path) {
             Ok(f) => std::io::BufReader::with_capacity(1 << 20, f),
+            // The file's fault, not the loader's: quarantined with the reason.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                result = Err(Error::Parse {
+                    path: path.clone(),
+                    line: 0,
+                    message: format!("cannot be opened: {e}"),
+                });
+                break;
+            }
             Err(e) => {
                 result = Err(Error::io("opening change-log file", path, e));
                 break;
@@ -60,7 +69,19 @@ pub fn read_chunks(
         };
         for (i, line) in reader.lines().enumerate() {
             let decoded = line
-                .map_err(|e| Error::io("reading change-log file", path, e))
+                .map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::InvalidData {
+                        Error::Parse {
+                            path: path.clone(),
+                            line: i as u64 + 1,
+                            message: "is not valid UTF-8 (change-log files are UTF-8 JSON Lines; \
+                                      was it saved in another encoding?)"
+                                .into(),
+                        }
+                    } else {
+                        Error::io("reading change-log file", path, e)
+                    }
+                })
                 .and_then(|line| {
                     if line.trim().is_empty() {
                         return Ok(None);
