@@ -2,12 +2,13 @@
 //! pools, and the backoff policy used when a connection is lost in the middle of work.
 
 pub mod copy_text;
+pub mod tls;
 
 use crate::error::{is_transient_pg, Error, Result};
 use crate::shutdown::Shutdown;
 use std::fmt;
 use std::time::{Duration, Instant};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 /// A password: never printed by `Debug` or `Display`.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -64,6 +65,8 @@ pub struct DbSettings {
     pub password: Secret,
     /// How long to keep retrying the first connection before giving up.
     pub connect_retry: Duration,
+    /// `DB_SSLMODE` / `DB_SSLROOTCERT` (or the warehouse's).
+    pub tls: tls::TlsSettings,
 }
 
 impl DbSettings {
@@ -77,6 +80,7 @@ impl DbSettings {
             .application_name("cdc-historical-warehouse")
             .options("-c TimeZone=UTC -c DateStyle=ISO")
             .connect_timeout(Duration::from_secs(10));
+        self.tls.apply(&mut c);
         c
     }
 
@@ -122,8 +126,9 @@ pub async fn connect(db: &DbSettings, shutdown: &Shutdown) -> Result<Client> {
     let started = Instant::now();
     let mut backoff = Backoff::default();
     let config = db.pg_config();
+    let tls = db.tls.connector()?;
     loop {
-        match config.connect(NoTls).await {
+        match config.connect(tls.clone()).await {
             Ok((client, connection)) => {
                 let target = db.display();
                 tokio::spawn(async move {
@@ -140,7 +145,7 @@ pub async fn connect(db: &DbSettings, shutdown: &Shutdown) -> Result<Client> {
                     let p = db.role.setting_prefix();
                     return Err(Error::Db {
                         context: format!(
-                            "connecting to the {} database at {} (settings {p}_HOST, {p}_PORT, {p}_NAME, {p}_USER, {p}_PASSWORD)",
+                            "connecting to the {} database at {} (settings {p}_HOST, {p}_PORT, {p}_NAME, {p}_USER, {p}_PASSWORD, {p}_SSLMODE, {p}_SSLROOTCERT)",
                             db.role.noun(),
                             db.display(),
                         ),
@@ -160,7 +165,7 @@ pub async fn connect(db: &DbSettings, shutdown: &Shutdown) -> Result<Client> {
 pub fn pool(db: &DbSettings, size: usize) -> Result<deadpool_postgres::Pool> {
     let mgr = deadpool_postgres::Manager::from_config(
         db.pg_config(),
-        NoTls,
+        db.tls.connector()?,
         deadpool_postgres::ManagerConfig {
             recycling_method: deadpool_postgres::RecyclingMethod::Fast,
         },
