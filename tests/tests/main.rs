@@ -8,6 +8,7 @@ mod cli;
 mod logical;
 mod pipeline;
 mod setup;
+mod tls;
 
 use cdc_core::test_utils::TestDb;
 use std::path::PathBuf;
