@@ -1,7 +1,8 @@
 //! A throw-away PostgreSQL cluster with `ssl = on`, for the TLS tests: a CA and a server
 //! certificate made with the `openssl` command in a temporary directory (the certificate names
 //! `localhost` only, not `127.0.0.1`), the cluster on a free port of its own, stopped and
-//! removed when dropped, a failing test included.
+//! removed when dropped, a failing test included (and, should the test process be killed,
+//! by the next test that starts one).
 //!
 //! `scripts/local-db.sh` always starts the two pipeline clusters on fixed ports without TLS;
 //! this starts one cluster the same way (server binaries under `PG_BIN` or
@@ -141,12 +142,41 @@ fn make_server_cert(dir: &Path, ca: &str) {
     );
 }
 
+const ORPHAN_PREFIX: &str = "cdc-tls-test-";
+
+/// Stops and removes the clusters of test processes that were killed before they could drop
+/// theirs (a test runner's timeout): `cdc-tls-test-<pid>-*` whose process is gone.
+fn remove_orphans() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(ORPHAN_PREFIX)
+            .and_then(|rest| rest.split('-').next())
+        else {
+            continue;
+        };
+        if pid.parse::<u32>().is_err() || Path::new("/proc").join(pid).exists() {
+            continue;
+        }
+        let _ = as_owner(&pg_bin().join("pg_ctl"))
+            .arg("-D")
+            .arg(entry.path().join("data"))
+            .args(["-m", "immediate", "-w", "-t", "30", "stop"])
+            .output();
+        let _ = std::fs::remove_dir_all(entry.path());
+    }
+}
+
 impl TlsCluster {
     /// Starts the cluster. With `tls_only`, `pg_hba.conf` rejects every connection that is
     /// not encrypted, so that any connection that succeeds is known to be TLS.
     pub fn start(tls_only: bool) -> TlsCluster {
+        remove_orphans();
         let dir = std::env::temp_dir().join(format!(
-            "cdc-tls-test-{}-{:08x}",
+            "{ORPHAN_PREFIX}{}-{:08x}",
             std::process::id(),
             rand::random::<u32>()
         ));
