@@ -79,6 +79,17 @@ prereqs: ## Check prerequisites: cargo, and PostgreSQL (Docker engine or server 
 	  echo "  or set PG_BIN to the directory holding initdb and pg_ctl" >&2; \
 	  exit 1; \
 	fi
+	@[ -n "$(CDC_BIN_DIR)" ] || pkg-config --exists openssl 2>/dev/null || { \
+	  if [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "prereqs: OpenSSL headers missing (TLS to the databases): installing libssl-dev pkg-config"; \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y libssl-dev pkg-config; \
+	  else \
+	    echo "prereqs: the build needs OpenSSL's headers and pkg-config (TLS to the databases):" >&2; \
+	    echo "  Debian/Ubuntu: sudo apt-get install -y libssl-dev pkg-config" >&2; \
+	    echo "  Fedora/RHEL:   sudo dnf install -y openssl-devel pkgconf" >&2; \
+	    echo "  macOS:         brew install openssl@3 pkg-config" >&2; \
+	    exit 1; \
+	  fi; }
 
 start: ## Start databases and mutator, extractor, scd2-loader in the background
 	$(RUN) start

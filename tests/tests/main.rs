@@ -9,6 +9,7 @@ mod logical;
 mod outage;
 mod pipeline;
 mod setup;
+mod tls;
 
 use cdc_core::test_utils::TestDb;
 use std::path::PathBuf;

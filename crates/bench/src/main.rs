@@ -8,6 +8,7 @@ mod report;
 mod setup;
 
 use anyhow::{bail, Context, Result};
+use cdc_core::db::tls::TlsSettings;
 use cdc_core::table::TableSpec;
 use ceilings::CopyFigure;
 use clap::{Parser, Subcommand};
@@ -87,6 +88,14 @@ pub struct BenchArgs {
     )]
     #[serde(skip)]
     password: String,
+    /// TLS to both clusters, passed on as DB_SSLMODE and WAREHOUSE_DB_SSLMODE (disable,
+    /// prefer, require, verify-ca, verify-full)
+    #[arg(long, env = "BENCH_DB_SSLMODE", default_value = "prefer")]
+    sslmode: String,
+    /// The CA certificate file (PEM) for verify-ca / verify-full, passed on as
+    /// DB_SSLROOTCERT and WAREHOUSE_DB_SSLROOTCERT
+    #[arg(long, env = "BENCH_DB_SSLROOTCERT")]
+    sslrootcert: Option<PathBuf>,
     /// Where the pipeline's binaries are (default: beside this one)
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -203,6 +212,7 @@ async fn run(args: BenchArgs) -> Result<()> {
         warehouse_port: args.warehouse_port,
         user: args.user.clone(),
         password: args.password.clone(),
+        tls: TlsSettings::validate("BENCH_DB", &args.sslmode, args.sslrootcert.as_deref())?,
         init_scripts: std::path::absolute(&args.init_scripts)?,
     };
     let version: String = clusters

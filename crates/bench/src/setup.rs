@@ -2,8 +2,9 @@
 //! `bench_wh` on the warehouse cluster, recreated for every run.
 
 use anyhow::{Context, Result};
+use cdc_core::db::tls::TlsSettings;
 use std::path::{Path, PathBuf};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 pub const SOURCE_DB: &str = "bench_src";
 pub const WAREHOUSE_DB: &str = "bench_wh";
@@ -18,16 +19,25 @@ pub struct Clusters {
     pub user: String,
     pub password: String,
     pub init_scripts: PathBuf,
+    /// `BENCH_DB_SSLMODE` / `BENCH_DB_SSLROOTCERT`: for the bench's own connections and
+    /// passed on to the binaries.
+    pub tls: TlsSettings,
 }
 
 impl Clusters {
     pub async fn connect(&self, port: u16, db: &str) -> Result<Client> {
-        let conn = format!(
-            "host={} port={port} dbname={db} user={} password={} application_name=cdc-bench",
-            self.host, self.user, self.password
-        );
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(&self.host)
+            .port(port)
+            .dbname(db)
+            .user(&self.user)
+            .password(&self.password)
+            .application_name("cdc-bench");
+        self.tls.apply(&mut config);
         let (client, connection) =
-            tokio_postgres::connect(&conn, NoTls)
+            config
+                .connect(self.tls.connector()?)
                 .await
                 .with_context(|| {
                     format!(
@@ -118,6 +128,12 @@ impl Clusters {
         env.push(("MUTATION_TABLES".into(), mutate.into()));
         env.push(("DB_PORT".into(), self.source_port.to_string()));
         env.push(("WAREHOUSE_DB_PORT".into(), self.warehouse_port.to_string()));
+        for prefix in ["DB", "WAREHOUSE_DB"] {
+            env.push((format!("{prefix}_SSLMODE"), self.tls.mode.to_string()));
+            if let Some(root) = &self.tls.root_cert {
+                env.push((format!("{prefix}_SSLROOTCERT"), root.display().to_string()));
+            }
+        }
         env.push((
             "CDC_LOG_DIR".into(),
             work.join("cdc_logs").display().to_string(),

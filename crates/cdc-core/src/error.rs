@@ -157,9 +157,23 @@ pub fn is_transient_pg(e: &tokio_postgres::Error) -> bool {
                 || s == "40P01" // deadlock_detected
                 || s == "55P03" // lock_not_available
         }
-        // No SQLSTATE: the failure happened below the protocol (socket, TLS, I/O).
-        None => std::error::Error::source(e).is_some(),
+        // No SQLSTATE: transient when the failure happened below the protocol (socket, I/O, a
+        // TLS stream cut short), unless TLS refused the server's certificate. Without an I/O
+        // or OpenSSL error beneath it nothing below the protocol failed (a server that offers
+        // no TLS where the mode requires it, a value that does not convert): no retry helps.
+        None => failed_below_protocol(e) && !crate::db::tls::is_refusal(e),
     }
+}
+
+fn failed_below_protocol(e: &tokio_postgres::Error) -> bool {
+    let mut cur = std::error::Error::source(e);
+    while let Some(s) = cur {
+        if s.is::<std::io::Error>() || s.is::<openssl::ssl::Error>() {
+            return true;
+        }
+        cur = s.source();
+    }
+    false
 }
 
 /// The whole error chain on one line: `what: why: root cause`.
@@ -168,7 +182,9 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut cur = e.source();
     while let Some(s) = cur {
         let text = s.to_string();
-        if parts.last() != Some(&text) {
+        // A cause its wrapper already quotes (OpenSSL's, under the TLS handshake's) is not
+        // repeated.
+        if !parts.last().is_some_and(|p| p.contains(&text)) {
             parts.push(text);
         }
         cur = s.source();

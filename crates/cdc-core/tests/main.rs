@@ -9,5 +9,6 @@ mod logical;
 mod multi;
 mod randomized;
 mod scenarios;
+mod tls;
 mod types;
 mod verify_checks;

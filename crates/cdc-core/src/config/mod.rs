@@ -7,6 +7,7 @@ pub mod extractor;
 pub mod loader;
 
 use crate::catalog::TableSelection;
+use crate::db::tls::TlsSettings;
 use crate::db::{DbRole, DbSettings, Secret};
 use crate::error::{Error, Result};
 use clap::{Args, ValueEnum};
@@ -58,6 +59,19 @@ pub struct SourceDbArgs {
         hide_default_value = true
     )]
     pub password: Secret,
+    /// TLS: disable, prefer (TLS when the server offers it), require (always, certificate
+    /// not checked unless a CA file is given), verify-ca (certificate chains to the CA file),
+    /// verify-full (and names the host connected to); as libpq's sslmode
+    #[arg(
+        id = "db-sslmode",
+        long = "db-sslmode",
+        env = "DB_SSLMODE",
+        default_value = "prefer"
+    )]
+    pub sslmode: String,
+    /// TLS: the CA certificate file (PEM) the server's certificate must chain to
+    #[arg(id = "db-sslrootcert", long = "db-sslrootcert", env = "DB_SSLROOTCERT")]
+    pub sslrootcert: Option<PathBuf>,
 }
 
 impl SourceDbArgs {
@@ -69,6 +83,8 @@ impl SourceDbArgs {
             dbname: a.dbname,
             user: a.user,
             password: a.password,
+            sslmode: a.sslmode,
+            sslrootcert: a.sslrootcert,
         }
         .validate(DbRole::Source, connect_retry)
     }
@@ -119,6 +135,23 @@ pub struct WarehouseDbArgs {
         hide_default_value = true
     )]
     pub password: Secret,
+    /// TLS: disable, prefer (TLS when the server offers it), require (always, certificate
+    /// not checked unless a CA file is given), verify-ca (certificate chains to the CA file),
+    /// verify-full (and names the host connected to); as libpq's sslmode
+    #[arg(
+        id = "warehouse-db-sslmode",
+        long = "warehouse-db-sslmode",
+        env = "WAREHOUSE_DB_SSLMODE",
+        default_value = "prefer"
+    )]
+    pub sslmode: String,
+    /// TLS: the CA certificate file (PEM) the server's certificate must chain to
+    #[arg(
+        id = "warehouse-db-sslrootcert",
+        long = "warehouse-db-sslrootcert",
+        env = "WAREHOUSE_DB_SSLROOTCERT"
+    )]
+    pub sslrootcert: Option<PathBuf>,
 }
 
 impl WarehouseDbArgs {
@@ -130,6 +163,8 @@ impl WarehouseDbArgs {
             dbname: a.dbname,
             user: a.user,
             password: a.password,
+            sslmode: a.sslmode,
+            sslrootcert: a.sslrootcert,
         }
         .validate(DbRole::Warehouse, connect_retry)
     }
@@ -144,6 +179,8 @@ pub struct DbArgs {
     pub dbname: String,
     pub user: String,
     pub password: Secret,
+    pub sslmode: String,
+    pub sslrootcert: Option<PathBuf>,
 }
 
 impl DbArgs {
@@ -164,6 +201,11 @@ impl DbArgs {
         if self.user.trim().is_empty() {
             return Err(Error::config(setting("USER"), "must not be empty"));
         }
+        let tls = TlsSettings::validate(
+            role.setting_prefix(),
+            &self.sslmode,
+            self.sslrootcert.as_deref(),
+        )?;
         Ok(DbSettings {
             role,
             host: self.host,
@@ -172,6 +214,7 @@ impl DbArgs {
             user: self.user,
             password: self.password,
             connect_retry,
+            tls,
         })
     }
 }

@@ -2,13 +2,14 @@
 //! pools, and the backoff policy used when a connection is lost in the middle of work.
 
 pub mod copy_text;
+pub mod tls;
 
 use crate::error::{Error, Result};
 use crate::shutdown::Shutdown;
 use crate::waiting::Waiting;
 use std::fmt;
 use std::time::{Duration, Instant};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 /// A password: never printed by `Debug` or `Display`.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -65,6 +66,8 @@ pub struct DbSettings {
     pub password: Secret,
     /// How long to keep retrying the first connection before giving up.
     pub connect_retry: Duration,
+    /// `DB_SSLMODE` / `DB_SSLROOTCERT` (or the warehouse's).
+    pub tls: tls::TlsSettings,
 }
 
 impl DbSettings {
@@ -78,6 +81,7 @@ impl DbSettings {
             .application_name("cdc-historical-warehouse")
             .options("-c TimeZone=UTC -c DateStyle=ISO")
             .connect_timeout(Duration::from_secs(10));
+        self.tls.apply(&mut c);
         c
     }
 
@@ -164,7 +168,7 @@ pub async fn connect_patiently(
 
 /// One connection attempt; the error names the settings to check.
 pub(crate) async fn connect_once(db: &DbSettings) -> Result<Client> {
-    match db.pg_config().connect(NoTls).await {
+    match db.pg_config().connect(db.tls.connector()?).await {
         Ok((client, connection)) => {
             let target = db.display();
             tokio::spawn(async move {
@@ -178,7 +182,7 @@ pub(crate) async fn connect_once(db: &DbSettings) -> Result<Client> {
             let p = db.role.setting_prefix();
             Err(Error::Db {
                 context: format!(
-                    "connecting to the {} database at {} (settings {p}_HOST, {p}_PORT, {p}_NAME, {p}_USER, {p}_PASSWORD)",
+                    "connecting to the {} database at {} (settings {p}_HOST, {p}_PORT, {p}_NAME, {p}_USER, {p}_PASSWORD, {p}_SSLMODE, {p}_SSLROOTCERT)",
                     db.role.noun(),
                     db.display(),
                 ),
@@ -192,7 +196,7 @@ pub(crate) async fn connect_once(db: &DbSettings) -> Result<Client> {
 pub fn pool(db: &DbSettings, size: usize) -> Result<deadpool_postgres::Pool> {
     let mgr = deadpool_postgres::Manager::from_config(
         db.pg_config(),
-        NoTls,
+        db.tls.connector()?,
         deadpool_postgres::ManagerConfig {
             recycling_method: deadpool_postgres::RecyclingMethod::Fast,
         },

@@ -4,13 +4,14 @@
 use crate::catalog::TableSelection;
 use crate::config::extractor::ExtractorConfig;
 use crate::config::loader::LoaderConfig;
+use crate::db::tls::TlsSettings;
 use crate::db::{DbRole, DbSettings, Secret};
 use crate::event::CaptureMode;
 use crate::slot::SlotSettings;
 use crate::table::TableSpec;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 /// Root of the workspace (for init-scripts and the built binaries).
 pub fn workspace_root() -> PathBuf {
@@ -39,15 +40,30 @@ fn settings(role: DbRole, port: u16, dbname: &str) -> DbSettings {
             std::env::var("CDC_TEST_PG_PASSWORD").unwrap_or_else(|_| "postgres".into()),
         ),
         connect_retry: Duration::from_secs(5),
+        tls: test_tls(role),
     }
+}
+
+/// TLS to the test clusters: `CDC_TEST_PG_SSLMODE` (default `prefer`) and
+/// `CDC_TEST_PG_SSLROOTCERT`, as `DB_SSLMODE` and `DB_SSLROOTCERT`.
+fn test_tls(role: DbRole) -> TlsSettings {
+    let mode = std::env::var("CDC_TEST_PG_SSLMODE").unwrap_or_else(|_| "prefer".into());
+    let root = std::env::var_os("CDC_TEST_PG_SSLROOTCERT").map(PathBuf::from);
+    TlsSettings::validate(role.setting_prefix(), &mode, root.as_deref())
+        .unwrap_or_else(|e| panic!("CDC_TEST_PG_SSLMODE / CDC_TEST_PG_SSLROOTCERT: {e}"))
 }
 
 /// Connects without retry, panicking with a hint when the test clusters are not running.
 pub async fn connect(db: &DbSettings) -> Client {
-    let (client, conn) = db.pg_config().connect(NoTls).await.unwrap_or_else(|e| {
+    let tls = db
+        .tls
+        .connector()
+        .unwrap_or_else(|e| panic!("TLS settings of {}: {e}", db.display()));
+    let (client, conn) = db.pg_config().connect(tls).await.unwrap_or_else(|e| {
         panic!(
-            "cannot reach the test cluster at {} ({e}); run the tests with `make test`, which starts them",
-            db.display()
+            "cannot reach the test cluster at {} ({}); run the tests with `make test`, which starts them",
+            db.display(),
+            crate::error::error_chain(&e)
         )
     });
     tokio::spawn(async move {
@@ -69,6 +85,20 @@ impl TestDb {
     /// Creates `t_<test>_<random>` in both test clusters and applies `init-scripts/*.sql`
     /// to the source one.
     pub async fn new(test: &str) -> TestDb {
+        let source_port = env_port("CDC_TEST_SOURCE_PORT", 55434);
+        let warehouse_port = env_port("CDC_TEST_WAREHOUSE_PORT", 55433);
+        TestDb::on(
+            test,
+            settings(DbRole::Source, source_port, "postgres"),
+            settings(DbRole::Warehouse, warehouse_port, "postgres"),
+        )
+        .await
+    }
+
+    /// As `new`, on other clusters: `source_admin` and `warehouse_admin` reach each one's
+    /// `postgres` database (host, port, login, TLS), and the test's databases are reached the
+    /// same way.
+    pub async fn on(test: &str, source_admin: DbSettings, warehouse_admin: DbSettings) -> TestDb {
         let clean: String = test
             .chars()
             .map(|c| {
@@ -81,20 +111,21 @@ impl TestDb {
             .collect();
         let mut name = format!("t_{}", &clean[..clean.len().min(40)]);
         name.push_str(&format!("_{:08x}", rand::random::<u32>()));
-        let source_port = env_port("CDC_TEST_SOURCE_PORT", 55434);
-        let warehouse_port = env_port("CDC_TEST_WAREHOUSE_PORT", 55433);
-        for (role, port) in [
-            (DbRole::Source, source_port),
-            (DbRole::Warehouse, warehouse_port),
-        ] {
-            let admin = connect(&settings(role, port, "postgres")).await;
+        for admin in [&source_admin, &warehouse_admin] {
+            let admin = connect(admin).await;
             admin
                 .batch_execute(&format!("CREATE DATABASE {name}"))
                 .await
                 .expect("create test database");
         }
-        let source = settings(DbRole::Source, source_port, &name);
-        let warehouse = settings(DbRole::Warehouse, warehouse_port, &name);
+        let source = DbSettings {
+            dbname: name.clone(),
+            ..source_admin
+        };
+        let warehouse = DbSettings {
+            dbname: name.clone(),
+            ..warehouse_admin
+        };
         let client = connect(&source).await;
         let mut scripts: Vec<PathBuf> = std::fs::read_dir(workspace_root().join("init-scripts"))
             .expect("init-scripts directory")
@@ -210,7 +241,7 @@ impl TestDb {
 
     /// Environment for running a binary against this test's databases and directories.
     pub fn env(&self) -> Vec<(String, String)> {
-        vec![
+        let mut env = vec![
             ("DB_HOST".into(), self.source.host.clone()),
             ("DB_PORT".into(), self.source.port.to_string()),
             ("DB_NAME".into(), self.source.dbname.clone()),
@@ -224,6 +255,11 @@ impl TestDb {
                 "WAREHOUSE_DB_PASSWORD".into(),
                 self.warehouse.password.0.clone(),
             ),
+            ("DB_SSLMODE".into(), self.source.tls.mode.to_string()),
+            (
+                "WAREHOUSE_DB_SSLMODE".into(),
+                self.warehouse.tls.mode.to_string(),
+            ),
             ("CDC_LOG_DIR".into(), self.log_dir().display().to_string()),
             (
                 "CDC_STATE_DIR".into(),
@@ -234,14 +270,27 @@ impl TestDb {
             ("CDC_PUBLICATION".into(), "cdc_test_pub".into()),
             ("CDC_TABLES".into(), self.spec.qualified()),
             ("MUTATION_TABLES".into(), "orders".into()),
-        ]
+        ];
+        for (var, db) in [
+            ("DB_SSLROOTCERT", &self.source),
+            ("WAREHOUSE_DB_SSLROOTCERT", &self.warehouse),
+        ] {
+            if let Some(root) = &db.tls.root_cert {
+                env.push((var.into(), root.display().to_string()));
+            }
+        }
+        env
     }
 
     /// Drops both databases and the directory. Call at the end of a passing test; a failing
     /// test leaves them for inspection.
     pub async fn cleanup(self) {
         for db in [&self.source, &self.warehouse] {
-            let admin = connect(&settings(db.role, db.port, "postgres")).await;
+            let admin = connect(&DbSettings {
+                dbname: "postgres".into(),
+                ..db.clone()
+            })
+            .await;
             let _ = admin
                 .execute(
                     "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1",

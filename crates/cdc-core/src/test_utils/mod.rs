@@ -1,10 +1,12 @@
 //! Test helpers (feature `test-utils`): databases of a test's own (`database`), a trigger-fed
-//! ground truth of every committed state (`audit`), and an independent reference model of the
-//! SCD2 history that ground truth must produce (`model`).
+//! ground truth of every committed state (`audit`), an independent reference model of the
+//! SCD2 history that ground truth must produce (`model`), and a throw-away cluster with TLS
+//! (`tls`).
 
 pub mod audit;
 pub mod database;
 pub mod model;
+pub mod tls;
 
 pub use audit::{
     actual_history, expected_history, expected_history_on, install_audit, install_audit_for, Basis,
