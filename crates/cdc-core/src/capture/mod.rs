@@ -11,14 +11,16 @@ pub mod timestamp;
 use crate::catalog::{logical_progress_name, stream_name};
 use crate::changelog::{clean_leftovers, ChangeLogSink};
 use crate::config::extractor::ExtractorConfig;
-use crate::db::{self, Backoff};
+use crate::db::{self, Backoff, DbRole};
 use crate::error::{error_chain, Result};
 use crate::event::CaptureMode;
+use crate::health;
 use crate::metadata::{self, RunCounts, RunRecord, RunStatus};
+use crate::metrics;
 use crate::migrate;
 use crate::progress::{Progress, Watermark};
 use crate::shutdown::Shutdown;
-use crate::sink::{ChangeSink, Durable};
+use crate::sink::{ChangeSink, Durable, EventCounts};
 use crate::slot;
 use crate::table::TableSpec;
 use chrono::Utc;
@@ -63,6 +65,13 @@ pub struct PassOutcome {
     pub bytes: u64,
     pub snapshot: bool,
     pub watermark: Option<Watermark>,
+    /// The durable events by table and operation.
+    pub counts: EventCounts,
+    /// Logical mode: every change committed up to this time (µs since the epoch) is captured.
+    /// (Timestamp mode: the watermark says it.)
+    pub through_us: Option<i64>,
+    /// Logical mode: the slot after the pass.
+    pub slot: Option<slot::SlotLag>,
 }
 
 impl PassOutcome {
@@ -72,6 +81,7 @@ impl PassOutcome {
             events: durable.events(),
             bytes: durable.bytes(),
             files: durable.files().iter().map(|f| f.path.clone()).collect(),
+            counts: durable.counts().clone(),
             ..PassOutcome::default()
         }
     }
@@ -131,6 +141,7 @@ async fn run_source(
         .map(|s| s.qualified())
         .collect::<Vec<_>>()
         .join(", ");
+    health::started();
     tracing::info!(
         tables = %tables,
         source = %cfg.source.display(),
@@ -158,6 +169,7 @@ async fn run_source(
             .instrument(span.clone())
             .await;
         let elapsed = clock.elapsed();
+        metrics::capture_pass(&result, elapsed);
         let _entered = span.enter();
         match &result {
             Ok(out) => {
@@ -194,6 +206,7 @@ async fn run_source(
         match result {
             Ok(_) => {}
             Err(e) if e.is_retryable() => {
+                health::lost(DbRole::Source);
                 let delay = backoff.next_delay();
                 if shutdown.sleep(delay).await {
                     break;
@@ -343,6 +356,7 @@ async fn record_pass(
     };
     if let Err(e) = metadata::record(&*warehouse, &record).await {
         tracing::warn!(error = %error_chain(&e), "could not record the pass in pipeline_metadata");
+        metrics::error(&e);
         if e.is_retryable() {
             if let Ok(c) = db::connect(&cfg.warehouse, shutdown).await {
                 *warehouse = c;

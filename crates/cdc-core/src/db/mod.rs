@@ -125,6 +125,7 @@ pub async fn connect(db: &DbSettings, shutdown: &Shutdown) -> Result<Client> {
     loop {
         match config.connect(NoTls).await {
             Ok((client, connection)) => {
+                crate::health::connected(db.role);
                 let target = db.display();
                 tokio::spawn(async move {
                     if let Err(e) = connection.await {
@@ -148,6 +149,7 @@ pub async fn connect(db: &DbSettings, shutdown: &Shutdown) -> Result<Client> {
                     });
                 }
                 tracing::warn!(db = %db.display(), error = %e, retry_in_ms = delay.as_millis() as u64, "database unreachable; retrying");
+                crate::health::unreachable(db.role, &db.display());
                 if shutdown.sleep(delay).await {
                     return Err(Error::Shutdown);
                 }

@@ -6,12 +6,13 @@ use super::apply::{apply_files, ApplyStats, Applying};
 use super::store::{HistorySql, PgHistory};
 use crate::changelog::{self, file_name};
 use crate::config::loader::LoaderConfig;
-use crate::db::{self, ctx, Backoff};
+use crate::db::{self, ctx, Backoff, DbRole};
 use crate::error::{error_chain, Error, Result};
 use crate::metadata::{self, RunCounts, RunRecord, RunStatus};
 use crate::migrate;
 use crate::shutdown::Shutdown;
 use crate::table::TableSpec;
+use crate::{health, metrics};
 use chrono::Utc;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -128,6 +129,7 @@ impl Applier {
         tx.commit()
             .await
             .map_err(ctx("committing the apply transaction"))?;
+        metrics::batch_applied(&stats, (Utc::now() - started).to_std().unwrap_or_default());
         Ok(stats)
     }
 
@@ -149,6 +151,7 @@ pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<L
     let run_id = metadata::new_run_id("loader");
     let specs = describe_tables(cfg, &shutdown).await?;
     let mut applier = Applier::connect(cfg, &specs, &shutdown).await?;
+    health::started();
     tracing::info!(
         history = %applier.histories,
         warehouse = %cfg.warehouse.display(),
@@ -162,7 +165,9 @@ pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<L
             break;
         }
         let pending = changelog::pending_files(&cfg.log_dir)?;
+        metrics::change_log_seen(&cfg.log_dir, &pending);
         if pending.is_empty() {
+            health::check(DbRole::Warehouse, applier.client());
             if once || shutdown.sleep(cfg.poll_interval).await {
                 break;
             }
@@ -171,6 +176,8 @@ pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<L
         match apply_pending(&mut applier, cfg, &pending, &run_id, &mut totals).await {
             Ok(()) => backoff.reset(),
             Err(e) if e.is_retryable() => {
+                health::lost(DbRole::Warehouse);
+                metrics::error(&e);
                 let delay = backoff.next_delay();
                 tracing::warn!(error = %error_chain(&e), retry_in_ms = delay.as_millis() as u64, "apply failed; reconnecting");
                 if shutdown.sleep(delay).await {
@@ -205,6 +212,7 @@ async fn apply_pending(
     for p in pending {
         if done.contains(&file_name(p)) {
             tracing::info!(file = %file_name(p), "already applied; archiving");
+            metrics::already_applied();
             changelog::archive(p)?;
             totals.skipped_already_applied += 1;
         } else {
@@ -277,6 +285,7 @@ async fn quarantine(
     applier: &Applier,
 ) -> Result<()> {
     let target = changelog::quarantine(path, e)?;
+    metrics::quarantined(e);
     tracing::error!(file = %file_name(path), moved_to = %target.display(), error = %error_chain(e), "change-log file quarantined");
     let now = Utc::now();
     let record = RunRecord {
