@@ -64,14 +64,28 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// A program started by a test: killed when dropped, so a failing test leaves none behind.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(c: &mut std::process::Command) -> Running {
+    Running(c.spawn().unwrap())
+}
+
 /// SIGTERM, then the exit code.
-fn stop(mut child: Child) -> Option<i32> {
+fn stop(mut p: Running) -> Option<i32> {
     let status = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &p.0.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
-    child.wait().unwrap().code()
+    p.0.wait().unwrap().code()
 }
 
 #[tokio::test]
@@ -82,12 +96,12 @@ async fn metrics_of_the_running_extractor_and_loader_move_with_each_pass_and_bat
     e.env("EXTRACTOR_METRICS_ADDR", &ex_addr)
         .env("CDC_EXTRACTION_INTERVAL_SECONDS", "0.2")
         .stderr(Stdio::null());
-    let extractor = e.spawn().unwrap();
+    let extractor = start(&mut e);
     let mut l = cmd(&db, "scd2-loader");
     l.env("LOADER_METRICS_ADDR", &ld_addr)
         .env("LOADER_POLL_INTERVAL_SECONDS", "0.1")
         .stderr(Stdio::null());
-    let loader = l.spawn().unwrap();
+    let loader = start(&mut l);
 
     for addr in [&ex_addr, &ld_addr] {
         wait_until("ready", || {
@@ -225,7 +239,7 @@ async fn logical_capture_reports_the_slots_retained_wal_and_its_lag() {
         .env("CDC_CAPTURE_MODE", "logical")
         .env("CDC_EXTRACTION_INTERVAL_SECONDS", "0.2")
         .stderr(Stdio::null());
-    let extractor = e.spawn().unwrap();
+    let extractor = start(&mut e);
     // The initial copy, then passes reading the slot.
     wait_until("passes reading the slot", || {
         get(&addr, "/metrics")
@@ -273,7 +287,7 @@ async fn readyz_fails_while_the_warehouse_is_unreachable_and_passes_once_it_answ
         .env("WAREHOUSE_DB_PORT", &wh_port)
         .env("DB_CONNECT_RETRY_SECONDS", "300")
         .stderr(Stdio::null());
-    let loader = l.spawn().unwrap();
+    let loader = start(&mut l);
 
     wait_until("the endpoint", || get(&addr, "/healthz").is_some());
     let (code, body) = get(&addr, "/readyz").unwrap();
