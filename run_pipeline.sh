@@ -11,9 +11,11 @@
 #
 # Processes: mutator, extractor and scd2-loader, started from the project root (each reads
 # .env there), detached, with a PID file in run/<binary>.pid and their output appended to
-# $LOG_DIR/<binary>.log. `start` returns once the databases answer and every process is alive
-# and has logged that it started; `stop` sends SIGTERM (the binaries finish or roll back the
-# current batch and exit 0), waits, then SIGKILLs whatever is left.
+# $LOG_DIR/<binary>.log. `start` returns once the databases answer, every process is alive, and
+# extractor and loader answer 200 on /readyz (with curl; the mutator, or a program whose
+# endpoint is off, or no curl: once it has logged that it started); `stop` sends SIGTERM (the
+# binaries finish or roll back the current batch and exit 0), waits, then SIGKILLs whatever is
+# left.
 #
 # Settings (environment first, then .env): the binaries' own (DB_*, WAREHOUSE_DB_*, ...), and
 #   LOG_DIR        where <binary>.log goes                         (logs)
@@ -21,6 +23,8 @@
 #   DB_BACKEND     auto | docker | local | external                (auto)
 #   START_TIMEOUT  seconds `start` waits for everything to be healthy (60)
 #   STOP_TIMEOUT   seconds `stop` waits for a process after SIGTERM    (30)
+#   EXTRACTOR_METRICS_ADDR, LOADER_METRICS_ADDR  where `start` and `status` ask /readyz
+#                  (127.0.0.1:9187, 127.0.0.1:9188; off: the log line instead)
 # Uses no network but loopback (and whatever hosts DB_HOST/WAREHOUSE_DB_HOST name).
 set -euo pipefail
 
@@ -37,7 +41,7 @@ MODE_FILE="$RUN_DIR/db.mode"
 # ---------------------------------------------------------------------------------------------
 OWN_SETTINGS=(DB_HOST DB_PORT DB_NAME DB_USER DB_PASSWORD WAREHOUSE_DB_HOST WAREHOUSE_DB_PORT
   WAREHOUSE_DB_NAME WAREHOUSE_DB_USER WAREHOUSE_DB_PASSWORD LOG_DIR CDC_BIN_DIR LOCAL_DB_DIR
-  DB_BACKEND START_TIMEOUT STOP_TIMEOUT)
+  DB_BACKEND START_TIMEOUT STOP_TIMEOUT EXTRACTOR_METRICS_ADDR LOADER_METRICS_ADDR)
 
 # shellcheck source=scripts/dotenv.sh
 source "$(dirname "${BASH_SOURCE[0]}")/scripts/dotenv.sh"
@@ -58,6 +62,8 @@ LOG_DIR="${LOG_DIR:-logs}"
 LOCAL_DB_DIR="${LOCAL_DB_DIR:-.local/pg}"
 [[ "$LOCAL_DB_DIR" = /* ]] || LOCAL_DB_DIR="$ROOT/$LOCAL_DB_DIR"
 START_TIMEOUT="${START_TIMEOUT:-60}"
+EXTRACTOR_METRICS_ADDR="${EXTRACTOR_METRICS_ADDR:-127.0.0.1:9187}"
+LOADER_METRICS_ADDR="${LOADER_METRICS_ADDR:-127.0.0.1:9188}"
 STOP_TIMEOUT="${STOP_TIMEOUT:-30}"
 if [[ -n "${CDC_BIN_DIR:-}" ]]; then
   BIN_DIR="$CDC_BIN_DIR"
@@ -270,6 +276,40 @@ started_line() {
   esac
 }
 
+# The base URL of $1's endpoints (http://host:port), or non-zero status when it has none
+# (the mutator, an endpoint that is off) or there is no curl to ask it with.
+endpoint_url() {
+  local addr host port
+  case "$1" in
+    extractor) addr="$EXTRACTOR_METRICS_ADDR" ;;
+    scd2-loader) addr="$LOADER_METRICS_ADDR" ;;
+    *) return 1 ;;
+  esac
+  addr="${addr//[[:space:]]/}"
+  [[ "${addr,,}" != off && "$addr" == *:* ]] || return 1
+  command -v curl >/dev/null 2>&1 || return 1
+  host="${addr%:*}" port="${addr##*:}"
+  # A wildcard address is asked on the loopback.
+  case "$host" in
+    0.0.0.0|"") host=127.0.0.1 ;;
+    "[::]") host="[::1]" ;;
+  esac
+  echo "http://$host:$port"
+}
+
+# $1's answer on /readyz: the body ("ready", or "not ready: <reason>") on stdout; exit 0 when
+# ready, 1 when not (or no answer), 2 when there is no endpoint to ask.
+readyz() {
+  local url out
+  url="$(endpoint_url "$1")" || return 2
+  if ! out="$(curl -sS --max-time 3 -w '\n%{http_code}' "$url/readyz" 2>/dev/null)"; then
+    echo "not ready: $url/readyz does not answer"
+    return 1
+  fi
+  echo "${out%$'\n'*}"
+  [[ "${out##*$'\n'}" == 200 ]]
+}
+
 # Is $2 a live (not zombie) process running binary $1? Guards against a recycled PID.
 pid_alive() {
   local name="$1" pid="$2" state cmdline
@@ -377,7 +417,8 @@ cmd_start() {
     say "$name launched (pid $(cat "$(pid_file "$name")"), log $(show "$(log_file "$name")"))"
   done
 
-  # Healthy: databases answer, every process alive, and each new one has logged its start.
+  # Healthy: databases answer, every process alive, and each one ready: 200 on /readyz, or
+  # (no endpoint to ask) a new one has logged its start.
   local deadline=$((SECONDS + START_TIMEOUT)) pending failed="" code
   while :; do
     pending=""
@@ -387,7 +428,9 @@ cmd_start() {
         failed="$i"
         break 2
       fi
-      if [[ "${offsets[$i]}" != -1 ]] &&
+      if endpoint_url "$name" >/dev/null; then
+        readyz "$name" >/dev/null || pending="${pending:-$i}"
+      elif [[ "${offsets[$i]}" != -1 ]] &&
          ! tail -c "+$((offsets[i] + 1))" "$(log_file "$name")" 2>/dev/null |
            grep -F -- "$(started_line "$name")" >/dev/null; then
         pending="${pending:-$i}"
@@ -409,7 +452,9 @@ cmd_start() {
       echo "pipeline: error: the databases stopped answering" >&2
     else
       name="${PROCS[$failed]}"
-      if pid_alive "$name" "${pids[$failed]}"; then
+      if pid_alive "$name" "${pids[$failed]}" && endpoint_url "$name" >/dev/null; then
+        echo "pipeline: error: $name was not ready within ${START_TIMEOUT}s ($(endpoint_url "$name")/readyz said: $(ready_word "$name"))" >&2
+      elif pid_alive "$name" "${pids[$failed]}"; then
         echo "pipeline: error: $name did not log '$(started_line "$name")' within ${START_TIMEOUT}s" >&2
       else
         code="?"
@@ -448,7 +493,7 @@ cmd_status() {
   echo "processes"
   for name in "${PROCS[@]}"; do
     if pid="$(running_pid "$name")"; then
-      printf '  %-12s running  pid %s\n' "$name" "$pid"
+      printf '  %-12s running  pid %-8s %s\n' "$name" "$pid" "$(ready_word "$name")"
     else
       printf '  %-12s stopped\n' "$name"
       rc=1
@@ -463,6 +508,13 @@ cmd_status() {
   fi
   if ((rc == 0)); then echo "status: healthy"; else echo "status: NOT healthy"; fi
   return "$rc"
+}
+
+# "ready", "not ready: <reason>", or nothing when there is no endpoint to ask.
+ready_word() {
+  local said rc=0
+  said="$(readyz "$1")" || rc=$?
+  ((rc == 2)) || echo "${said%%$'\n'*}"
 }
 
 cmd_stop() {
@@ -505,9 +557,11 @@ Usage: ./run_pipeline.sh <command>
 Commands:
   start            start the databases (if needed), build the binaries (if needed) and run
                    mutator, extractor and scd2-loader in the background; returns once all is
-                   healthy (fails, showing the log, after START_TIMEOUT seconds)
-  status           databases up/down, processes running/stopped, and `scd2-loader status`
-                   (pending files, lag); exit 0 only when everything is healthy
+                   healthy: extractor and loader answer 200 on /readyz (fails, showing the
+                   log, after START_TIMEOUT seconds)
+  status           databases up/down, processes running/stopped (and ready or not), and
+                   `scd2-loader status` (pending files, lag); exit 0 only when everything is
+                   healthy
   stop [--keep-db] stop the processes (SIGTERM, SIGKILL after STOP_TIMEOUT s), then the
                    databases this script manages unless --keep-db; safe to repeat
   restart          stop --keep-db, then start
@@ -532,6 +586,8 @@ Main settings (environment, or .env — see .env.example):
   CDC_BIN_DIR                                      use binaries from here; no build
   DB_BACKEND                                       auto | docker | local | external (auto)
   START_TIMEOUT, STOP_TIMEOUT                      seconds (60, 30)
+  EXTRACTOR_METRICS_ADDR, LOADER_METRICS_ADDR      /metrics, /healthz, /readyz (127.0.0.1:9187,
+                                                   127.0.0.1:9188; off)
 EOF
 }
 

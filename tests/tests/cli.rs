@@ -28,6 +28,18 @@ async fn a_bad_setting_stops_start_up_with_exit_2_naming_it() {
             "warehouse-db-port",
         ),
         (
+            "extractor",
+            "EXTRACTOR_METRICS_ADDR",
+            "9187",
+            "EXTRACTOR_METRICS_ADDR",
+        ),
+        (
+            "scd2-loader",
+            "LOADER_METRICS_ADDR",
+            "127.0.0.1:http",
+            "LOADER_METRICS_ADDR",
+        ),
+        (
             "mutator",
             "MUTATION_INTERVAL_SECONDS",
             "0",

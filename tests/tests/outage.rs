@@ -101,6 +101,8 @@ impl Clusters {
             ("CDC_EXTRACTION_INTERVAL_SECONDS", "0.3".into()),
             ("LOADER_POLL_INTERVAL_SECONDS", "0.2".into()),
             ("LOG_LEVEL", "info".into()),
+            ("EXTRACTOR_METRICS_ADDR", "off".into()),
+            ("LOADER_METRICS_ADDR", "off".into()),
         ]);
         c
     }

@@ -115,6 +115,9 @@ impl Clusters {
             ("CDC_PUBLICATION", PUBLICATION),
             ("LOG_LEVEL", "info"),
             ("LOG_FORMAT", "json"),
+            // No endpoints: the benchmark must not take the ports of a pipeline running beside it.
+            ("EXTRACTOR_METRICS_ADDR", "off"),
+            ("LOADER_METRICS_ADDR", "off"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))

@@ -4,7 +4,9 @@
 //! file to `processed/` or quarantining it in `dead_letter/` with a reason beside it.
 
 use crate::error::{Error, Result};
-use crate::sink::{ChangeSink, Durable, WrittenFile};
+use crate::event::Op;
+use crate::sink::{ChangeSink, Durable, EventCounts, WrittenFile};
+use crate::table::TableSpec;
 use chrono::{DateTime, Utc};
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
@@ -33,6 +35,8 @@ pub struct ChangeLogSink {
     next_seq: u64,
     current: Option<OpenFile>,
     done: Vec<OpenFile>,
+    /// The current batch's events by table and operation.
+    counts: EventCounts,
 }
 
 impl ChangeLogSink {
@@ -46,6 +50,7 @@ impl ChangeLogSink {
             next_seq: 1,
             current: None,
             done: Vec::new(),
+            counts: EventCounts::default(),
         }
     }
 
@@ -98,7 +103,7 @@ impl ChangeSink for ChangeLogSink {
     }
 
     /// Starts a new file when the current one is full, unless `keep_together` asks to stay.
-    fn write(&mut self, json: &[u8], keep_together: bool) -> Result<()> {
+    fn write(&mut self, json: &[u8], table: &TableSpec, op: Op, keep_together: bool) -> Result<()> {
         if self.current_is_full() && !keep_together {
             self.seal_current()?;
         }
@@ -113,6 +118,7 @@ impl ChangeSink for ChangeLogSink {
             .map_err(|e| Error::io("writing change-log file", &f.temp, e))?;
         f.events += 1;
         f.bytes += json.len() as u64 + 1;
+        self.counts.add(table, op);
         Ok(())
     }
 
@@ -140,11 +146,16 @@ impl ChangeSink for ChangeLogSink {
         if !written.is_empty() {
             sync_dir(&self.dir)?;
         }
-        Ok(Durable::new(written, self.next_seq))
+        Ok(Durable::new(
+            written,
+            self.next_seq,
+            std::mem::take(&mut self.counts),
+        ))
     }
 
     /// Removes the pass's temporary files (nothing was renamed yet).
     fn abort(&mut self) {
+        self.counts = EventCounts::default();
         self.current
             .take()
             .into_iter()
@@ -333,8 +344,13 @@ mod tests {
         let mut w = ChangeLogSink::new(&dir, "orders", 2);
         w.begin(Utc::now(), 7);
         for i in 0..5 {
-            w.write(format!("{{\"n\":{i}}}").as_bytes(), false)
-                .expect("write");
+            w.write(
+                format!("{{\"n\":{i}}}").as_bytes(),
+                &TableSpec::orders(),
+                Op::Create,
+                false,
+            )
+            .expect("write");
         }
         assert!(
             pending_files(&dir).expect("list").is_empty(),
@@ -361,15 +377,24 @@ mod tests {
     fn keep_together_stays_in_the_current_file() {
         let dir = tempdir("together");
         let mut w = ChangeLogSink::new(&dir, "orders", 1);
+        let orders = TableSpec::orders();
         w.begin(Utc::now(), 1);
-        w.write(b"{}", false).expect("write");
-        w.write(b"{}", true).expect("write");
-        w.write(b"{}", false).expect("write");
+        w.write(b"{}", &orders, Op::Update, false).expect("write");
+        w.write(b"{}", &orders, Op::Delete, true).expect("write");
+        w.write(b"{}", &orders, Op::Update, false).expect("write");
         let durable = w.commit().expect("finish");
         let files = durable.files();
         assert_eq!(
             files.iter().map(|f| f.events).collect::<Vec<_>>(),
             vec![2, 1]
+        );
+        assert_eq!(
+            durable.counts().iter().collect::<Vec<_>>(),
+            vec![
+                ("public.orders".to_owned(), Op::Update, 2),
+                ("public.orders".to_owned(), Op::Delete, 1)
+            ],
+            "the durable events are counted by table and operation"
         );
         let _ = fs::remove_dir_all(&dir);
     }

@@ -1,7 +1,8 @@
 //! Core of the CDC Historical Warehouse: configuration, database access, the change-event
 //! format, capture (change sources), the change-log sink, SCD Type 2 apply (the history
-//! store), run metadata, shutdown and logging. The binaries (`extractor`, `scd2-loader`,
-//! and the `mutator`'s traffic generator) are thin wiring over this crate.
+//! store), run metadata, shutdown and logging, and the programs' HTTP endpoints (metrics,
+//! health). The binaries (`extractor`, `scd2-loader`, and the `mutator`'s traffic generator)
+//! are thin wiring over this crate.
 
 pub mod capture;
 pub mod catalog;
@@ -11,7 +12,10 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod event;
+pub mod health;
+pub mod http;
 pub mod metadata;
+pub mod metrics;
 pub mod migrate;
 pub mod ownership;
 pub mod progress;

@@ -176,6 +176,7 @@ impl Recorder {
                         backoff.reset();
                     }
                     Err(e) if e.is_retryable() => {
+                        crate::metrics::error(&e);
                         waiting.fault(&e);
                         let stopping = rx.is_closed() || shutdown.is_triggered();
                         if stopping || shutdown.sleep(backoff.next_delay()).await {
@@ -191,6 +192,7 @@ impl Recorder {
                     Err(e) => {
                         // Not the warehouse being away (a refused login, a broken schema): the
                         // record is dropped so that it does not block the ones behind it.
+                        crate::metrics::error(&e);
                         tracing::warn!(error = %crate::error::error_chain(&e), "could not record a run in pipeline_metadata");
                         queue.pop_front();
                     }

@@ -4,6 +4,8 @@
 //! convention. Implementation: the change-log directory (`changelog::ChangeLogSink`).
 
 use crate::error::Result;
+use crate::event::Op;
+use crate::table::TableSpec;
 use chrono::{DateTime, Utc};
 use std::path::PathBuf;
 
@@ -13,9 +15,11 @@ pub trait ChangeSink: Send {
     /// continues the sink's sequence (kept in the source's progress).
     fn begin(&mut self, captured_at: DateTime<Utc>, first_seq: u64);
 
-    /// Appends one event (a JSON object without a trailing newline). `keep_together` keeps it
-    /// in the same unit as the event before it: a transaction is never split.
-    fn write(&mut self, event: &[u8], keep_together: bool) -> Result<()>;
+    /// Appends one event (a JSON object without a trailing newline) of `table`'s change `op`.
+    /// `keep_together` keeps it in the same unit as the event before it: a transaction is
+    /// never split.
+    fn write(&mut self, event: &[u8], table: &TableSpec, op: Op, keep_together: bool)
+        -> Result<()>;
 
     /// Events written in the current batch so far.
     fn events_written(&self) -> u64;
@@ -47,18 +51,55 @@ pub struct WrittenFile {
     pub bytes: u64,
 }
 
+/// How many events of each table and operation a batch holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventCounts(Vec<(String, String, Op, u64)>);
+
+impl EventCounts {
+    /// Counts one event of `table`'s change `op`.
+    pub fn add(&mut self, table: &TableSpec, op: Op) {
+        let found = self.0.iter_mut().find(|(schema, name, o, _)| {
+            *o == op && *name == table.name && *schema == table.schema
+        });
+        match found {
+            Some((.., n)) => *n += 1,
+            None => self
+                .0
+                .push((table.schema.clone(), table.name.clone(), op, 1)),
+        }
+    }
+
+    /// `(schema.table, op, events)`, in the order first seen.
+    pub fn iter(&self) -> impl Iterator<Item = (String, Op, u64)> + '_ {
+        self.0
+            .iter()
+            .map(|(schema, name, op, n)| (format!("{schema}.{name}"), *op, *n))
+    }
+}
+
 /// Proof that a batch is durable in its sink; only a sink's `commit` makes one.
 #[derive(Debug)]
 #[must_use = "progress may move only with this proof"]
 pub struct Durable {
     files: Vec<WrittenFile>,
     next_seq: u64,
+    counts: EventCounts,
 }
 
 impl Durable {
-    /// For `ChangeSink::commit` implementations only: `files` are durable and visible.
-    pub(crate) fn new(files: Vec<WrittenFile>, next_seq: u64) -> Self {
-        Durable { files, next_seq }
+    /// For `ChangeSink::commit` implementations only: `files` are durable and visible, and
+    /// hold the events `counts` counts.
+    pub(crate) fn new(files: Vec<WrittenFile>, next_seq: u64, counts: EventCounts) -> Self {
+        Durable {
+            files,
+            next_seq,
+            counts,
+        }
+    }
+
+    /// The durable events by table and operation.
+    pub fn counts(&self) -> &EventCounts {
+        &self.counts
     }
 
     /// The units written, in order.

@@ -8,8 +8,6 @@ use crate::error::{error_chain, Error};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 
 const SUFFIX: &str = ".waiting.json";
 
@@ -23,17 +21,6 @@ pub struct WaitRecord {
     pub pid: u32,
 }
 
-/// Shared count of the faults a process is waiting out (for its readiness).
-#[derive(Debug, Clone, Default)]
-pub struct Outages(Arc<AtomicUsize>);
-
-impl Outages {
-    /// Whether any fault is being waited out.
-    pub fn any(&self) -> bool {
-        self.0.load(Ordering::Relaxed) > 0
-    }
-}
-
 /// One thing a program may wait for (the source, the warehouse, the change-log directory).
 #[derive(Debug)]
 pub struct Waiting {
@@ -41,18 +28,21 @@ pub struct Waiting {
     what: String,
     path: Option<PathBuf>,
     since: Option<DateTime<Utc>>,
-    outages: Outages,
+    /// Whether the wait keeps the program from being ready (`/readyz`): not for the
+    /// extractor's run records, whose wait does not stop capture.
+    blocks: Option<String>,
 }
 
 impl Waiting {
-    /// `key` names the file (`extractor-source`); `what` is said in messages ("the source
-    /// database at host:5432/db"). Without a state directory nothing is written.
+    /// `key` names the file (`extractor-source`) and, when `blocks_readiness`, the reason
+    /// `/readyz` gives; `what` is said in messages ("the source database at host:5432/db").
+    /// Without a state directory nothing is written.
     pub fn new(
         state_dir: Option<&Path>,
         program: &str,
         key: &str,
         what: impl Into<String>,
-        outages: &Outages,
+        blocks_readiness: bool,
     ) -> Self {
         let path = state_dir.map(|d| d.join(format!("{program}-{key}{SUFFIX}")));
         if let Some(p) = &path {
@@ -64,7 +54,7 @@ impl Waiting {
             what: what.into(),
             path,
             since: None,
-            outages: outages.clone(),
+            blocks: blocks_readiness.then(|| key.to_owned()),
         }
     }
 
@@ -81,7 +71,9 @@ impl Waiting {
             None => {
                 let now = Utc::now();
                 self.since = Some(now);
-                self.outages.0.fetch_add(1, Ordering::Relaxed);
+                if let Some(key) = &self.blocks {
+                    crate::health::block(key, format!("waiting for {}", self.what));
+                }
                 tracing::warn!(waiting_for = %self.what, error = %error, "waiting for {}; retrying with backoff for as long as it takes", self.what);
                 now
             }
@@ -105,7 +97,9 @@ impl Waiting {
     /// The fault is over (a success): logged with its length, the record removed.
     pub fn resolved(&mut self) {
         if let Some(since) = self.since.take() {
-            self.outages.0.fetch_sub(1, Ordering::Relaxed);
+            if let Some(key) = &self.blocks {
+                crate::health::unblock(key);
+            }
             let secs = (Utc::now() - since).num_milliseconds() as f64 / 1000.0;
             tracing::info!(
                 waited_s = secs,
@@ -162,20 +156,18 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("cdc-wait-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let outages = Outages::default();
-        let mut w = Waiting::new(Some(&dir), "loader", "warehouse", "the warehouse", &outages);
-        assert!(current(&dir).is_empty() && !outages.any());
+        let mut w = Waiting::new(Some(&dir), "loader", "test-wait", "the warehouse", false);
+        assert!(current(&dir).is_empty());
         w.fault(&Error::setup("x", "down"));
         let first = current(&dir);
         assert_eq!(first.len(), 1);
         assert_eq!(first[0].waiting_for, "the warehouse");
-        assert!(outages.any());
         w.fault(&Error::setup("x", "still down"));
         let second = current(&dir);
         assert_eq!(second[0].since, first[0].since);
         assert!(second[0].last_error.contains("still down"));
         w.resolved();
-        assert!(current(&dir).is_empty() && !outages.any());
+        assert!(current(&dir).is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

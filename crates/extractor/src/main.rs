@@ -39,7 +39,13 @@ fn main() {
     let code = cdc_core::cli::run_main("extractor", || async move {
         let shutdown = cdc_core::shutdown::Shutdown::from_signals();
         match cli.command.unwrap_or(Command::Run) {
-            Command::Run => cdc_core::capture::run(cfg, shutdown).await,
+            Command::Run if cfg.once => cdc_core::capture::run(cfg, shutdown).await,
+            Command::Run => {
+                let routes = cdc_core::http::probes(cdc_core::metrics::Program::Extractor);
+                let addr = cfg.metrics_addr;
+                let work = cdc_core::capture::run(cfg, shutdown);
+                cdc_core::http::serve_while(addr, "EXTRACTOR_METRICS_ADDR", routes, work).await
+            }
             Command::Setup => {
                 println!("{}", cdc_core::capture::setup(&cfg, &shutdown).await?);
                 Ok(())

@@ -50,8 +50,17 @@ fn main() {
     let code = cdc_core::cli::run_main("scd2-loader", || async {
         let shutdown = cdc_core::shutdown::Shutdown::from_signals();
         match command {
+            Command::Run if cli.once => {
+                cdc_core::scd2::loader::run(&cfg, true, shutdown).await?;
+            }
             Command::Run => {
-                cdc_core::scd2::loader::run(&cfg, cli.once, shutdown).await?;
+                let routes = cdc_core::http::probes(cdc_core::metrics::Program::Loader);
+                let work = async {
+                    cdc_core::scd2::loader::run(&cfg, false, shutdown).await?;
+                    Ok(())
+                };
+                cdc_core::http::serve_while(cfg.metrics_addr, "LOADER_METRICS_ADDR", routes, work)
+                    .await?;
             }
             Command::Verify {
                 no_source,

@@ -11,7 +11,7 @@ pub mod timestamp;
 use crate::catalog::{logical_progress_name, stream_name};
 use crate::changelog::{clean_leftovers, ChangeLogSink};
 use crate::config::extractor::ExtractorConfig;
-use crate::db::{self, Backoff};
+use crate::db::{self, Backoff, DbRole};
 use crate::error::{error_chain, Result};
 use crate::event::CaptureMode;
 use crate::metadata::{self, PendingRecord, Recorder, RunCounts, RunStatus};
@@ -19,10 +19,11 @@ use crate::migrate;
 use crate::ownership::{claim_log_dir, ExtractorLock, LogDirOwner};
 use crate::progress::{Progress, Watermark};
 use crate::shutdown::Shutdown;
-use crate::sink::{ChangeSink, Durable};
+use crate::sink::{ChangeSink, Durable, EventCounts};
 use crate::slot;
 use crate::table::TableSpec;
-use crate::waiting::{Outages, Waiting};
+use crate::waiting::Waiting;
+use crate::{health, metrics};
 use chrono::Utc;
 use logical::LogicalCapture;
 use std::future::Future;
@@ -65,6 +66,13 @@ pub struct PassOutcome {
     pub bytes: u64,
     pub snapshot: bool,
     pub watermark: Option<Watermark>,
+    /// The durable events by table and operation.
+    pub counts: EventCounts,
+    /// Logical mode: every change committed up to this time (µs since the epoch) is captured.
+    /// (Timestamp mode: the watermark says it.)
+    pub through_us: Option<i64>,
+    /// Logical mode: the slot after the pass.
+    pub slot: Option<slot::SlotLag>,
 }
 
 impl PassOutcome {
@@ -74,6 +82,7 @@ impl PassOutcome {
             events: durable.events(),
             bytes: durable.bytes(),
             files: durable.files().iter().map(|f| f.path.clone()).collect(),
+            counts: durable.counts().clone(),
             ..PassOutcome::default()
         }
     }
@@ -91,13 +100,12 @@ pub async fn run(cfg: ExtractorConfig, shutdown: Shutdown) -> Result<()> {
             "removed temporary files left by an interrupted run"
         );
     }
-    let outages = Outages::default();
     let mut waiting = Waiting::new(
         Some(&cfg.state_dir),
         "extractor",
         "source",
         format!("the source database at {}", cfg.source.display()),
-        &outages,
+        true,
     );
     // The tables' descriptions need the source: a looping extractor waits for it.
     let mut backoff = Backoff::default();
@@ -127,7 +135,6 @@ pub async fn run(cfg: ExtractorConfig, shutdown: Shutdown) -> Result<()> {
         specs: &specs,
         shutdown,
         waiting,
-        outages,
     };
     match cfg.capture_mode {
         CaptureMode::Timestamp => {
@@ -153,7 +160,6 @@ struct Looping<'a> {
     shutdown: Shutdown,
     /// The source being away.
     waiting: Waiting,
-    outages: Outages,
 }
 
 /// Connects to the source: with `--once` within `DB_CONNECT_RETRY_SECONDS`, otherwise for as
@@ -203,7 +209,6 @@ async fn run_source(
         specs,
         shutdown,
         mut waiting,
-        outages,
     } = looping;
     let run_id = metadata::new_run_id("extractor");
     let mut backoff = Backoff::default();
@@ -213,12 +218,13 @@ async fn run_source(
         source = connect_source(cfg, &shutdown, &mut waiting).await?;
     }
     waiting.resolved();
-    let recorder = start_recorder(cfg, specs, &run_id, &shutdown, &outages);
+    let recorder = start_recorder(cfg, specs, &run_id, &shutdown);
     let tables = specs
         .iter()
         .map(|s| s.qualified())
         .collect::<Vec<_>>()
         .join(", ");
+    health::started();
     tracing::info!(
         tables = %tables,
         source = %cfg.source.display(),
@@ -246,6 +252,7 @@ async fn run_source(
             .instrument(span.clone())
             .await;
         let elapsed = clock.elapsed();
+        metrics::capture_pass(&result, elapsed);
         let _entered = span.enter();
         match &result {
             Ok(out) => {
@@ -274,6 +281,7 @@ async fn run_source(
             Ok(_) => {}
             Err(e) if e.is_retryable() && !cfg.once => {
                 // The source went away (or the disk is full): wait it out, reconnect, go on.
+                metrics::error(&e);
                 waiting.fault(&e);
                 if shutdown.sleep(backoff.next_delay()).await {
                     break Ok(());
@@ -281,6 +289,7 @@ async fn run_source(
                 if !source.is_closed() {
                     continue;
                 }
+                health::lost(DbRole::Source);
                 match db::connect_patiently(&cfg.source, &shutdown, &mut waiting).await {
                     Ok(c) => source = c,
                     Err(crate::error::Error::Shutdown) => break Ok(()),
@@ -305,7 +314,6 @@ fn start_recorder(
     specs: &[TableSpec],
     run_id: &str,
     shutdown: &Shutdown,
-    outages: &Outages,
 ) -> Recorder {
     let specs = specs.to_vec();
     Recorder::start(
@@ -317,7 +325,8 @@ fn start_recorder(
             "extractor",
             "warehouse",
             format!("the warehouse database at {}", cfg.warehouse.display()),
-            outages,
+            // Capture goes on while the warehouse is away: not a reason to be unready.
+            false,
         ),
         shutdown.clone(),
         move |mut client| {

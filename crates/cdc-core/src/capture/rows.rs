@@ -299,7 +299,7 @@ pub async fn read_rows(
         write_event(&mut buf, spec, &h, null, |b| {
             cols.write_image(b, Some(&image))
         });
-        sink.write(&buf, false)?;
+        sink.write(&buf, spec, op, false)?;
         on_row(ts_us, &key);
         count += 1;
         Ok(())

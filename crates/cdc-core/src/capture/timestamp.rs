@@ -271,7 +271,7 @@ async fn capture_table(
         write_event(&mut buf, spec, &h, null, |b| {
             cols.write_image(b, Some(&values))
         });
-        sink.write(&buf, false)?;
+        sink.write(&buf, spec, op, false)?;
         (h.op, h.ts_us) = (Op::Delete, required_i64(row, 2, &what)?);
         buf.clear();
         write_event(
@@ -281,7 +281,7 @@ async fn capture_table(
             |b| cols.write_image(b, Some(&values)),
             null,
         );
-        sink.write(&buf, true)?;
+        sink.write(&buf, spec, Op::Delete, true)?;
         *deletes += 1;
         Ok(())
     })

@@ -1,8 +1,8 @@
 //! The extractor's flags and settled configuration.
 
 use super::{
-    non_empty_path, positive_secs, slot_name, LogDirArgs, RetryArgs, SourceDbArgs, TablesArgs,
-    WarehouseDbArgs,
+    listen_addr, non_empty_path, positive_secs, slot_name, LogDirArgs, RetryArgs, SourceDbArgs,
+    TablesArgs, WarehouseDbArgs,
 };
 use crate::catalog::TableSelection;
 use crate::db::DbSettings;
@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::event::CaptureMode;
 use crate::slot::SlotSettings;
 use clap::Args;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -70,6 +71,13 @@ pub struct ExtractorArgs {
         default_value = "200000"
     )]
     pub max_changes_per_pass: i32,
+    /// Where the capture loop serves /metrics, /healthz and /readyz: host:port, or off
+    #[arg(
+        long = "metrics-addr",
+        env = "EXTRACTOR_METRICS_ADDR",
+        default_value = "127.0.0.1:9187"
+    )]
+    pub metrics_addr: String,
     /// Do one capture pass and exit
     #[arg(long)]
     pub once: bool,
@@ -87,6 +95,8 @@ pub struct ExtractorConfig {
     pub interval: Duration,
     pub max_rows_per_file: u64,
     pub slot: SlotSettings,
+    /// Where the capture loop serves its endpoints (`None`: off); not with `once`.
+    pub metrics_addr: Option<SocketAddr>,
     pub once: bool,
 }
 
@@ -122,6 +132,7 @@ impl ExtractorArgs {
                     ));
                 },
             },
+            metrics_addr: listen_addr("EXTRACTOR_METRICS_ADDR", &self.metrics_addr)?,
             once: self.once,
             tables,
         })

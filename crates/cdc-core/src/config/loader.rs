@@ -1,13 +1,14 @@
 //! The loader's flags and settled configuration (`run`, `verify`, `status`).
 
 use super::{
-    non_empty_path, positive_secs, slot_name, LogDirArgs, RetryArgs, SourceDbArgs, TablesArgs,
-    WarehouseDbArgs,
+    listen_addr, non_empty_path, positive_secs, slot_name, LogDirArgs, RetryArgs, SourceDbArgs,
+    TablesArgs, WarehouseDbArgs,
 };
 use crate::catalog::TableSelection;
 use crate::db::DbSettings;
 use crate::error::{Error, Result};
 use clap::Args;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -57,6 +58,13 @@ pub struct LoaderArgs {
     /// [default: <CDC_PIPELINE_NAME>_slot]
     #[arg(long = "slot-name", env = "CDC_SLOT_NAME")]
     pub slot_name: Option<String>,
+    /// Where the apply loop serves /metrics, /healthz and /readyz: host:port, or off
+    #[arg(
+        long = "metrics-addr",
+        env = "LOADER_METRICS_ADDR",
+        default_value = "127.0.0.1:9188"
+    )]
+    pub metrics_addr: String,
 }
 
 /// Settled loader configuration.
@@ -71,6 +79,8 @@ pub struct LoaderConfig {
     pub max_files_per_batch: usize,
     pub max_events_in_memory: usize,
     pub slot_name: String,
+    /// Where the apply loop serves its endpoints (`None`: off); not with `--once`.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl LoaderArgs {
@@ -102,6 +112,7 @@ impl LoaderArgs {
             max_files_per_batch: self.max_files_per_batch,
             max_events_in_memory: self.max_events_in_memory,
             slot_name: slot_name("CDC_SLOT_NAME", &self.slot_name, &tables, "slot")?,
+            metrics_addr: listen_addr("LOADER_METRICS_ADDR", &self.metrics_addr)?,
             tables,
         })
     }

@@ -11,6 +11,7 @@ use crate::db::tls::TlsSettings;
 use crate::db::{DbRole, DbSettings, Secret};
 use crate::error::{Error, Result};
 use clap::{Args, ValueEnum};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -429,4 +430,49 @@ pub fn non_empty_path(setting: &str, p: &std::path::Path) -> Result<PathBuf> {
         return Err(Error::config(setting, "must not be empty"));
     }
     Ok(p.to_path_buf())
+}
+
+/// Where a long-running program serves its HTTP endpoints (`/metrics`, `/healthz`,
+/// `/readyz`): `host:port` (a name is resolved now, IPv4 preferred), or `off` for none.
+pub fn listen_addr(setting: &str, value: &str) -> Result<Option<SocketAddr>> {
+    let v = value.trim();
+    if v.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let bad = |why: &str| {
+        Error::config(
+            setting,
+            format!("'{v}' {why}; use host:port (such as 127.0.0.1:9187) or off"),
+        )
+    };
+    let addrs: Vec<SocketAddr> = v
+        .to_socket_addrs()
+        .map_err(|_| bad("is not an address with a port"))?
+        .collect();
+    let addr = addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| bad("names no address"))?;
+    if addr.port() == 0 {
+        return Err(bad("needs a port from 1 to 65535"));
+    }
+    Ok(Some(addr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addr_takes_host_port_or_off() {
+        let a = listen_addr("X_METRICS_ADDR", "127.0.0.1:9187").expect("valid");
+        assert_eq!(a, Some("127.0.0.1:9187".parse().expect("addr")));
+        assert_eq!(listen_addr("X_METRICS_ADDR", " OFF ").expect("off"), None);
+        for bad in ["", "9187", "127.0.0.1", "127.0.0.1:0", "127.0.0.1:http"] {
+            let e = listen_addr("X_METRICS_ADDR", bad).expect_err(bad);
+            assert!(e.to_string().contains("X_METRICS_ADDR"), "{e}");
+        }
+    }
 }

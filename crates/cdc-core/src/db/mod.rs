@@ -170,6 +170,7 @@ pub async fn connect_patiently(
 pub(crate) async fn connect_once(db: &DbSettings) -> Result<Client> {
     match db.pg_config().connect(db.tls.connector()?).await {
         Ok((client, connection)) => {
+            crate::health::connected(db.role);
             let target = db.display();
             tokio::spawn(async move {
                 if let Err(e) = connection.await {

@@ -15,6 +15,7 @@ use super::store::{AppliedBatch, Close, HistoryStore, NewVersion};
 use crate::changelog::file_name;
 use crate::error::{Error, Result};
 use crate::event::Op;
+use crate::metrics::ChangeAges;
 use crate::table::TableSpec;
 use std::path::PathBuf;
 
@@ -34,10 +35,26 @@ pub struct ApplyStats {
     /// ahead on its own thread), reading the newest versions and computing the new ones,
     /// closing current rows, copying versions in.
     pub phases_ms: [u64; 4],
+    /// The counts of each of the pipeline's tables (in the order of its tables).
+    pub tables: Vec<TableApplied>,
+    /// The source change times of the changes that went into the history (for the delay
+    /// metric).
+    pub ages: ChangeAges,
+}
+
+/// What applying a batch changed in one table's history.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableApplied {
+    /// `schema.table`.
+    pub table: String,
+    pub events: u64,
+    pub inserted: u64,
+    pub closed: u64,
+    pub deletes: u64,
 }
 
 impl ApplyStats {
-    /// Adds another batch's counts (not its phases).
+    /// Adds another batch's counts (not its phases, tables or ages).
     pub fn add(&mut self, s: &ApplyStats) {
         self.files += s.files;
         self.events += s.events;
@@ -79,6 +96,15 @@ pub async fn apply_files(
 ) -> Result<ApplyStats> {
     let mut stats = ApplyStats {
         files: files.len(),
+        tables: how
+            .specs
+            .iter()
+            .map(|s| TableApplied {
+                table: s.qualified(),
+                ..Default::default()
+            })
+            .collect(),
+        ages: ChangeAges::starting_now(),
         ..Default::default()
     };
     let mut facts: Vec<AppliedBatch> = files
@@ -161,6 +187,9 @@ async fn apply_table(
     stats: &mut ApplyStats,
     clock: &mut std::time::Instant,
 ) -> Result<()> {
+    if let Some(t) = stats.tables.get_mut(table) {
+        t.events += events.len() as u64;
+    }
     let newest = store.newest(table, &plan::keys(events)).await?;
     let plan = plan::plan(events, &newest);
     stats.phases_ms[1] += lap(clock);
@@ -179,19 +208,32 @@ async fn apply_table(
             }
         })
         .collect();
-    stats.versions_closed += store.close(table, &closes).await?;
+    let closed = store.close(table, &closes).await?;
+    stats.versions_closed += closed;
     stats.phases_ms[2] += lap(clock);
 
     // Write the new versions (a kept delete inserts nothing: it closed the one before).
+    let mut counts = TableApplied {
+        closed,
+        ..Default::default()
+    };
     for k in &plan.kept {
         let e = &events[k.idx];
+        stats.ages.record(e.ev.ts_us);
         if e.ev.op == Op::Delete {
-            stats.deletes += 1;
+            counts.deletes += 1;
             facts[e.file].deletes += 1;
         } else {
-            stats.versions_inserted += 1;
+            counts.inserted += 1;
             facts[e.file].inserted += 1;
         }
+    }
+    stats.deletes += counts.deletes;
+    stats.versions_inserted += counts.inserted;
+    if let Some(t) = stats.tables.get_mut(table) {
+        t.inserted += counts.inserted;
+        t.closed += counts.closed;
+        t.deletes += counts.deletes;
     }
     let versions: Vec<NewVersion<'_>> = plan
         .kept

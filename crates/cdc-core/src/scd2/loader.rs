@@ -7,14 +7,15 @@ use super::store::{HistorySql, PgHistory};
 use crate::catalog::stream_name;
 use crate::changelog::{self, file_name};
 use crate::config::loader::LoaderConfig;
-use crate::db::{self, ctx, Backoff};
+use crate::db::{self, ctx, Backoff, DbRole};
 use crate::error::{error_chain, Error, Result};
 use crate::metadata::{self, RunCounts, RunRecord, RunStatus};
 use crate::migrate;
 use crate::ownership::{check_log_dir, LogDirOwner};
 use crate::shutdown::Shutdown;
 use crate::table::TableSpec;
-use crate::waiting::{Outages, Waiting};
+use crate::waiting::Waiting;
+use crate::{health, metrics};
 use chrono::Utc;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -158,6 +159,7 @@ impl Applier {
         tx.commit()
             .await
             .map_err(ctx("committing the apply transaction"))?;
+        metrics::batch_applied(&stats, (Utc::now() - started).to_std().unwrap_or_default());
         Ok(stats)
     }
 
@@ -201,9 +203,8 @@ pub async fn describe_tables(
 /// applying new files until shutdown.
 pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<LoaderTotals> {
     let run_id = metadata::new_run_id("loader");
-    let outages = Outages::default();
     let wait =
-        |key: &str, what: String| Waiting::new(Some(&cfg.state_dir), "loader", key, what, &outages);
+        |key: &str, what: String| Waiting::new(Some(&cfg.state_dir), "loader", key, what, true);
     let mut source_wait = wait(
         "source",
         format!("the source database at {}", cfg.source.display()),
@@ -227,6 +228,7 @@ pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<L
     )?;
     let mut applier =
         Applier::connect(cfg, &specs, &shutdown, patience(once, &mut warehouse_wait)).await?;
+    health::started();
     tracing::info!(
         history = %applier.histories,
         warehouse = %cfg.warehouse.display(),
@@ -246,6 +248,7 @@ pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<L
         let pending = match listed {
             Ok(p) => {
                 files_wait.resolved();
+                metrics::change_log_seen(&cfg.log_dir, &p);
                 p
             }
             // The directory briefly unreadable (a remount, a permission being fixed).
@@ -259,6 +262,13 @@ pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<L
             Err(e) => return Err(e),
         };
         if pending.is_empty() {
+            if applier.client.is_closed() && !once {
+                // Closed while idle (a warehouse restart): reconnect now, not at the next file.
+                health::lost(DbRole::Warehouse);
+                drop(applier);
+                applier =
+                    Applier::connect(cfg, &specs, &shutdown, Some(&mut warehouse_wait)).await?;
+            }
             if once || shutdown.sleep(cfg.poll_interval).await {
                 break;
             }
@@ -272,12 +282,15 @@ pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<L
             // A file that vanished or could not be moved (a full disk, a permission being
             // fixed): nothing was lost (applied files are recorded), so wait and go on.
             Err(e @ Error::Io { .. }) if !once => {
+                metrics::error(&e);
                 files_wait.fault(&e);
                 if shutdown.sleep(backoff.next_delay()).await {
                     break;
                 }
             }
             Err(e) if e.is_retryable() => {
+                health::lost(DbRole::Warehouse);
+                metrics::error(&e);
                 let delay = backoff.next_delay();
                 tracing::warn!(error = %error_chain(&e), retry_in_ms = delay.as_millis() as u64, "apply failed; retrying");
                 if !once {
@@ -334,6 +347,7 @@ async fn apply_pending(
     for p in pending {
         if done.contains(&file_name(p)) {
             tracing::info!(file = %file_name(p), "already applied; archiving");
+            metrics::already_applied();
             changelog::archive(p)?;
             totals.skipped_already_applied += 1;
         } else {
@@ -426,6 +440,7 @@ async fn quarantine(
     applier: &Applier,
 ) -> Result<()> {
     let target = changelog::quarantine(path, e)?;
+    metrics::quarantined(e);
     tracing::error!(file = %file_name(path), moved_to = %target.display(), error = %error_chain(e), "change-log file quarantined");
     let now = Utc::now();
     let record = RunRecord {

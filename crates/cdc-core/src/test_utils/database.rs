@@ -203,6 +203,7 @@ impl TestDb {
             interval: Duration::from_millis(200),
             max_rows_per_file: 50_000,
             slot: self.slot_settings(),
+            metrics_addr: None,
             once: true,
         }
     }
@@ -228,6 +229,7 @@ impl TestDb {
             max_files_per_batch: 16,
             max_events_in_memory: crate::scd2::apply::CHUNK_EVENTS,
             slot_name: self.name.clone(),
+            metrics_addr: None,
         }
     }
 
@@ -270,6 +272,9 @@ impl TestDb {
             ("CDC_PUBLICATION".into(), "cdc_test_pub".into()),
             ("CDC_TABLES".into(), self.spec.qualified()),
             ("MUTATION_TABLES".into(), "orders".into()),
+            // Tests that scrape the endpoints choose a free port.
+            ("EXTRACTOR_METRICS_ADDR".into(), "off".into()),
+            ("LOADER_METRICS_ADDR".into(), "off".into()),
         ];
         for (var, db) in [
             ("DB_SSLROOTCERT", &self.source),

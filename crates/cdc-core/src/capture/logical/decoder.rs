@@ -156,18 +156,19 @@ impl<'a> TxDecoder<'a> {
         b.clear();
         let ours = self.build_event(&mut b, rel, op, before, after);
         let result = match ours {
-            Ok(true) => {
+            Ok(Some(spec)) => {
                 let keep_together = !std::mem::replace(&mut self.tx_first, false);
-                sink.write(&b, keep_together).map(|()| true)
+                sink.write(&b, spec, op, keep_together).map(|()| true)
             }
-            Ok(false) => Ok(false),
+            Ok(None) => Ok(false),
             Err(e) => Err(e),
         };
         self.buf = b;
         result
     }
 
-    /// Writes the event's JSON into `b`; false when the change is not of one of our tables.
+    /// Writes the event's JSON into `b` and returns its table; `None` when the change is not
+    /// of one of our tables.
     fn build_event(
         &self,
         b: &mut Vec<u8>,
@@ -175,10 +176,10 @@ impl<'a> TxDecoder<'a> {
         op: Op,
         before: Option<&[Value]>,
         after: Option<&[Value]>,
-    ) -> Result<bool> {
+    ) -> Result<Option<&'a TableSpec>> {
         let r = self.relation(rel)?;
         let Some(spec) = self.spec_of(r) else {
-            return Ok(false);
+            return Ok(None);
         };
         let image = after.or(before);
         let mut parts = Vec::with_capacity(spec.key.len());
@@ -227,7 +228,7 @@ impl<'a> TxDecoder<'a> {
             |b| write_image(b, r, before),
             |b| write_image(b, r, after),
         );
-        Ok(true)
+        Ok(Some(spec))
     }
 }
 

@@ -150,6 +150,7 @@ impl LogicalCapture {
         Ok(PassOutcome {
             rows,
             snapshot: true,
+            through_us: Some(now.timestamp_micros()),
             ..PassOutcome::written(&durable)
         })
     }
@@ -206,6 +207,7 @@ impl LogicalCapture {
         let mut dec = TxDecoder::new(&self.specs, &self.db, now.timestamp_millis());
         let mut out = PassOutcome::default();
         let mut last_end: Option<u64> = None;
+        let mut last_commit_us: Option<i64> = None;
         let result: Result<()> = async {
             while let Some(row) = rows
                 .try_next()
@@ -219,8 +221,14 @@ impl LogicalCapture {
                 if let Message::Begin { xid, .. } = &msg {
                     dec.skip = filter.as_ref().is_some_and(|f| f.shows(*xid));
                 }
-                if let Message::Commit { end_lsn, .. } = &msg {
+                if let Message::Commit {
+                    end_lsn,
+                    commit_ts_us,
+                    ..
+                } = &msg
+                {
                     last_end = Some(*end_lsn);
+                    last_commit_us = Some(*commit_ts_us);
                 }
                 dec.handle(msg, sink, &mut out)?;
             }
@@ -228,9 +236,10 @@ impl LogicalCapture {
         }
         .await;
         let ((), durable) = commit_if_ok(sink, result)?;
-        let out = PassOutcome {
+        let mut out = PassOutcome {
             rows: out.rows,
             deletes: out.deletes,
+            through_us: last_commit_us,
             ..PassOutcome::written(&durable)
         };
 
@@ -263,6 +272,8 @@ impl LogicalCapture {
             self.progress
                 .save(&self.state_dir, &self.progress_name, None, &durable)?;
         }
+        // For the metrics only: a failure to read it does not fail the pass.
+        out.slot = slot::lag(client, &self.slot.slot).await.ok().flatten();
         Ok(out)
     }
 }
