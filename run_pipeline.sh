@@ -501,8 +501,9 @@ cmd_status() {
   done
   echo "pipeline"
   if [[ -x "$BIN_DIR/scd2-loader" ]]; then
-    # Never the cause of a non-zero exit: the health above is what counts.
-    "$BIN_DIR/scd2-loader" status 2>&1 | sed 's/^/  /' || true
+    # Its verdict counts too: dead letters, lag, a slot holding too much WAL, an outage.
+    "$BIN_DIR/scd2-loader" status 2>&1 | sed 's/^/  /'
+    [[ "${PIPESTATUS[0]}" -eq 0 ]] || rc=1
   else
     echo "  ($BIN_DIR/scd2-loader not built: make build)"
   fi

@@ -32,7 +32,9 @@ fn workspace_root() -> PathBuf {
 
 impl Clusters {
     fn start(name: &str) -> Clusters {
-        let dir = workspace_root().join("target").join("test-runs").join(name);
+        // Under the temporary directory: the clusters run as the `postgres` user when the
+        // tests run as root, and it must be able to reach them.
+        let dir = std::env::temp_dir().join(format!("cdc-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let c = Clusters {

@@ -72,9 +72,12 @@ async fn the_three_binaries_build_a_history_that_verify_accepts() {
     s.arg("status");
     let out = run(s);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", text(&out));
+    // Everything applied, but nothing runs: unhealthy, and it says why.
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
     assert!(
-        stdout.contains("pending files      0") && stdout.contains("capture lag"),
+        stdout.contains("pending files      0")
+            && stdout.contains("capture lag")
+            && stdout.contains("extractor is not running"),
         "{stdout}"
     );
 
@@ -206,4 +209,103 @@ async fn every_table_of_the_demo_is_captured_by_one_pipeline_in_both_modes() {
         }
         db.cleanup().await;
     }
+}
+
+/// `status` exits 0 only when the pipeline is healthy, and 3 naming each problem: a program
+/// not running, a dead-lettered file, capture lag beyond `CDC_MAX_LAG_SECONDS`, a slot
+/// retaining more WAL than `CDC_MAX_SLOT_WAL_MB`.
+#[tokio::test]
+async fn status_is_healthy_only_when_everything_is_and_names_each_problem() {
+    let db = TestDb::new("e2e_status_health").await;
+    let status = |env: &[(&str, &str)]| {
+        let mut s = cmd(&db, "scd2-loader");
+        s.arg("status").env("CDC_CAPTURE_MODE", "logical");
+        for (k, v) in env {
+            s.env(k, v);
+        }
+        let out = run(s);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let spawn = |name: &str| {
+        let mut c = cmd(&db, name);
+        c.env("CDC_CAPTURE_MODE", "logical")
+            .env("CDC_EXTRACTION_INTERVAL_SECONDS", "0.2")
+            .env("LOADER_POLL_INTERVAL_SECONDS", "0.1")
+            .stderr(std::process::Stdio::null());
+        c.spawn().unwrap()
+    };
+    let mut extractor = spawn("extractor");
+    let mut loader = spawn("scd2-loader");
+    let processed = db.log_dir().join("processed");
+    wait_for("the initial copy to be applied", || {
+        std::fs::read_dir(&processed)
+            .map(|d| d.count() > 0)
+            .unwrap_or(false)
+    });
+    let mut said = String::new();
+    wait_for("a healthy status", || {
+        let (code, out) = status(&[]);
+        said = out;
+        code == Some(0)
+    });
+    assert!(said.starts_with("health: OK"), "{said}");
+
+    // A dead-lettered file.
+    let dead = db.log_dir().join("dead_letter");
+    std::fs::create_dir_all(&dead).unwrap();
+    std::fs::write(dead.join("orders_x.jsonl"), "{}\n").unwrap();
+    let (code, said) = status(&[]);
+    assert_eq!(code, Some(3), "{said}");
+    assert!(
+        said.contains("1 change-log file(s) in") && said.contains("dead_letter"),
+        "{said}"
+    );
+    std::fs::remove_file(dead.join("orders_x.jsonl")).unwrap();
+
+    // The programs stop; while the extractor is down, the slot retains WAL.
+    for child in [&mut extractor, &mut loader] {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let source = db.source_client().await;
+    source
+        .batch_execute(
+            "INSERT INTO orders (customer_id, product_id, quantity, unit_price)
+             SELECT 1, 1, 1, 1.00 FROM generate_series(1, 30000)",
+        )
+        .await
+        .unwrap();
+    let (code, said) = status(&[("CDC_MAX_SLOT_WAL_MB", "1")]);
+    assert_eq!(code, Some(3), "{said}");
+    for reason in [
+        "extractor is not running",
+        "scd2-loader is not running",
+        "MiB of WAL (CDC_MAX_SLOT_WAL_MB 1)",
+    ] {
+        assert!(said.contains(reason), "{reason}: {said}");
+    }
+    db.cleanup().await;
+}
+
+/// In timestamp mode a watermark older than `CDC_MAX_LAG_SECONDS` is capture lag.
+#[tokio::test]
+async fn status_reports_capture_lag_beyond_the_bound() {
+    let db = TestDb::new("e2e_status_lag").await;
+    let mut e = cmd(&db, "extractor");
+    e.arg("--once");
+    assert!(run(e).status.success());
+    std::thread::sleep(Duration::from_millis(1100));
+    let mut s = cmd(&db, "scd2-loader");
+    s.arg("status").env("CDC_MAX_LAG_SECONDS", "1");
+    let out = run(s);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(
+        said.contains("capture lag of public.orders") && said.contains("CDC_MAX_LAG_SECONDS 1"),
+        "{said}"
+    );
+    db.cleanup().await;
 }

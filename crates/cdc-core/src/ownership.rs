@@ -2,7 +2,8 @@
 //! records the pipeline that writes into it (`.pipeline`), and a running extractor holds an
 //! exclusive lock in its change-log and state directories, so that a second extractor of the
 //! same pipeline (whose start-up cleanup would delete the first one's in-flight files) or
-//! another pipeline's is refused at start-up.
+//! another pipeline's is refused at start-up; a running loader holds one in the change-log
+//! directory. `status` reads the locks' process ids to tell which programs run.
 
 use crate::changelog::{create_private_dir, write_atomic};
 use crate::error::{Error, Result};
@@ -12,7 +13,6 @@ use std::path::{Path, PathBuf};
 
 /// The file in `CDC_LOG_DIR` naming the pipeline and change-log stream that write there.
 pub const OWNER_FILE: &str = ".pipeline";
-const LOCK_FILE: &str = ".extractor.lock";
 
 /// Who writes a change-log directory: the pipeline's name and its files' prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,33 +122,78 @@ pub fn check_log_dir(dir: &Path, ours: &LogDirOwner) -> Result<()> {
     }
 }
 
-/// Exclusive locks held for as long as the extractor runs (released by the operating system
-/// when the process ends, however it ends).
+/// Exclusive locks held for as long as a program runs (released by the operating system
+/// when the process ends, however it ends); the lock files hold its process id, which
+/// `status` reads to tell whether it runs.
 #[derive(Debug)]
-pub struct ExtractorLock {
+pub struct ProcessLock {
     _files: Vec<File>,
 }
 
-impl ExtractorLock {
-    /// Locks `log_dir` and `state_dir` for this process, or refuses (exit 2) naming the
-    /// process that holds them.
-    pub fn acquire(log_dir: &Path, state_dir: &Path, pipeline: &str) -> Result<ExtractorLock> {
-        let mut files = Vec::new();
-        for (dir, setting, name) in [
-            (log_dir, "CDC_LOG_DIR", LOCK_FILE.to_owned()),
-            (
-                state_dir,
-                "CDC_STATE_DIR",
-                format!(".extractor-{pipeline}.lock"),
-            ),
-        ] {
-            files.push(lock_one(dir, setting, &name)?);
-        }
-        Ok(ExtractorLock { _files: files })
+/// The lock file of `program` (`extractor`, `scd2-loader`) in the change-log directory.
+fn lock_name(program: &str) -> String {
+    format!(".{program}.lock")
+}
+
+impl ProcessLock {
+    /// The extractor's: `log_dir` and `state_dir`, or a refusal (exit 2) naming the process
+    /// that holds them.
+    pub fn extractor(log_dir: &Path, state_dir: &Path, pipeline: &str) -> Result<ProcessLock> {
+        Ok(ProcessLock {
+            _files: vec![
+                lock_one(log_dir, "CDC_LOG_DIR", &lock_name("extractor"), "extractor")?,
+                lock_one(
+                    state_dir,
+                    "CDC_STATE_DIR",
+                    &format!(".extractor-{pipeline}.lock"),
+                    "extractor",
+                )?,
+            ],
+        })
+    }
+
+    /// The loader's, in `log_dir` (one loader per change-log directory).
+    pub fn loader(log_dir: &Path) -> Result<ProcessLock> {
+        Ok(ProcessLock {
+            _files: vec![lock_one(
+                log_dir,
+                "CDC_LOG_DIR",
+                &lock_name("scd2-loader"),
+                "scd2-loader",
+            )?],
+        })
     }
 }
 
-fn lock_one(dir: &Path, setting: &str, name: &str) -> Result<File> {
+/// The process id of the running `program` whose lock is in `log_dir`, if it runs.
+pub fn running(log_dir: &Path, program: &str) -> Option<u32> {
+    let pid: u32 = fs::read_to_string(log_dir.join(lock_name(program)))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    process_alive(pid, Some(program)).then_some(pid)
+}
+
+/// Whether process `pid` lives (and, given `name`, runs a program of that name: a process id
+/// may have been reused). Where `/proc` is missing, assumed alive.
+pub fn process_alive(pid: u32, name: Option<&str>) -> bool {
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    if !Path::new("/proc/self").exists() {
+        return true;
+    }
+    if !proc_dir.exists() {
+        return false;
+    }
+    match name {
+        Some(n) => fs::read(proc_dir.join("cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).contains(n))
+            .unwrap_or(false),
+        None => true,
+    }
+}
+
+fn lock_one(dir: &Path, setting: &str, name: &str, program: &str) -> Result<File> {
     create_private_dir(dir).map_err(|e| Error::io("creating directory", dir, e))?;
     let path: PathBuf = dir.join(name);
     let mut o = OpenOptions::new();
@@ -157,7 +202,7 @@ fn lock_one(dir: &Path, setting: &str, name: &str) -> Result<File> {
     std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
     let mut f = o
         .open(&path)
-        .map_err(|e| Error::io("opening the extractor lock", &path, e))?;
+        .map_err(|e| Error::io("opening the process lock", &path, e))?;
     match f.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
@@ -167,7 +212,7 @@ fn lock_one(dir: &Path, setting: &str, name: &str) -> Result<File> {
             return Err(Error::config(
                 setting,
                 format!(
-                    "another extractor is running on {} (process {}, lock {}); stop it first, \
+                    "another {program} is running on {} (process {}, lock {}); stop it first, \
                      or give this pipeline its own {setting}",
                     dir.display(),
                     if holder.is_empty() { "unknown" } else { holder },
@@ -176,14 +221,14 @@ fn lock_one(dir: &Path, setting: &str, name: &str) -> Result<File> {
             ));
         }
         Err(std::fs::TryLockError::Error(e)) => {
-            return Err(Error::io("taking the extractor lock", &path, e))
+            return Err(Error::io("taking the process lock", &path, e))
         }
     }
     let pid = std::process::id().to_string();
     f.set_len(0)
         .and_then(|()| f.seek(SeekFrom::Start(0)).map(|_| ()))
         .and_then(|()| f.write_all(pid.as_bytes()))
-        .map_err(|e| Error::io("writing the extractor lock", &path, e))?;
+        .map_err(|e| Error::io("writing the process lock", &path, e))?;
     Ok(f)
 }
 
@@ -226,14 +271,19 @@ mod tests {
         let base = std::env::temp_dir().join(format!("cdc-lock-{}", std::process::id()));
         let _ = fs::remove_dir_all(&base);
         let (logs, state) = (base.join("logs"), base.join("state"));
-        let held = ExtractorLock::acquire(&logs, &state, "cdc").unwrap();
-        let e = ExtractorLock::acquire(&logs, &state, "cdc").unwrap_err();
+        let held = ProcessLock::extractor(&logs, &state, "cdc").unwrap();
+        let e = ProcessLock::extractor(&logs, &state, "cdc").unwrap_err();
         assert!(matches!(e, Error::Config { .. }));
         let e = e.to_string();
         assert!(e.contains("another extractor is running"), "{e}");
         assert!(e.contains(&std::process::id().to_string()), "{e}");
         drop(held);
-        ExtractorLock::acquire(&logs, &state, "cdc").unwrap();
+        ProcessLock::extractor(&logs, &state, "cdc").unwrap();
+        let _loader = ProcessLock::loader(&logs).unwrap();
+        assert!(ProcessLock::loader(&logs)
+            .unwrap_err()
+            .to_string()
+            .contains("another scd2-loader is running"));
         fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -133,18 +133,10 @@ pub fn current(state_dir: &Path) -> Vec<WaitRecord> {
         .filter(|e| e.file_name().to_string_lossy().ends_with(SUFFIX))
         .filter_map(|e| std::fs::read(e.path()).ok())
         .filter_map(|b| serde_json::from_slice::<WaitRecord>(&b).ok())
-        .filter(|r| process_alive(r.pid))
+        .filter(|r| crate::ownership::process_alive(r.pid, None))
         .collect();
     out.sort_by_key(|a| a.since);
     out
-}
-
-fn process_alive(pid: u32) -> bool {
-    if cfg!(target_os = "linux") {
-        Path::new(&format!("/proc/{pid}")).exists()
-    } else {
-        true
-    }
 }
 
 #[cfg(test)]

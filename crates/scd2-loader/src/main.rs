@@ -75,7 +75,9 @@ fn main() {
                 }
             }
             Command::Status => {
-                print!("{}", cdc_core::scd2::status::run(&cfg, &shutdown).await?);
+                let report = cdc_core::scd2::status::run(&cfg, &shutdown).await?;
+                print!("{}", report.render());
+                violated = !report.problems.is_empty();
             }
         }
         Ok(())

@@ -16,7 +16,7 @@ use crate::error::{error_chain, Result};
 use crate::event::CaptureMode;
 use crate::metadata::{self, PendingRecord, Recorder, RunCounts, RunStatus};
 use crate::migrate;
-use crate::ownership::{claim_log_dir, ExtractorLock, LogDirOwner};
+use crate::ownership::{claim_log_dir, LogDirOwner, ProcessLock};
 use crate::progress::{Progress, Watermark};
 use crate::shutdown::Shutdown;
 use crate::sink::{ChangeSink, Durable, EventCounts};
@@ -92,7 +92,7 @@ impl PassOutcome {
 pub async fn run(cfg: ExtractorConfig, shutdown: Shutdown) -> Result<()> {
     // Before anything touches the directories: a second extractor's cleanup below would
     // delete this one's in-flight temporary files.
-    let _lock = ExtractorLock::acquire(&cfg.log_dir, &cfg.state_dir, &cfg.tables.pipeline_name)?;
+    let _lock = ProcessLock::extractor(&cfg.log_dir, &cfg.state_dir, &cfg.tables.pipeline_name)?;
     let removed = clean_leftovers(&cfg.log_dir)? + clean_leftovers(&cfg.state_dir)?;
     if removed > 0 {
         tracing::info!(

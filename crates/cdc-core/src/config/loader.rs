@@ -58,6 +58,20 @@ pub struct LoaderArgs {
     /// [default: <CDC_PIPELINE_NAME>_slot]
     #[arg(long = "slot-name", env = "CDC_SLOT_NAME")]
     pub slot_name: Option<String>,
+    /// `status`: capture or apply lag beyond this many seconds is unhealthy
+    #[arg(
+        long = "max-lag-seconds",
+        env = "CDC_MAX_LAG_SECONDS",
+        default_value = "300"
+    )]
+    pub max_lag_seconds: f64,
+    /// `status`: a replication slot holding more WAL than this many MiB is unhealthy
+    #[arg(
+        long = "max-slot-wal-mb",
+        env = "CDC_MAX_SLOT_WAL_MB",
+        default_value = "1024"
+    )]
+    pub max_slot_wal_mb: u64,
     /// Where the apply loop serves /metrics, /healthz and /readyz: host:port, or off
     #[arg(
         long = "metrics-addr",
@@ -81,6 +95,10 @@ pub struct LoaderConfig {
     pub slot_name: String,
     /// Where the apply loop serves its endpoints (`None`: off); not with `--once`.
     pub metrics_addr: Option<SocketAddr>,
+    /// `status`: lag beyond this is unhealthy.
+    pub max_lag: Duration,
+    /// `status`: a slot retaining more WAL than this is unhealthy.
+    pub max_slot_wal_bytes: i64,
 }
 
 impl LoaderArgs {
@@ -113,6 +131,14 @@ impl LoaderArgs {
             max_events_in_memory: self.max_events_in_memory,
             slot_name: slot_name("CDC_SLOT_NAME", &self.slot_name, &tables, "slot")?,
             metrics_addr: listen_addr("LOADER_METRICS_ADDR", &self.metrics_addr)?,
+            max_lag: positive_secs("CDC_MAX_LAG_SECONDS", self.max_lag_seconds, false)?,
+            max_slot_wal_bytes: i64::try_from(self.max_slot_wal_mb)
+                .ok()
+                .and_then(|mb| mb.checked_mul(1 << 20))
+                .filter(|b| *b > 0)
+                .ok_or_else(|| {
+                    Error::config("CDC_MAX_SLOT_WAL_MB", "must be from 1 to 2^43 MiB")
+                })?,
             tables,
         })
     }

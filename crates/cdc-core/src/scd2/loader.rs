@@ -11,7 +11,7 @@ use crate::db::{self, ctx, Backoff, DbRole};
 use crate::error::{error_chain, Error, Result};
 use crate::metadata::{self, RunCounts, RunRecord, RunStatus};
 use crate::migrate;
-use crate::ownership::{check_log_dir, LogDirOwner};
+use crate::ownership::{check_log_dir, LogDirOwner, ProcessLock};
 use crate::shutdown::Shutdown;
 use crate::table::TableSpec;
 use crate::waiting::Waiting;
@@ -226,6 +226,7 @@ pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<L
             stream: stream_name(&specs, &cfg.tables.pipeline_name),
         },
     )?;
+    let _lock = ProcessLock::loader(&cfg.log_dir)?;
     let mut applier =
         Applier::connect(cfg, &specs, &shutdown, patience(once, &mut warehouse_wait)).await?;
     health::started();

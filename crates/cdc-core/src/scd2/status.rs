@@ -14,20 +14,57 @@ use chrono::{DateTime, Utc};
 use std::fmt::Write as _;
 use tokio_postgres::Client;
 
+/// The status report and what makes the pipeline unhealthy (empty when healthy).
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub text: String,
+    pub problems: Vec<String>,
+}
+
+impl Report {
+    /// The report with its verdict first.
+    pub fn render(&self) -> String {
+        let mut out = if self.problems.is_empty() {
+            "health: OK\n".to_owned()
+        } else {
+            let mut h = format!("health: UNHEALTHY ({})\n", self.problems.len());
+            for p in &self.problems {
+                let _ = writeln!(h, "  - {p}");
+            }
+            h
+        };
+        out.push_str(&self.text);
+        out
+    }
+}
+
 /// Renders the status report. `warehouse` may be absent (unreachable): the file side is
 /// still reported.
 pub async fn status(
     cfg: &LoaderConfig,
     warehouse: Option<&Client>,
     source: Option<&Client>,
-) -> Result<String> {
+) -> Result<Report> {
     let mut s = String::new();
+    let mut problems = Vec::new();
     let now = Utc::now();
+    for program in ["extractor", "scd2-loader"] {
+        match crate::ownership::running(&cfg.log_dir, program) {
+            Some(pid) => {
+                let _ = writeln!(s, "{program:<11} running (process {pid})");
+            }
+            None => {
+                let _ = writeln!(s, "{program:<11} not running");
+                problems.push(format!("{program} is not running"));
+            }
+        }
+    }
     let specs = match source {
         Some(src) => match cfg.tables.describe(src).await {
             Ok(specs) => Some(specs),
             Err(e) => {
                 let _ = writeln!(s, "tables: {e}");
+                problems.push(format!("the configured tables cannot be described: {e}"));
                 None
             }
         },
@@ -36,6 +73,10 @@ pub async fn status(
                 s,
                 "tables: source unreachable, so the configured tables cannot be described"
             );
+            problems.push(format!(
+                "the source database at {} is unreachable",
+                cfg.source.display()
+            ));
             None
         }
     };
@@ -50,6 +91,12 @@ pub async fn status(
             secs(now - w.since),
             w.last_error
         );
+        problems.push(format!(
+            "{} is waiting for {} since {}",
+            w.program,
+            w.waiting_for,
+            w.since.format("%Y-%m-%d %H:%M:%S UTC")
+        ));
     }
 
     let pending = changelog::pending_files(&cfg.log_dir)?;
@@ -63,10 +110,18 @@ pub async fn status(
     let _ = writeln!(s, "change log  {}", cfg.log_dir.display());
     let _ = writeln!(s, "  pending files      {}", pending.len());
     if let Some(oldest) = pending.first() {
-        let age = std::fs::metadata(oldest)
+        let waited = std::fs::metadata(oldest)
             .and_then(|m| m.modified())
             .ok()
-            .and_then(|t| t.elapsed().ok())
+            .and_then(|t| t.elapsed().ok());
+        if let Some(w) = waited.filter(|w| *w > cfg.max_lag) {
+            problems.push(format!(
+                "apply lag: the oldest pending file has waited {:.0}s (CDC_MAX_LAG_SECONDS {})",
+                w.as_secs_f64(),
+                cfg.max_lag.as_secs_f64()
+            ));
+        }
+        let age = waited
             .map(|d| format!("{:.1}s", d.as_secs_f64()))
             .unwrap_or_else(|| "?".into());
         let _ = writeln!(
@@ -76,9 +131,15 @@ pub async fn status(
         );
     }
     let _ = writeln!(s, "  dead-lettered      {dead}");
+    if dead > 0 {
+        problems.push(format!(
+            "{dead} change-log file(s) in {} (the reason is beside each, in <name>.reason.json)",
+            cfg.log_dir.join(DEAD_LETTER_DIR).display()
+        ));
+    }
 
     match &specs {
-        Some(specs) => extractor_progress(&mut s, cfg, specs, source, now).await,
+        Some(specs) => extractor_progress(&mut s, &mut problems, cfg, specs, source, now).await,
         None => {
             let _ = writeln!(
                 s,
@@ -89,7 +150,11 @@ pub async fn status(
 
     let Some(w) = warehouse else {
         let _ = writeln!(s, "warehouse: unreachable");
-        return Ok(s);
+        problems.push(format!(
+            "the warehouse database at {} is unreachable",
+            cfg.warehouse.display()
+        ));
+        return Ok(Report { text: s, problems });
     };
     for spec in specs.iter().flatten() {
         history_summary(&mut s, cfg, w, spec, now).await?;
@@ -119,12 +184,13 @@ pub async fn status(
             }
         );
     }
-    Ok(s)
+    Ok(Report { text: s, problems })
 }
 
 /// The extractor's progress: the logical slot's, or each table's watermark.
 async fn extractor_progress(
     s: &mut String,
+    problems: &mut Vec<String>,
     cfg: &LoaderConfig,
     specs: &[TableSpec],
     source: Option<&Client>,
@@ -133,7 +199,7 @@ async fn extractor_progress(
     let logical = logical_progress_name(specs, &cfg.tables.pipeline_name);
     match Progress::peek(&cfg.state_dir, &logical) {
         Ok(Some(p)) if p.capture_mode == CaptureMode::Logical => {
-            logical_progress(s, cfg, &p, source).await;
+            logical_progress(s, problems, cfg, &p, source).await;
             return;
         }
         Ok(_) => {}
@@ -148,6 +214,13 @@ async fn extractor_progress(
             Ok(Some(p)) => match &p.watermark {
                 Some(w) => {
                     let wm = DateTime::<Utc>::from_timestamp_micros(w.ts_us).unwrap_or_default();
+                    if (now - wm).to_std().is_ok_and(|lag| lag > cfg.max_lag) {
+                        problems.push(format!(
+                            "capture lag of {name}: its watermark is {:.0}s old (CDC_MAX_LAG_SECONDS {})",
+                            secs(now - wm),
+                            cfg.max_lag.as_secs_f64()
+                        ));
+                    }
                     let _ = writeln!(s, "extractor (timestamp mode) {name}");
                     let _ = writeln!(
                         s,
@@ -184,6 +257,7 @@ async fn extractor_progress(
 /// The logical slot's progress and lag.
 async fn logical_progress(
     s: &mut String,
+    problems: &mut Vec<String>,
     cfg: &LoaderConfig,
     p: &Progress,
     source: Option<&Client>,
@@ -207,6 +281,14 @@ async fn logical_progress(
         Some(src) => match slot::lag(src, &cfg.slot_name).await {
             Ok(Some(lag)) => {
                 let _ = writeln!(s, "  slot retained WAL  {} bytes", lag.retained_wal_bytes);
+                if lag.retained_wal_bytes > cfg.max_slot_wal_bytes {
+                    problems.push(format!(
+                        "slot {} retains {} MiB of WAL (CDC_MAX_SLOT_WAL_MB {})",
+                        cfg.slot_name,
+                        lag.retained_wal_bytes >> 20,
+                        cfg.max_slot_wal_bytes >> 20
+                    ));
+                }
                 let _ = writeln!(
                     s,
                     "  capture lag        {} bytes of WAL not yet confirmed",
@@ -215,6 +297,12 @@ async fn logical_progress(
             }
             Ok(None) => {
                 let _ = writeln!(s, "  slot               missing on the source");
+                if p.logical.as_ref().is_some_and(|l| l.snapshot_done) {
+                    problems.push(format!(
+                        "slot {} is missing on the source, so changes may be lost",
+                        cfg.slot_name
+                    ));
+                }
             }
             Err(e) => {
                 let _ = writeln!(s, "  slot               unreadable: {e}");
@@ -304,7 +392,7 @@ fn secs(d: chrono::Duration) -> f64 {
 }
 
 /// `status` as the binary runs it: the warehouse part is left out if it is unreachable.
-pub async fn run(cfg: &LoaderConfig, shutdown: &crate::shutdown::Shutdown) -> Result<String> {
+pub async fn run(cfg: &LoaderConfig, shutdown: &crate::shutdown::Shutdown) -> Result<Report> {
     let quick = |db: &DbSettings| {
         let mut d = db.clone();
         d.connect_retry = std::time::Duration::from_secs(2);

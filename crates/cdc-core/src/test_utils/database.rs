@@ -148,6 +148,9 @@ impl TestDb {
         let _ = std::fs::remove_dir_all(&dir);
         // The change-log directory exists before any program starts, as the project's
         // `data/cdc_logs` does (the loader refuses a missing one).
+        // (The parents first, with the usual mode: tests that start clusters of their own put
+        // them under target/test-runs, where the `postgres` user must pass.)
+        std::fs::create_dir_all(&dir).expect("test directory");
         crate::changelog::create_private_dir(&dir.join("cdc_logs")).expect("test directory");
         TestDb {
             name,
@@ -230,6 +233,8 @@ impl TestDb {
             max_events_in_memory: crate::scd2::apply::CHUNK_EVENTS,
             slot_name: self.name.clone(),
             metrics_addr: None,
+            max_lag: Duration::from_secs(300),
+            max_slot_wal_bytes: 1 << 30,
         }
     }
 
