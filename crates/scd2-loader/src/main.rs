@@ -31,6 +31,10 @@ enum Command {
         /// Check only this table (schema.table) of the configured ones
         #[arg(long)]
         table: Option<String>,
+        /// On a running pipeline, how long each of up to 5 rounds waits for it to catch up
+        /// with the source before a difference from the source counts as a divergence
+        #[arg(long, default_value = "30")]
+        settle_seconds: u64,
     },
     /// Show what has been captured and applied, what is pending, and the lag
     Status,
@@ -65,10 +69,16 @@ fn main() {
             Command::Verify {
                 no_source,
                 ref table,
+                settle_seconds,
             } => {
-                let reports =
-                    cdc_core::scd2::verify::run(&cfg, !no_source, table.as_deref(), &shutdown)
-                        .await?;
+                let reports = cdc_core::scd2::verify::run(
+                    &cfg,
+                    !no_source,
+                    table.as_deref(),
+                    std::time::Duration::from_secs(settle_seconds),
+                    &shutdown,
+                )
+                .await?;
                 for (history, report) in &reports {
                     print!("{}", report.render(history));
                     violated |= !report.ok();

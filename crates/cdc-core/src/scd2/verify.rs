@@ -57,8 +57,8 @@ impl Report {
         if !self.ok() && source_only {
             let _ = writeln!(
                 s,
-                "note: current rows equal the source only once the pipeline has caught up; while the source \
-                 keeps changing, stop the writers and run one extractor and loader pass, or use --no-source"
+                "note: these differences from the source persisted while the running pipeline caught up \
+                 (up to five rounds of --settle-seconds), or the extractor or loader was not running"
             );
         }
         let _ = writeln!(
@@ -108,6 +108,17 @@ pub async fn verify(
     warehouse: &Client,
     source: Option<&Client>,
     spec: &TableSpec,
+) -> Result<Report> {
+    verify_settled(warehouse, source, spec, None).await
+}
+
+/// `verify`, letting a running pipeline catch up (`settle`) before a difference from the
+/// source counts.
+pub async fn verify_settled(
+    warehouse: &Client,
+    source: Option<&Client>,
+    spec: &TableSpec,
+    settle: Option<&Settle<'_>>,
 ) -> Result<Report> {
     let h = spec.history_qualified();
     let k = spec.history_key_list("");
@@ -183,7 +194,7 @@ pub async fn verify(
     );
 
     if let Some(src) = source {
-        checks.push(compare_current_with_source(warehouse, src, spec).await?);
+        checks.push(compare_current_with_source(warehouse, src, spec, settle).await?);
     }
 
     Ok(Report {
@@ -204,36 +215,166 @@ fn key_exprs(cols: &str, n: usize) -> (String, String) {
     }
 }
 
+/// One key whose current row differs from the source row.
+struct Diff {
+    key: String,
+    what: String,
+}
+
+/// How `verify` lets a running pipeline catch up before it calls a difference a divergence.
+pub struct Settle<'a> {
+    pub cfg: &'a crate::config::loader::LoaderConfig,
+    pub specs: &'a [TableSpec],
+    /// How long to wait for the pipeline to reach the source's position, each round.
+    pub timeout: std::time::Duration,
+    pub shutdown: &'a crate::shutdown::Shutdown,
+}
+
+/// Rounds of re-checking the keys that differ, each after the pipeline has caught up with
+/// the source's position at the start of the round. A key that differs every time is a
+/// divergence; a key that traffic keeps changing would need to change inside every round.
+const SETTLE_ROUNDS: usize = 5;
+
 /// Invariant 3: the current rows equal the source rows, value for value (compared as the text
-/// of the typed row, in key order, streamed from both sides).
+/// of the typed row). On a running pipeline the history trails the source, so a difference is
+/// re-checked, key by key, after the pipeline has applied everything up to the moment of the
+/// re-check (up to `SETTLE_ROUNDS` times); only differences that persist are reported.
 async fn compare_current_with_source(
     warehouse: &Client,
     source: &Client,
     spec: &TableSpec,
+    settle: Option<&Settle<'_>>,
 ) -> Result<Check> {
+    let mut diffs = diff_current(warehouse, source, spec, None).await?;
+    let mut rounds = 0;
+    while let Some(settle) = settle.filter(|_| !diffs.is_empty() && rounds < SETTLE_ROUNDS) {
+        if !settle_once(source, settle).await? {
+            break;
+        }
+        rounds += 1;
+        let keys: Vec<String> = diffs.iter().map(|d| d.key.clone()).collect();
+        diffs = diff_current(warehouse, source, spec, Some(&keys)).await?;
+    }
+    Ok(Check {
+        name: "every current row equals the source row",
+        violations: diffs.len() as u64,
+        examples: diffs
+            .into_iter()
+            .take(EXAMPLES as usize)
+            .map(|d| d.what)
+            .collect(),
+    })
+}
+
+/// Waits until the running pipeline has applied every change the source had committed when
+/// this is called: the extractor's progress past the source's position then (the timestamp
+/// watermarks past its clock; the slot confirmed past its WAL position), and every file
+/// pending at that point applied. `false` when it cannot: a program is not running, or the
+/// pipeline did not get there within the timeout.
+async fn settle_once(source: &Client, settle: &Settle<'_>) -> Result<bool> {
+    use crate::ownership::running;
+    let cfg = settle.cfg;
+    if running(&cfg.log_dir, "extractor").is_none()
+        || running(&cfg.log_dir, "scd2-loader").is_none()
+    {
+        return Ok(false);
+    }
+    let deadline = std::time::Instant::now() + settle.timeout;
+    let logical = crate::catalog::logical_progress_name(settle.specs, &cfg.tables.pipeline_name);
+    let is_logical = crate::progress::Progress::peek(&cfg.state_dir, &logical)?
+        .is_some_and(|p| p.capture_mode == crate::event::CaptureMode::Logical);
+    let row = source
+        .query_one(
+            "SELECT clock_timestamp(), (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8",
+            &[],
+        )
+        .await
+        .map_err(ctx("reading the source's position"))?;
+    let (clock, lsn): (chrono::DateTime<chrono::Utc>, i64) = (row.get(0), row.get(1));
+    let tick = std::time::Duration::from_millis(100);
+    // 1. The extractor has captured past that position.
+    loop {
+        let reached = if is_logical {
+            source
+                .query_opt(
+                    "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::int8 >= $2
+                     FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&cfg.slot_name, &lsn],
+                )
+                .await
+                .map_err(ctx("reading the slot's position"))?
+                .is_some_and(|r| r.get::<_, bool>(0))
+        } else {
+            let mut all = true;
+            for spec in settle.specs {
+                let w = crate::progress::Progress::peek(&cfg.state_dir, &spec.qualified())?
+                    .and_then(|p| p.watermark);
+                all &= w.is_some_and(|w| w.ts_us >= clock.timestamp_micros());
+            }
+            all
+        };
+        if reached {
+            break;
+        }
+        if std::time::Instant::now() > deadline || settle.shutdown.sleep(tick).await {
+            return Ok(false);
+        }
+    }
+    // 2. The loader has applied every file pending then.
+    let pending = crate::changelog::pending_files(&cfg.log_dir)?;
+    while pending.iter().any(|f| f.exists()) {
+        if std::time::Instant::now() > deadline || settle.shutdown.sleep(tick).await {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// The keys whose current row differs from the source row (all keys, or only `keys`),
+/// streamed from both sides in key order.
+async fn diff_current(
+    warehouse: &Client,
+    source: &Client,
+    spec: &TableSpec,
+    keys: Option<&[String]>,
+) -> Result<Vec<Diff>> {
     let src_cols: Vec<String> = spec.columns.iter().map(|c| c.name.clone()).collect();
     let src_table = format!("{} s", spec.qualified());
     let src_key = key_exprs(&spec.key_list("s"), spec.key.len()).0;
+    let wh_key = key_exprs(&spec.history_key_list(""), spec.key.len()).0;
+    let only = |key: &str| {
+        if keys.is_some() {
+            format!("AND {key} = ANY($1)")
+        } else {
+            String::new()
+        }
+    };
     let src_sql = format!(
-        "SELECT {key}, ROW({cols})::text FROM {t} ORDER BY {key} COLLATE \"C\"",
+        "SELECT {key}, ROW({cols})::text FROM {t} WHERE true {only} ORDER BY {key} COLLATE \"C\"",
         key = src_key,
         cols = src_cols.join(", "),
-        t = src_table
+        t = src_table,
+        only = only(&src_key),
     );
-    let wh_key = key_exprs(&spec.history_key_list(""), spec.key.len()).0;
     let wh_sql = format!(
-        "SELECT {key}, ROW({cols})::text FROM {h} WHERE is_current ORDER BY {key} COLLATE \"C\"",
+        "SELECT {key}, ROW({cols})::text FROM {h} WHERE is_current {only} ORDER BY {key} COLLATE \"C\"",
         key = wh_key,
         cols = spec.history_column_list(),
-        h = spec.history_qualified()
+        h = spec.history_qualified(),
+        only = only(&wh_key),
     );
-    let none: [&str; 0] = [];
+    let list: Vec<String> = keys.map(<[String]>::to_vec).unwrap_or_default();
+    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = if keys.is_some() {
+        vec![&list]
+    } else {
+        Vec::new()
+    };
     let src = source
-        .query_raw(src_sql.as_str(), none)
+        .query_raw(src_sql.as_str(), params.iter().copied())
         .await
         .map_err(ctx("reading source rows"))?;
     let wh = warehouse
-        .query_raw(wh_sql.as_str(), none)
+        .query_raw(wh_sql.as_str(), params.iter().copied())
         .await
         .map_err(ctx("reading current history rows"))?;
     pin_mut!(src);
@@ -243,35 +384,29 @@ async fn compare_current_with_source(
         .try_next()
         .await
         .map_err(ctx("reading current history rows"))?;
-    let mut violations = 0u64;
-    let mut examples = Vec::new();
-    let mut note = |msg: String, examples: &mut Vec<String>| {
-        violations += 1;
-        if examples.len() < EXAMPLES as usize {
-            examples.push(msg);
-        }
+    let mut diffs = Vec::new();
+    // Past this many, stop collecting (the report shows a few; the count is a lower bound).
+    const MAX_DIFFS: usize = 100_000;
+    let only_source = |k: String| Diff {
+        what: format!("key {k} is in the source but has no current row"),
+        key: k,
+    };
+    let only_history = |k: String| Diff {
+        what: format!("key {k} has a current row but is not in the source"),
+        key: k,
     };
     loop {
+        if diffs.len() >= MAX_DIFFS {
+            break;
+        }
         match (&a, &b) {
             (None, None) => break,
             (Some(s), None) => {
-                note(
-                    format!(
-                        "key {} is in the source but has no current row",
-                        s.get::<_, String>(0)
-                    ),
-                    &mut examples,
-                );
+                diffs.push(only_source(s.get(0)));
                 a = src.try_next().await.map_err(ctx("reading source rows"))?;
             }
             (None, Some(w)) => {
-                note(
-                    format!(
-                        "key {} has a current row but is not in the source",
-                        w.get::<_, String>(0)
-                    ),
-                    &mut examples,
-                );
+                diffs.push(only_history(w.get(0)));
                 b = wh
                     .try_next()
                     .await
@@ -281,17 +416,11 @@ async fn compare_current_with_source(
                 let (sk, wk): (String, String) = (s.get(0), w.get(0));
                 match sk.as_bytes().cmp(wk.as_bytes()) {
                     std::cmp::Ordering::Less => {
-                        note(
-                            format!("key {sk} is in the source but has no current row"),
-                            &mut examples,
-                        );
+                        diffs.push(only_source(sk));
                         a = src.try_next().await.map_err(ctx("reading source rows"))?;
                     }
                     std::cmp::Ordering::Greater => {
-                        note(
-                            format!("key {wk} has a current row but is not in the source"),
-                            &mut examples,
-                        );
+                        diffs.push(only_history(wk));
                         b = wh
                             .try_next()
                             .await
@@ -300,10 +429,10 @@ async fn compare_current_with_source(
                     std::cmp::Ordering::Equal => {
                         let (sv, wv): (String, String) = (s.get(1), w.get(1));
                         if sv != wv {
-                            note(
-                                format!("key {sk}: source {sv} but current row {wv}"),
-                                &mut examples,
-                            );
+                            diffs.push(Diff {
+                                what: format!("key {sk}: source {sv} but current row {wv}"),
+                                key: sk,
+                            });
                         }
                         a = src.try_next().await.map_err(ctx("reading source rows"))?;
                         b = wh
@@ -315,11 +444,7 @@ async fn compare_current_with_source(
             }
         }
     }
-    Ok(Check {
-        name: "every current row equals the source row",
-        violations,
-        examples,
-    })
+    Ok(diffs)
 }
 
 /// `verify` as the binary runs it: connects, checks, returns the report.
@@ -327,11 +452,13 @@ pub async fn run(
     cfg: &crate::config::loader::LoaderConfig,
     with_source: bool,
     only: Option<&str>,
+    settle_timeout: std::time::Duration,
     shutdown: &crate::shutdown::Shutdown,
 ) -> Result<Vec<(String, Report)>> {
     let warehouse = crate::db::connect(&cfg.warehouse, shutdown).await?;
     let source = crate::db::connect(&cfg.source, shutdown).await?;
-    let mut specs = cfg.tables.describe(&source).await?;
+    let all = cfg.tables.describe(&source).await?;
+    let mut specs = all.clone();
     if let Some(t) = only {
         specs.retain(|s| s.qualified() == t);
         if specs.is_empty() {
@@ -342,8 +469,20 @@ pub async fn run(
         }
     }
     let mut reports = Vec::with_capacity(specs.len());
+    let settle = Settle {
+        cfg,
+        specs: &all,
+        timeout: settle_timeout,
+        shutdown,
+    };
     for spec in &specs {
-        let report = verify(&warehouse, with_source.then_some(&source), spec).await?;
+        let report = verify_settled(
+            &warehouse,
+            with_source.then_some(&source),
+            spec,
+            Some(&settle),
+        )
+        .await?;
         reports.push((spec.history_qualified(), report));
     }
     Ok(reports)
