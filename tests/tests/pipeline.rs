@@ -390,3 +390,79 @@ async fn timestamp_verify_under_traffic_is_exact_every_time() {
 async fn logical_verify_under_traffic_is_exact_every_time() {
     verify_under_traffic("logical").await;
 }
+
+/// The looping loader compresses archived change logs (zstd), a compressed archive put back
+/// is known as applied, and `CDC_PROCESSED_RETENTION_DAYS` prunes old archives.
+#[tokio::test]
+async fn archived_change_logs_are_compressed_readable_and_pruned() {
+    use std::io::Read;
+    let db = TestDb::new("e2e_archive").await;
+    let mut e = cmd(&db, "extractor");
+    e.arg("--once");
+    assert!(run(e).status.success());
+    let pending: Vec<_> = std::fs::read_dir(db.log_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    assert_eq!(pending.len(), 1);
+    let original = std::fs::read_to_string(&pending[0]).unwrap();
+    let name = pending[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let processed = db.log_dir().join("processed");
+    // An archive older than the retention, and one just made.
+    std::fs::create_dir_all(&processed).unwrap();
+    let old = processed.join("orders_20000101T000000.000000Z_0000000001.jsonl");
+    std::fs::write(&old, "").unwrap();
+    let touched = std::process::Command::new("touch")
+        .args(["-d", "3 days ago"])
+        .arg(&old)
+        .status()
+        .unwrap();
+    assert!(touched.success());
+
+    let spawn = || {
+        let mut l = cmd(&db, "scd2-loader");
+        l.env("LOADER_POLL_INTERVAL_SECONDS", "0.1")
+            .env("CDC_PROCESSED_RETENTION_DAYS", "1")
+            .stderr(std::process::Stdio::null());
+        l.spawn().unwrap()
+    };
+    let mut loader = spawn();
+    let zst = processed.join(format!("{name}.zst"));
+    wait_for("the archive to be compressed and pruned", || {
+        zst.exists() && !processed.join(&name).exists() && !old.exists()
+    });
+    let mut text = String::new();
+    cdc_core::changelog::open_reader(&zst)
+        .unwrap()
+        .read_to_string(&mut text)
+        .unwrap();
+    assert_eq!(
+        text, original,
+        "the compressed archive holds the file as written"
+    );
+
+    // Put back, it is known as applied: archived again, nothing added.
+    let wh = db.warehouse_client().await;
+    let count = || async {
+        wh.query_one("SELECT count(*) FROM dim_orders_history", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let before = count().await;
+    std::fs::copy(&zst, db.log_dir().join(format!("{name}.zst"))).unwrap();
+    wait_for("the put-back archive to be archived again", || {
+        !db.log_dir().join(format!("{name}.zst")).exists()
+    });
+    assert_eq!(count().await, before);
+    assert!(std::fs::read_dir(db.log_dir().join("dead_letter")).is_err());
+    loader.kill().unwrap();
+    loader.wait().unwrap();
+    db.cleanup().await;
+}

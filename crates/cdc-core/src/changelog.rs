@@ -231,8 +231,34 @@ pub fn clean_leftovers(dir: &Path) -> Result<usize> {
     Ok(removed)
 }
 
-/// The change-log files waiting in `dir`, in capture (lexical) order: every `*.jsonl` regular
-/// file whose name does not start with a dot.
+/// Whether `name` is a change-log file's: `*.jsonl`, or `*.jsonl.zst` (an archived file put
+/// back), not a dot-file.
+fn is_change_log(name: &str) -> bool {
+    !name.starts_with('.') && (name.ends_with(".jsonl") || name.ends_with(".jsonl.zst"))
+}
+
+/// The name a file is applied and recorded under (`cdc_applied_batches`): its own, without
+/// the `.zst` of a compressed archive, so that an archived file put back is known.
+pub fn batch_name(p: &Path) -> String {
+    let name = file_name(p);
+    match name.strip_suffix(".zst") {
+        Some(plain) => plain.to_owned(),
+        None => name,
+    }
+}
+
+/// Opens a change-log file for reading, decompressing a `.zst` one.
+pub fn open_reader(p: &Path) -> std::io::Result<Box<dyn std::io::Read + Send>> {
+    let f = File::open(p)?;
+    if file_name(p).ends_with(".zst") {
+        Ok(Box::new(zstd::stream::read::Decoder::new(f)?))
+    } else {
+        Ok(Box::new(f))
+    }
+}
+
+/// The change-log files waiting in `dir`, in capture (lexical) order: every `*.jsonl` (or
+/// `*.jsonl.zst`) regular file whose name does not start with a dot.
 pub fn pending_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
@@ -243,12 +269,9 @@ pub fn pending_files(dir: &Path) -> Result<Vec<PathBuf>> {
         .flatten()
         .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
         .map(|e| e.path())
-        .filter(|p| {
-            let name = file_name(p);
-            !name.starts_with('.') && name.ends_with(".jsonl")
-        })
+        .filter(|p| is_change_log(&file_name(p)))
         .collect();
-    files.sort();
+    files.sort_by_key(|p| batch_name(p));
     Ok(files)
 }
 
@@ -264,7 +287,7 @@ pub fn strays(dir: &Path) -> Result<Vec<(PathBuf, &'static str)>> {
     let mut out = Vec::new();
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') || !name.ends_with(".jsonl") {
+        if !is_change_log(&name) {
             continue;
         }
         let what = match e.file_type() {
@@ -313,6 +336,75 @@ pub fn quarantine(file: &Path, reason: &Error) -> Result<PathBuf> {
     let sidecar_path = target.with_file_name(format!("{}.reason.json", file_name(&target)));
     write_atomic(&sidecar_path, format!("{sidecar:#}\n").as_bytes())?;
     Ok(target)
+}
+
+/// Upkeep of `processed/`: compresses archived files (`<name>.jsonl` becomes
+/// `<name>.jsonl.zst`, written like every file here: temporary, fsynced, renamed, the
+/// original removed last) and, with `retention`, removes archived files older than that.
+/// Returns (files compressed, files removed).
+pub fn maintain_archive(
+    log_dir: &Path,
+    retention: Option<std::time::Duration>,
+) -> Result<(usize, usize)> {
+    let dir = log_dir.join(PROCESSED_DIR);
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, 0)),
+        Err(e) => return Err(Error::io("listing the archive", &dir, e)),
+    };
+    let (mut compressed, mut removed) = (0, 0);
+    let now = std::time::SystemTime::now();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = file_name(&path);
+        if !is_change_log(&name) {
+            continue;
+        }
+        if let Some(keep) = retention {
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| now.duration_since(t).ok())
+                .is_some_and(|age| age > keep);
+            if old {
+                fs::remove_file(&path).map_err(|e| Error::io("pruning the archive", &path, e))?;
+                removed += 1;
+                continue;
+            }
+        }
+        if name.ends_with(".jsonl") {
+            compress(&path)?;
+            compressed += 1;
+        }
+    }
+    if compressed + removed > 0 {
+        sync_dir(&dir)?;
+    }
+    Ok((compressed, removed))
+}
+
+/// `<name>.jsonl` to `<name>.jsonl.zst` (zstd level 3), durably, then the original removed.
+fn compress(path: &Path) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let target = dir.join(format!("{}.zst", file_name(path)));
+    if !target.exists() {
+        let temp = dir.join(format!("{TEMP_PREFIX}{}.zst", file_name(path)));
+        let mut input =
+            File::open(path).map_err(|e| Error::io("opening an archived file", path, e))?;
+        let out = create_private(&temp).map_err(|e| Error::io("creating file", &temp, e))?;
+        let mut enc = zstd::stream::write::Encoder::new(out, 3)
+            .map_err(|e| Error::io("compressing", &temp, e))?;
+        std::io::copy(&mut input, &mut enc).map_err(|e| Error::io("compressing", &temp, e))?;
+        let out = enc
+            .finish()
+            .map_err(|e| Error::io("compressing", &temp, e))?;
+        out.sync_all()
+            .map_err(|e| Error::io("fsyncing file", &temp, e))?;
+        fs::rename(&temp, &target).map_err(|e| Error::io("renaming file", &target, e))?;
+        sync_dir(dir)?;
+    }
+    fs::remove_file(path).map_err(|e| Error::io("removing the compressed original", path, e))
 }
 
 fn move_into(file: &Path, sub: &str) -> Result<PathBuf> {

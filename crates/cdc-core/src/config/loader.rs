@@ -58,6 +58,13 @@ pub struct LoaderArgs {
     /// [default: <CDC_PIPELINE_NAME>_slot]
     #[arg(long = "slot-name", env = "CDC_SLOT_NAME")]
     pub slot_name: Option<String>,
+    /// Days archived change-log files (processed/) are kept; 0 keeps them forever
+    #[arg(
+        long = "processed-retention-days",
+        env = "CDC_PROCESSED_RETENTION_DAYS",
+        default_value = "0"
+    )]
+    pub processed_retention_days: f64,
     /// `status`: capture or apply lag beyond this many seconds is unhealthy
     #[arg(
         long = "max-lag-seconds",
@@ -95,6 +102,8 @@ pub struct LoaderConfig {
     pub slot_name: String,
     /// Where the apply loop serves its endpoints (`None`: off); not with `--once`.
     pub metrics_addr: Option<SocketAddr>,
+    /// How long archived files are kept (`None`: forever).
+    pub processed_retention: Option<Duration>,
     /// `status`: lag beyond this is unhealthy.
     pub max_lag: Duration,
     /// `status`: a slot retaining more WAL than this is unhealthy.
@@ -132,6 +141,7 @@ impl LoaderArgs {
             slot_name: slot_name("CDC_SLOT_NAME", &self.slot_name, &tables, "slot")?,
             metrics_addr: listen_addr("LOADER_METRICS_ADDR", &self.metrics_addr)?,
             max_lag: positive_secs("CDC_MAX_LAG_SECONDS", self.max_lag_seconds, false)?,
+            processed_retention: retention_days(self.processed_retention_days)?,
             max_slot_wal_bytes: i64::try_from(self.max_slot_wal_mb)
                 .ok()
                 .and_then(|mb| mb.checked_mul(1 << 20))
@@ -142,4 +152,15 @@ impl LoaderArgs {
             tables,
         })
     }
+}
+
+/// `CDC_PROCESSED_RETENTION_DAYS`: 0 keeps the archive forever.
+fn retention_days(days: f64) -> Result<Option<Duration>> {
+    if !(days.is_finite() && (0.0..=36_500.0).contains(&days)) {
+        return Err(Error::config(
+            "CDC_PROCESSED_RETENTION_DAYS",
+            format!("'{days}' must be a number of days from 0 (keep forever) to 36500"),
+        ));
+    }
+    Ok((days > 0.0).then(|| Duration::from_secs_f64(days * 86_400.0)))
 }

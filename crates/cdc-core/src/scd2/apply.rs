@@ -12,7 +12,7 @@ use super::plan::{self, Ev};
 use super::read::{read_chunks, Read};
 use super::row_hash::RowHasher;
 use super::store::{AppliedBatch, Close, HistoryStore, NewVersion};
-use crate::changelog::file_name;
+use crate::changelog::batch_name;
 use crate::error::{Error, Result};
 use crate::event::Op;
 use crate::metrics::ChangeAges;
@@ -110,7 +110,7 @@ pub async fn apply_files(
     let mut facts: Vec<AppliedBatch> = files
         .iter()
         .map(|p| AppliedBatch {
-            name: file_name(p),
+            name: batch_name(p),
             ..Default::default()
         })
         .collect();

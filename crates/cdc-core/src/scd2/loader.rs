@@ -5,7 +5,7 @@
 use super::apply::{apply_files, ApplyStats, Applying};
 use super::store::{HistorySql, PgHistory};
 use crate::catalog::stream_name;
-use crate::changelog::{self, file_name};
+use crate::changelog::{self, batch_name, file_name};
 use crate::config::loader::LoaderConfig;
 use crate::db::{self, ctx, Backoff, DbRole};
 use crate::error::{error_chain, Error, Result};
@@ -238,9 +238,13 @@ pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<L
     );
     let mut totals = LoaderTotals::default();
     let mut backoff = Backoff::default();
+    let mut upkeep = ArchiveUpkeep::default();
     loop {
         if shutdown.is_triggered() {
             break;
+        }
+        if !once {
+            upkeep.poll(cfg);
         }
         let listed = match quarantine_strays(cfg, &run_id, &applier, &mut totals).await {
             Ok(()) => changelog::pending_files(&cfg.log_dir),
@@ -315,6 +319,7 @@ pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<L
             Err(e) => return Err(e),
         }
     }
+    upkeep.finish().await;
     tracing::info!(
         files = totals.applied.files,
         events = totals.applied.events,
@@ -323,6 +328,50 @@ pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<L
         "loader stopped"
     );
     Ok(totals)
+}
+
+/// The looping loader's upkeep of `processed/` (compression, retention), on a thread of its
+/// own so that it never delays applying: started when the last run has ended, at most once
+/// a second, and at once after files were archived. `--once` leaves the archive as it is.
+#[derive(Default)]
+struct ArchiveUpkeep {
+    running: Option<tokio::task::JoinHandle<Result<(usize, usize)>>>,
+    last: Option<Instant>,
+}
+
+impl ArchiveUpkeep {
+    fn poll(&mut self, cfg: &LoaderConfig) {
+        if let Some(h) = self.running.take_if(|h| h.is_finished()) {
+            Self::report(futures_util::FutureExt::now_or_never(h));
+        }
+        if self.running.is_some() || self.last.is_some_and(|t| t.elapsed().as_secs() < 1) {
+            return;
+        }
+        self.last = Some(Instant::now());
+        let (dir, keep) = (cfg.log_dir.clone(), cfg.processed_retention);
+        self.running = Some(tokio::task::spawn_blocking(move || {
+            changelog::maintain_archive(&dir, keep)
+        }));
+    }
+
+    fn report(done: Option<std::result::Result<Result<(usize, usize)>, tokio::task::JoinError>>) {
+        match done {
+            Some(Ok(Ok((compressed, removed)))) if compressed + removed > 0 => {
+                tracing::debug!(compressed, removed, "archive upkeep")
+            }
+            Some(Ok(Err(e))) => {
+                tracing::warn!(error = %error_chain(&e), "archive upkeep failed; retrying later")
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "archive upkeep stopped"),
+            _ => {}
+        }
+    }
+
+    async fn finish(self) {
+        if let Some(h) = self.running {
+            Self::report(Some(h.await));
+        }
+    }
 }
 
 /// A looping loader waits out outages (recorded in `w`); `--once` keeps its bounded retry.
@@ -342,11 +391,11 @@ async fn apply_pending(
     run_id: &str,
     totals: &mut LoaderTotals,
 ) -> Result<()> {
-    let names: Vec<String> = pending.iter().map(|p| file_name(p)).collect();
+    let names: Vec<String> = pending.iter().map(|p| batch_name(p)).collect();
     let done = applier.already_applied(&names).await?;
     let mut todo = Vec::with_capacity(pending.len());
     for p in pending {
-        if done.contains(&file_name(p)) {
+        if done.contains(&batch_name(p)) {
             tracing::info!(file = %file_name(p), "already applied; archiving");
             metrics::already_applied();
             changelog::archive(p)?;

@@ -51,7 +51,7 @@ pub fn read_chunks(
     'files: for (fi, path) in files.iter().enumerate() {
         let (mut events, mut first, mut last) = (0, None, None);
         let mut tables = BTreeSet::new();
-        let reader = match std::fs::File::open(path) {
+        let reader = match crate::changelog::open_reader(path) {
             Ok(f) => std::io::BufReader::with_capacity(1 << 20, f),
             // The file's fault, not the loader's: quarantined with the reason.
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {

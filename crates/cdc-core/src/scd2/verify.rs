@@ -57,8 +57,8 @@ impl Report {
         if !self.ok() && source_only {
             let _ = writeln!(
                 s,
-                "note: these differences from the source persisted while the running pipeline caught up \
-                 (up to five rounds of --settle-seconds), or the extractor or loader was not running"
+                "note: these differences from the source persisted while the running pipeline caught up with \
+                 an unchanged source row (rounds of at most --settle-seconds), or the extractor or loader was not running"
             );
         }
         let _ = writeln!(
@@ -218,6 +218,8 @@ fn key_exprs(cols: &str, n: usize) -> (String, String) {
 /// One key whose current row differs from the source row.
 struct Diff {
     key: String,
+    /// The source row's text (`None`: not in the source).
+    source: Option<String>,
     what: String,
 }
 
@@ -230,10 +232,13 @@ pub struct Settle<'a> {
     pub shutdown: &'a crate::shutdown::Shutdown,
 }
 
-/// Rounds of re-checking the keys that differ, each after the pipeline has caught up with
-/// the source's position at the start of the round. A key that differs every time is a
-/// divergence; a key that traffic keeps changing would need to change inside every round.
-const SETTLE_ROUNDS: usize = 5;
+/// Most rounds of re-checking the keys that differ, each after the pipeline has caught up
+/// with the source's position at the start of the round.
+const SETTLE_ROUNDS: usize = 20;
+
+/// A key is a divergence once it differed from an unchanged source row this many rounds in a
+/// row (a key that traffic keeps changing is not judged until it holds still).
+const STABLE_ROUNDS: u32 = 2;
 
 /// Invariant 3: the current rows equal the source rows, value for value (compared as the text
 /// of the typed row). On a running pipeline the history trails the source, so a difference is
@@ -247,13 +252,44 @@ async fn compare_current_with_source(
 ) -> Result<Check> {
     let mut diffs = diff_current(warehouse, source, spec, None).await?;
     let mut rounds = 0;
-    while let Some(settle) = settle.filter(|_| !diffs.is_empty() && rounds < SETTLE_ROUNDS) {
+    // Per key: its source row in the last round, and for how many rounds in a row it differed
+    // from an unchanged source row.
+    let mut last: std::collections::HashMap<String, (Option<String>, u32)> = diffs
+        .iter()
+        .map(|d| (d.key.clone(), (d.source.clone(), 0)))
+        .collect();
+    let judged =
+        |diffs: &[Diff], last: &std::collections::HashMap<String, (Option<String>, u32)>| {
+            diffs
+                .iter()
+                .all(|d| last.get(&d.key).is_some_and(|(_, n)| *n >= STABLE_ROUNDS))
+        };
+    while let Some(settle) =
+        settle.filter(|_| !diffs.is_empty() && rounds < SETTLE_ROUNDS && !judged(&diffs, &last))
+    {
+        tracing::info!(
+            table = %spec.qualified(),
+            differences = diffs.len(),
+            first = %diffs[0].what,
+            round = rounds + 1,
+            "differences from the source; letting the running pipeline catch up"
+        );
         if !settle_once(source, settle).await? {
             break;
         }
         rounds += 1;
         let keys: Vec<String> = diffs.iter().map(|d| d.key.clone()).collect();
         diffs = diff_current(warehouse, source, spec, Some(&keys)).await?;
+        last = diffs
+            .iter()
+            .map(|d| {
+                let held = match last.get(&d.key) {
+                    Some((prev, n)) if *prev == d.source => n + 1,
+                    _ => 0,
+                };
+                (d.key.clone(), (d.source.clone(), held))
+            })
+            .collect();
     }
     Ok(Check {
         name: "every current row equals the source row",
@@ -277,15 +313,18 @@ async fn settle_once(source: &Client, settle: &Settle<'_>) -> Result<bool> {
     if running(&cfg.log_dir, "extractor").is_none()
         || running(&cfg.log_dir, "scd2-loader").is_none()
     {
+        tracing::info!("the extractor or the loader is not running: nothing to wait for");
         return Ok(false);
     }
     let deadline = std::time::Instant::now() + settle.timeout;
     let logical = crate::catalog::logical_progress_name(settle.specs, &cfg.tables.pipeline_name);
     let is_logical = crate::progress::Progress::peek(&cfg.state_dir, &logical)?
         .is_some_and(|p| p.capture_mode == crate::event::CaptureMode::Logical);
+    // The insert position: with asynchronous commit, a committed transaction's end can be
+    // past the write position (pg_current_wal_lsn) for a moment.
     let row = source
         .query_one(
-            "SELECT clock_timestamp(), (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8",
+            "SELECT clock_timestamp(), (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8",
             &[],
         )
         .await
@@ -317,6 +356,7 @@ async fn settle_once(source: &Client, settle: &Settle<'_>) -> Result<bool> {
             break;
         }
         if std::time::Instant::now() > deadline || settle.shutdown.sleep(tick).await {
+            tracing::info!("the extractor did not reach the source's position in time");
             return Ok(false);
         }
     }
@@ -324,9 +364,15 @@ async fn settle_once(source: &Client, settle: &Settle<'_>) -> Result<bool> {
     let pending = crate::changelog::pending_files(&cfg.log_dir)?;
     while pending.iter().any(|f| f.exists()) {
         if std::time::Instant::now() > deadline || settle.shutdown.sleep(tick).await {
+            tracing::info!("the loader did not apply the pending files in time");
             return Ok(false);
         }
     }
+    tracing::info!(
+        logical = is_logical,
+        files = pending.len(),
+        "the pipeline caught up with the source's position"
+    );
     Ok(true)
 }
 
@@ -387,13 +433,15 @@ async fn diff_current(
     let mut diffs = Vec::new();
     // Past this many, stop collecting (the report shows a few; the count is a lower bound).
     const MAX_DIFFS: usize = 100_000;
-    let only_source = |k: String| Diff {
+    let only_source = |k: String, v: String| Diff {
         what: format!("key {k} is in the source but has no current row"),
         key: k,
+        source: Some(v),
     };
     let only_history = |k: String| Diff {
         what: format!("key {k} has a current row but is not in the source"),
         key: k,
+        source: None,
     };
     loop {
         if diffs.len() >= MAX_DIFFS {
@@ -402,7 +450,7 @@ async fn diff_current(
         match (&a, &b) {
             (None, None) => break,
             (Some(s), None) => {
-                diffs.push(only_source(s.get(0)));
+                diffs.push(only_source(s.get(0), s.get(1)));
                 a = src.try_next().await.map_err(ctx("reading source rows"))?;
             }
             (None, Some(w)) => {
@@ -416,7 +464,7 @@ async fn diff_current(
                 let (sk, wk): (String, String) = (s.get(0), w.get(0));
                 match sk.as_bytes().cmp(wk.as_bytes()) {
                     std::cmp::Ordering::Less => {
-                        diffs.push(only_source(sk));
+                        diffs.push(only_source(sk, s.get(1)));
                         a = src.try_next().await.map_err(ctx("reading source rows"))?;
                     }
                     std::cmp::Ordering::Greater => {
@@ -432,6 +480,7 @@ async fn diff_current(
                             diffs.push(Diff {
                                 what: format!("key {sk}: source {sv} but current row {wv}"),
                                 key: sk,
+                                source: Some(sv),
                             });
                         }
                         a = src.try_next().await.map_err(ctx("reading source rows"))?;

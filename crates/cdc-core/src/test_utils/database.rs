@@ -234,6 +234,7 @@ impl TestDb {
             slot_name: self.name.clone(),
             metrics_addr: None,
             max_lag: Duration::from_secs(300),
+            processed_retention: None,
             max_slot_wal_bytes: 1 << 30,
         }
     }
