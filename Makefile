@@ -109,8 +109,8 @@ status: ## Databases, processes and lag (exit 0 when healthy)
 loader: ## Apply the pending change-log files now (scd2-loader --once, foreground)
 	$(RUN) loader
 
-logs: ## Follow the logs (tail -F; logs that do not exist yet are followed once they appear)
-	tail -n 50 -F $(LOG_DIR)/mutator.log $(LOG_DIR)/extractor.log $(LOG_DIR)/scd2-loader.log
+logs: ## Follow the logs, text and JSON (tail -F; logs that do not exist yet are followed once they appear)
+	tail -n 50 -F $(foreach p,mutator extractor scd2-loader,$(LOG_DIR)/$(p).log $(LOG_DIR)/$(p).json.log)
 
 validate: $(ENSURE_BINS) ## Check the SCD2 history invariants (scd2-loader verify)
 	$(BIN_DIR)/scd2-loader verify

@@ -41,7 +41,7 @@ MODE_FILE="$RUN_DIR/db.mode"
 # ---------------------------------------------------------------------------------------------
 OWN_SETTINGS=(DB_HOST DB_PORT DB_NAME DB_USER DB_PASSWORD WAREHOUSE_DB_HOST WAREHOUSE_DB_PORT
   WAREHOUSE_DB_NAME WAREHOUSE_DB_USER WAREHOUSE_DB_PASSWORD LOG_DIR CDC_BIN_DIR LOCAL_DB_DIR
-  DB_BACKEND START_TIMEOUT STOP_TIMEOUT EXTRACTOR_METRICS_ADDR LOADER_METRICS_ADDR)
+  DB_BACKEND START_TIMEOUT STOP_TIMEOUT EXTRACTOR_METRICS_ADDR LOADER_METRICS_ADDR LOG_FORMAT)
 
 # shellcheck source=scripts/dotenv.sh
 source "$(dirname "${BASH_SOURCE[0]}")/scripts/dotenv.sh"
@@ -59,6 +59,9 @@ WH_USER="${WAREHOUSE_DB_USER:-postgres}"
 WH_PASSWORD="${WAREHOUSE_DB_PASSWORD:-postgres}"
 LOG_DIR="${LOG_DIR:-logs}"
 [[ "$LOG_DIR" = /* ]] || LOG_DIR="$ROOT/$LOG_DIR"
+# Text and JSON logs go to files of their own (<binary>.log, <binary>.json.log): one file
+# never mixes the two.
+LOG_FMT="${LOG_FORMAT:-text}"
 LOCAL_DB_DIR="${LOCAL_DB_DIR:-.local/pg}"
 [[ "$LOCAL_DB_DIR" = /* ]] || LOCAL_DB_DIR="$ROOT/$LOCAL_DB_DIR"
 START_TIMEOUT="${START_TIMEOUT:-60}"
@@ -263,7 +266,10 @@ ensure_binaries() {
 # Processes
 # ---------------------------------------------------------------------------------------------
 pid_file() { echo "$RUN_DIR/$1.pid"; }
-log_file() { echo "$LOG_DIR/$1.log"; }
+log_file() {
+  if [[ "$LOG_FMT" == json ]]; then echo "$LOG_DIR/$1.json.log"; else echo "$LOG_DIR/$1.log"; fi
+}
+format_file() { echo "$RUN_DIR/$1.log-format"; }
 # A path as shown to the user: relative to the project root when inside it.
 show() { echo "${1#"$ROOT"/}"; }
 
@@ -351,6 +357,7 @@ launch() {
     nohup "$BIN_DIR/$name" >>"$log" 2>&1 </dev/null &
   fi
   echo $! > "$(pid_file "$name")"
+  echo "$LOG_FMT" > "$(format_file "$name")"
 }
 
 # SIGTERM, wait up to STOP_TIMEOUT seconds, then SIGKILL.
@@ -379,7 +386,7 @@ stop_process() {
     warn "$name (pid $pid) did not exit"
     return 1
   fi
-  rm -f "$(pid_file "$name")"
+  rm -f "$(pid_file "$name")" "$(format_file "$name")"
   say "$name stopped (pid $pid)"
 }
 
@@ -404,6 +411,12 @@ cmd_start() {
   local name pid started=() offsets=() pids=() i
   for name in "${PROCS[@]}"; do
     if pid="$(running_pid "$name")"; then
+      local had
+      had="$(cat "$(format_file "$name")" 2>/dev/null || echo text)"
+      if [[ "$had" != "$LOG_FMT" ]]; then
+        echo "pipeline: error: $name is running (pid $pid) with $had logs; stop it first (make stop) to start it with LOG_FORMAT=$LOG_FMT" >&2
+        return 1
+      fi
       say "$name already running (pid $pid); not starting a second copy"
       offsets+=("-1")
       pids+=("$pid")
@@ -573,7 +586,7 @@ Commands:
 
 Databases: docker compose when a Docker engine answers, otherwise two local PostgreSQL
 clusters (scripts/local-db.sh, under .local/pg). PID files: run/<binary>.pid.
-Logs: LOG_DIR/<binary>.log.
+Logs: LOG_DIR/<binary>.log (LOG_FORMAT=json: <binary>.json.log).
 
 Main settings (environment, or .env — see .env.example):
   DB_HOST/DB_PORT/DB_NAME/DB_USER/DB_PASSWORD      source database   (localhost:5434/operational_db)
