@@ -146,6 +146,12 @@ impl TestDb {
             .join("test-runs")
             .join(&name);
         let _ = std::fs::remove_dir_all(&dir);
+        // `target/test-runs` itself is not private: the outage tests' clusters beneath it are
+        // initialized by the `postgres` user, who must be able to enter it (created here with
+        // the process's umask before `create_private_dir` would create it owner-only).
+        if let Some(runs) = dir.parent() {
+            std::fs::create_dir_all(runs).expect("target/test-runs");
+        }
         // The change-log directory exists before any program starts, as the project's
         // `data/cdc_logs` does (the loader refuses a missing one).
         crate::changelog::create_private_dir(&dir.join("cdc_logs")).expect("test directory");
