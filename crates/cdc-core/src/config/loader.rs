@@ -58,7 +58,8 @@ pub struct LoaderArgs {
     /// [default: <CDC_PIPELINE_NAME>_slot]
     #[arg(long = "slot-name", env = "CDC_SLOT_NAME")]
     pub slot_name: Option<String>,
-    /// Where the apply loop serves /metrics, /healthz and /readyz: host:port, or off
+    /// Where the apply loop serves /metrics, /healthz, /readyz and the dashboard (/): host:port,
+    /// or off
     #[arg(
         long = "metrics-addr",
         env = "LOADER_METRICS_ADDR",
