@@ -41,13 +41,14 @@ BENCH_ARGS ?=
 
 .PHONY: help quick-start prereqs start stop status restart loader test test-db-stop test-rapid \
         validate logs clean clean-archive prod-start db-up db-down db-status db-reset build fmt lint mutate-burst \
+        check-monitoring monitoring-up monitoring-down \
         bench bench-quick bench-db-stop
 
 help: ## Show this list of targets
 	@echo "Usage: make <target>   (settings: .env / environment, see .env.example)"
 	@echo
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | \
-	  awk 'BEGIN {FS = ":.*## "} {printf "  %-13s %s\n", $$1, $$2}'
+	  awk 'BEGIN {FS = ":.*## "} {printf "  %-16s %s\n", $$1, $$2}'
 
 # ---- Run ------------------------------------------------------------------------------------
 
@@ -142,6 +143,12 @@ db-down: ## Stop the databases only
 db-status: ## Are the databases answering?
 	$(RUN) db-status
 
+monitoring-up: ## Prometheus (127.0.0.1:9090) and Grafana (127.0.0.1:3000) via docker compose --profile monitoring
+	docker compose --profile monitoring up -d prometheus grafana
+
+monitoring-down: ## Stop Prometheus and Grafana (their data stays in compose volumes)
+	docker compose --profile monitoring stop prometheus grafana
+
 db-reset: ## Destroy the local clusters (and the change logs and state that refer to them)
 	$(RUN) stop --keep-db
 	scripts/local-db.sh reset
@@ -167,6 +174,10 @@ test: ## Whole test suite against throw-away clusters on ports 55433/55434 (stop
 	cargo build --workspace --bins
 	status=0; $(TEST_ENV) cargo nextest run --workspace || status=$$?; \
 	  $(TEST_DB_ENV) scripts/local-db.sh stop >/dev/null || true; exit $$status
+
+check-monitoring: ## Parse and cross-check the monitoring profile (compose, Prometheus, Grafana; needs PyYAML)
+	@python3 -c 'import yaml' 2>/dev/null || { echo "check-monitoring needs PyYAML: python3 -m pip install PyYAML" >&2; exit 1; }
+	python3 scripts/check-monitoring.py
 
 test-db-stop: ## Stop the test clusters started by make test
 	$(TEST_DB_ENV) scripts/local-db.sh stop

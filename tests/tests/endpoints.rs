@@ -2,34 +2,9 @@
 //! `/readyz` tells whether the program can work, `/healthz` that it runs; a port in use stops
 //! start-up naming the setting.
 
-use crate::{cmd, run, text};
+use crate::{cmd, free_addr, get, run, start, stop, text, wait_until};
 use cdc_core::test_utils::TestDb;
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
-
-/// An address on the loopback that nothing listens on now.
-fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
-}
-
-/// `GET path` at `addr`: the status code and the body; `None` when nothing answers.
-fn get(addr: &str, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    s.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    let code = head.split(' ').nth(1)?.parse().ok()?;
-    Some((code, body.to_owned()))
-}
+use std::process::Stdio;
 
 fn metrics(addr: &str) -> String {
     match get(addr, "/metrics") {
@@ -50,42 +25,6 @@ fn sample(text: &str, series: &str) -> f64 {
 
 fn has_family(text: &str, name: &str, kind: &str) -> bool {
     text.lines().any(|l| l == format!("# TYPE {name} {kind}"))
-}
-
-/// Waits until `f` holds (for events, not for time: the bound only stops a hung test).
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// A program started by a test: killed when dropped, so a failing test leaves none behind.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(c: &mut std::process::Command) -> Running {
-    Running(c.spawn().unwrap())
-}
-
-/// SIGTERM, then the exit code.
-fn stop(mut p: Running) -> Option<i32> {
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &p.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    p.0.wait().unwrap().code()
 }
 
 #[tokio::test]

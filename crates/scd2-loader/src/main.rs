@@ -1,4 +1,5 @@
-//! `scd2-loader`: applies change-log files as SCD Type 2 history; `verify` and `status`.
+//! `scd2-loader`: applies change-log files as SCD Type 2 history (and serves the dashboard
+//! while it does); `verify` and `status`.
 
 use cdc_core::config::loader::LoaderArgs;
 use cdc_core::config::LogArgs;
@@ -58,7 +59,9 @@ fn main() {
                 cdc_core::scd2::loader::run(&cfg, true, shutdown).await?;
             }
             Command::Run => {
-                let routes = cdc_core::http::probes(cdc_core::metrics::Program::Loader);
+                // The endpoints and, beside them, the dashboard and its API.
+                let routes = cdc_core::http::probes(cdc_core::metrics::Program::Loader)
+                    .merge(cdc_core::dashboard::routes(&cfg)?);
                 let work = async {
                     cdc_core::scd2::loader::run(&cfg, false, shutdown).await?;
                     Ok(())

@@ -79,7 +79,8 @@ pub struct LoaderArgs {
         default_value = "1024"
     )]
     pub max_slot_wal_mb: u64,
-    /// Where the apply loop serves /metrics, /healthz and /readyz: host:port, or off
+    /// Where the apply loop serves /metrics, /healthz, /readyz and the dashboard (/): host:port,
+    /// or off
     #[arg(
         long = "metrics-addr",
         env = "LOADER_METRICS_ADDR",

@@ -147,9 +147,9 @@ impl TestDb {
             .join(&name);
         let _ = std::fs::remove_dir_all(&dir);
         // The change-log directory exists before any program starts, as the project's
-        // `data/cdc_logs` does (the loader refuses a missing one).
-        // (The parents first, with the usual mode: tests that start clusters of their own put
-        // them under target/test-runs, where the `postgres` user must pass.)
+        // `data/cdc_logs` does (the loader refuses a missing one). Its parents first, with the
+        // process's umask: `create_private_dir` would make `target/test-runs` owner-only, and
+        // clusters some tests start as the `postgres` user must be able to pass.
         std::fs::create_dir_all(&dir).expect("test directory");
         crate::changelog::create_private_dir(&dir.join("cdc_logs")).expect("test directory");
         TestDb {
