@@ -1,5 +1,6 @@
 -- What timestamp capture needs in the source, for any table: the change-time trigger
--- function, the tombstone table and the delete trigger function. `extractor setup` applies
+-- function, the tombstone table and the delete trigger function, the truncation table and
+-- the truncate trigger function. `extractor setup` applies
 -- this same file (it is embedded in the binary) before it installs the triggers; the demo's
 -- init scripts apply it first. Idempotent.
 
@@ -40,5 +41,28 @@ BEGIN
     INSERT INTO public.cdc_tombstones (table_schema, table_name, old_row, old_text)
     VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, to_jsonb(OLD), OLD::text);
     RETURN OLD;
+END;
+$$;
+
+-- TRUNCATE fires no row trigger: a statement-level trigger records each truncate of a
+-- captured table here, at the same clock the change-time column uses (taken once the
+-- TRUNCATE holds its lock, so after every change before it and before every change after
+-- it). The extractor reads it in the pass's snapshot, writes a truncate event and removes
+-- the record once the event is durable.
+CREATE TABLE IF NOT EXISTS public.cdc_truncations (
+    truncation_id BIGSERIAL   PRIMARY KEY,
+    table_schema  TEXT        NOT NULL,
+    table_name    TEXT        NOT NULL,
+    truncated_at  TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX IF NOT EXISTS idx_cdc_truncations_table
+    ON public.cdc_truncations (table_schema, table_name, truncated_at, truncation_id);
+
+CREATE OR REPLACE FUNCTION public.cdc_record_truncate() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO public.cdc_truncations (table_schema, table_name)
+    VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME);
+    RETURN NULL;
 END;
 $$;

@@ -40,6 +40,12 @@ CREATE TRIGGER trg_orders_key_change
     FOR EACH ROW WHEN (OLD.id IS DISTINCT FROM NEW.id)
     EXECUTE FUNCTION public.cdc_record_delete();
 
+-- A TRUNCATE is recorded once per statement (row triggers do not fire for it).
+DROP TRIGGER IF EXISTS trg_orders_truncate ON public.orders;
+CREATE TRIGGER trg_orders_truncate
+    AFTER TRUNCATE ON public.orders
+    FOR EACH STATEMENT EXECUTE FUNCTION public.cdc_record_truncate();
+
 -- Customers (a uuid key) and order lines (a composite key), captured beside orders. Deleting
 -- an order deletes its lines. Each has the same capture triggers as orders (what
 -- `extractor setup` installs on any table).
@@ -80,3 +86,7 @@ CREATE OR REPLACE TRIGGER trg_order_items_tombstone AFTER DELETE ON public.order
 CREATE OR REPLACE TRIGGER trg_order_items_key_change AFTER UPDATE OF order_id, line_no ON public.order_items
     FOR EACH ROW WHEN ((OLD.order_id, OLD.line_no) IS DISTINCT FROM (NEW.order_id, NEW.line_no))
     EXECUTE FUNCTION public.cdc_record_delete();
+CREATE OR REPLACE TRIGGER trg_customers_truncate AFTER TRUNCATE ON public.customers
+    FOR EACH STATEMENT EXECUTE FUNCTION public.cdc_record_truncate();
+CREATE OR REPLACE TRIGGER trg_order_items_truncate AFTER TRUNCATE ON public.order_items
+    FOR EACH STATEMENT EXECUTE FUNCTION public.cdc_record_truncate();

@@ -92,6 +92,49 @@ async fn setup_prepares_a_new_table_for_timestamp_capture_and_a_start_without_it
 }
 
 #[tokio::test]
+async fn a_timestamp_start_on_a_table_without_the_truncate_trigger_is_refused_until_setup() {
+    // A table prepared by an older `extractor setup` (change-time and delete triggers only).
+    let db = TestDb::new("e2e_setup_truncate").await;
+    let source = db.source_client().await;
+    source
+        .batch_execute("DROP TRIGGER trg_orders_truncate ON public.orders")
+        .await
+        .unwrap();
+    let out = run({
+        let mut c = cmd(&db, "extractor");
+        c.args(["--once"]);
+        c
+    });
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("public.orders")
+            && err.contains("truncate trigger")
+            && err.contains("extractor setup"),
+        "{}",
+        text(&out)
+    );
+    let out = run({
+        let mut c = cmd(&db, "extractor");
+        c.args(["setup"]);
+        c
+    });
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("trg_orders_truncate"),
+        "{}",
+        text(&out)
+    );
+    let out = run({
+        let mut c = cmd(&db, "extractor");
+        c.args(["--once"]);
+        c
+    });
+    assert!(out.status.success(), "{}", text(&out));
+    db.cleanup().await;
+}
+
+#[tokio::test]
 async fn setup_prepares_a_table_for_logical_capture() {
     let db = TestDb::new("e2e_setup_lg").await;
     let source = db.source_client().await;

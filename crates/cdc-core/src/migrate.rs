@@ -65,6 +65,7 @@ pub async fn migrate(client: &mut Client, spec: &TableSpec) -> Result<()> {
         )))?;
     check_history_columns(&tx, spec).await?;
     make_generated_columns(&tx, spec).await?;
+    add_truncated_column(&tx, spec).await?;
     tx.commit().await.map_err(ctx("committing migrations"))?;
     Ok(())
 }
@@ -117,6 +118,7 @@ CREATE TABLE IF NOT EXISTS {hist} (
     valid_to      TIMESTAMPTZ,
     is_current    BOOLEAN     NOT NULL,
     is_deleted    BOOLEAN     NOT NULL DEFAULT false,
+    is_truncated  BOOLEAN     NOT NULL DEFAULT false,
     cdc_operation CHAR(1)     NOT NULL,
     cdc_timestamp TIMESTAMPTZ NOT NULL,
     batch_id      TEXT        NOT NULL,
@@ -128,7 +130,8 @@ CREATE TABLE IF NOT EXISTS {hist} (
     updated_at    TIMESTAMPTZ NOT NULL DEFAULT now(),
     CONSTRAINT {t}_no_empty_version CHECK (valid_to IS NULL OR valid_to > valid_from),
     CONSTRAINT {t}_current_is_open CHECK (is_current = (valid_to IS NULL)),
-    CONSTRAINT {t}_deleted_is_closed CHECK (NOT is_deleted OR valid_to IS NOT NULL)
+    CONSTRAINT {t}_deleted_is_closed CHECK (NOT is_deleted OR valid_to IS NOT NULL),
+    CONSTRAINT {t}_truncated_is_deleted CHECK (NOT is_truncated OR is_deleted)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS {t}_one_current
     ON {hist} ({key}) WHERE is_current;
@@ -181,6 +184,40 @@ async fn make_generated_columns(
             .map_err(ctx(format!("making {name} a generated column")))?;
             tracing::info!(column = %name, "history column is now generated");
         }
+    }
+    Ok(())
+}
+
+/// Gives a history table created before truncates were captured its `is_truncated` column
+/// (false for every existing version: none was ended by a captured truncate), in place: a
+/// column with a constant default and a constraint `NOT VALID` (checked for new rows; the
+/// existing ones hold it by the default) need no rewrite or scan of the table.
+async fn add_truncated_column(
+    tx: &tokio_postgres::Transaction<'_>,
+    spec: &TableSpec,
+) -> Result<()> {
+    let missing = tx
+        .query_opt(
+            "SELECT 1 FROM information_schema.columns
+             WHERE table_schema = $1 AND table_name = $2 AND column_name = 'is_truncated'",
+            &[&spec.history_schema, &spec.history_table],
+        )
+        .await
+        .map_err(ctx("reading the history table's columns"))?
+        .is_none();
+    if missing {
+        tx.batch_execute(&format!(
+            "ALTER TABLE {h} ADD COLUMN is_truncated BOOLEAN NOT NULL DEFAULT false,
+                 ADD CONSTRAINT {t}_truncated_is_deleted CHECK (NOT is_truncated OR is_deleted) NOT VALID",
+            h = spec.history_qualified(),
+            t = spec.history_table,
+        ))
+        .await
+        .map_err(ctx(format!(
+            "adding is_truncated to {}",
+            spec.history_qualified()
+        )))?;
+        tracing::info!(table = %spec.history_qualified(), "history table has the is_truncated column now");
     }
     Ok(())
 }

@@ -179,7 +179,9 @@ pub async fn ensure_publication(
     let ours = owner_comment(pipeline);
     let row = client
         .query_opt(
-            "SELECT obj_description(oid, 'pg_publication'), puballtables FROM pg_publication WHERE pubname = $1",
+            "SELECT obj_description(oid, 'pg_publication'), puballtables,
+                    pubinsert AND pubupdate AND pubdelete AND pubtruncate
+             FROM pg_publication WHERE pubname = $1",
             &[pubname],
         )
         .await
@@ -201,6 +203,7 @@ pub async fn ensure_publication(
     };
     let comment: Option<String> = row.get(0);
     let all_tables: bool = row.get(1);
+    let every_change: bool = row.get(2);
     let published: Vec<(String, String)> = client
         .query(
             "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
@@ -250,6 +253,17 @@ pub async fn ensure_publication(
                 .map_err(ctx(format!("marking publication {pubname} as this pipeline's")))?;
             tracing::info!(publication = %pubname, "claimed existing publication");
         }
+    }
+    if !every_change {
+        // A publication made by hand with fewer operations: a TRUNCATE (or a delete) it does
+        // not send would leave rows current in the history that the source no longer has.
+        return Err(Error::config(
+            "CDC_PUBLICATION",
+            format!(
+                "publication {pubname} does not publish every change (inserts, updates, deletes and truncates): \
+                 ALTER PUBLICATION {ident} SET (publish = 'insert, update, delete, truncate')"
+            ),
+        ));
     }
     for spec in specs {
         if published

@@ -12,6 +12,7 @@ pub const RESERVED_HISTORY_COLUMNS: &[&str] = &[
     "valid_to",
     "is_current",
     "is_deleted",
+    "is_truncated",
     "cdc_operation",
     "cdc_timestamp",
     "batch_id",

@@ -10,5 +10,6 @@ mod multi;
 mod randomized;
 mod scenarios;
 mod tls;
+mod truncate;
 mod types;
 mod verify_checks;

@@ -30,8 +30,9 @@ fn every_table_of_public() -> TableSelection {
     }
 }
 
-async fn three_tables() -> (TestDb, Vec<TableSpec>) {
-    let db = TestDb::new("multi").await;
+/// The demo's three tables in databases named for `test`, described as `public.*`.
+pub async fn three_tables(test: &str) -> (TestDb, Vec<TableSpec>) {
+    let db = TestDb::new(test).await;
     let client = db.source_client().await;
     let specs = every_table_of_public().describe(&client).await.unwrap();
     let names: Vec<String> = specs.iter().map(|s| s.qualified()).collect();
@@ -43,7 +44,7 @@ async fn three_tables() -> (TestDb, Vec<TableSpec>) {
 }
 
 /// One extractor pass over every table.
-async fn pass(db: &TestDb, specs: &[TableSpec], logical: bool) {
+pub async fn pass(db: &TestDb, specs: &[TableSpec], logical: bool) {
     let cfg = db.extractor_config();
     let mut sink = ChangeLogSink::new(&cfg.log_dir, &stream_name(specs, "cdc"), 50_000);
     let mut client = connect(&cfg.source).await;
@@ -65,14 +66,14 @@ async fn pass(db: &TestDb, specs: &[TableSpec], logical: bool) {
 }
 
 /// Passes until the slot has confirmed everything written so far (logical), then one more.
-async fn catch_up(db: &TestDb, specs: &[TableSpec], logical: bool) {
+pub async fn catch_up(db: &TestDb, specs: &[TableSpec], logical: bool) {
     if !logical {
         return pass(db, specs, false).await;
     }
     drain_by(db, async || pass(db, specs, true).await).await;
 }
 
-async fn load_all(db: &TestDb) {
+pub async fn load_all(db: &TestDb) {
     let mut cfg = db.loader_config();
     cfg.tables = every_table_of_public();
     // Small chunks: a chunk holds several tables' events, and a table's events span chunks.
@@ -82,7 +83,7 @@ async fn load_all(db: &TestDb) {
 }
 
 /// Every table's current history prints as its source rows, and every invariant holds.
-async fn assert_every_table_follows(db: &TestDb, specs: &[TableSpec], step: &str) {
+pub async fn assert_every_table_follows(db: &TestDb, specs: &[TableSpec], step: &str) {
     let source = db.source_client().await;
     let warehouse = db.warehouse_client().await;
     for spec in specs {
@@ -163,7 +164,7 @@ const STEPS: &[&str] = &[
 ];
 
 /// Every table's history equals the trigger-fed truth, version by version.
-async fn assert_every_table_matches_the_truth(db: &TestDb, specs: &[TableSpec], basis: &Basis) {
+pub async fn assert_every_table_matches_the_truth(db: &TestDb, specs: &[TableSpec], basis: &Basis) {
     let source = db.source_client().await;
     let warehouse = db.warehouse_client().await;
     for spec in specs {
@@ -174,7 +175,7 @@ async fn assert_every_table_matches_the_truth(db: &TestDb, specs: &[TableSpec], 
 }
 
 async fn steps_then_random_rounds(logical: bool, name: &str) {
-    let (db, specs) = three_tables().await;
+    let (db, specs) = three_tables("multi").await;
     let source = db.source_client().await;
     install_audit_for(&source, &specs).await;
     let mut basis = Basis::ChangeTime;

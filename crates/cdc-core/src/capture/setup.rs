@@ -1,16 +1,17 @@
 //! `extractor setup`: prepares the source for the configured tables and capture mode,
-//! idempotently, and says what it did. Timestamp mode: the tombstone table and the trigger
-//! functions, then per table the change-time trigger, the delete trigger and the key-change
-//! trigger. Logical mode: `REPLICA IDENTITY FULL` per table, the publication and the slot. A
-//! normal start checks the same things and names `extractor setup` when one is missing.
+//! idempotently, and says what it did. Timestamp mode: the tombstone and truncation tables
+//! and the trigger functions, then per table the change-time trigger, the delete trigger, the
+//! key-change trigger and the (statement-level) truncate trigger. Logical mode: `REPLICA
+//! IDENTITY FULL` per table, the publication and the slot. A normal start checks the same
+//! things and names `extractor setup` when one is missing.
 
 use crate::db::ctx;
 use crate::error::{Error, Result};
 use crate::table::TableSpec;
 use tokio_postgres::Client;
 
-/// The tombstone table and the trigger functions timestamp capture needs: the demo's
-/// `init-scripts/00-cdc-capture.sql`, the one source of them.
+/// The tombstone and truncation tables and the trigger functions timestamp capture needs:
+/// the demo's `init-scripts/00-cdc-capture.sql`, the one source of them.
 const TIMESTAMP_OBJECTS: &str = include_str!("../../../../init-scripts/00-cdc-capture.sql");
 
 /// The change-time trigger function for a column (`cdc_touch_last_updated` for the
@@ -79,6 +80,8 @@ pub async fn timestamp_table(
              CREATE OR REPLACE TRIGGER trg_{t}_key_change AFTER UPDATE OF {key_list} ON {table}
                  FOR EACH ROW WHEN (({old}) IS DISTINCT FROM ({new}))
                  EXECUTE FUNCTION public.cdc_record_delete();
+             CREATE OR REPLACE TRIGGER trg_{t}_truncate AFTER TRUNCATE ON {table}
+                 FOR EACH STATEMENT EXECUTE FUNCTION public.cdc_record_truncate();
              CREATE INDEX IF NOT EXISTS idx_{t}_{change_time} ON {table} ({change_time}, {key_list});",
             key_list = keys.join(", "),
             old = old.join(", "),
@@ -87,7 +90,7 @@ pub async fn timestamp_table(
         .await
         .map_err(ctx(format!("installing the capture triggers on {table}")))?;
     Ok(format!(
-        "{table}: triggers trg_{t}_last_updated ({change_time}), trg_{t}_tombstone, trg_{t}_key_change; index on ({change_time}, {})",
+        "{table}: triggers trg_{t}_last_updated ({change_time}), trg_{t}_tombstone, trg_{t}_key_change, trg_{t}_truncate; index on ({change_time}, {})",
         keys.join(", ")
     ))
 }
@@ -97,18 +100,31 @@ pub async fn check_timestamp_table(client: &Client, spec: &TableSpec) -> Result<
     let row = client
         .query_one(
             "SELECT count(*) FILTER (WHERE p.proname LIKE 'cdc\\_touch\\_%' AND (t.tgtype & 2) <> 0),
-                    count(*) FILTER (WHERE p.proname = 'cdc_record_delete' AND (t.tgtype & 8) <> 0)
+                    count(*) FILTER (WHERE p.proname = 'cdc_record_delete' AND (t.tgtype & 8) <> 0),
+                    count(*) FILTER (WHERE p.proname = 'cdc_record_truncate' AND (t.tgtype & 32) <> 0)
              FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
              WHERE t.tgrelid = (quote_ident($1) || '.' || quote_ident($2))::regclass AND t.tgenabled <> 'D'",
             &[&spec.schema, &spec.name],
         )
         .await
         .map_err(ctx(format!("reading the triggers of {}", spec.qualified())))?;
-    let (touch, delete): (i64, i64) = (row.get(0), row.get(1));
-    if touch == 0 || delete == 0 {
+    let (touch, delete, truncate): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    let missing: Vec<&str> = [
+        (touch, "change-time"),
+        (delete, "delete"),
+        (truncate, "truncate"),
+    ]
+    .into_iter()
+    .filter(|(n, _)| *n == 0)
+    .map(|(_, what)| what)
+    .collect();
+    if !missing.is_empty() {
         return Err(Error::setup(
             format!("source table {}", spec.qualified()),
-            "is not prepared for timestamp capture (its change-time or delete trigger is missing): run `extractor setup`",
+            format!(
+                "is not prepared for timestamp capture (missing: its {} trigger): run `extractor setup`",
+                missing.join(", ")
+            ),
         ));
     }
     Ok(())

@@ -1,12 +1,13 @@
 //! Timestamp capture: a high-watermark on the change-time column, made correct.
 //!
-//! Each pass reads, in one REPEATABLE READ snapshot, the delete tombstones and every row whose
-//! `(change_time, key)` is past the watermark, and streams them (a binary COPY of the columns'
-//! text; the extractor writes each event's JSON) into the sink. The new watermark is bounded by the
-//! oldest transaction that was writing when the pass began, so a transaction that started before a
-//! poll and commits after it is still found by the next one; the rows re-read because of that
-//! bound are duplicates the loader drops. Tombstones are removed, in the same snapshot, only
-//! after the sink made the events holding them durable; the progress file is written last.
+//! Each pass reads, in one REPEATABLE READ snapshot, the truncations, the delete tombstones
+//! and every row whose `(change_time, key)` is past the watermark, and streams them (a binary
+//! COPY of the columns' text; the extractor writes each event's JSON) into the sink. The new
+//! watermark is bounded by the oldest transaction that was writing when the pass began, so a
+//! transaction that started before a poll and commits after it is still found by the next
+//! one; the rows re-read because of that bound are duplicates the loader drops. Tombstones
+//! and truncations are removed, in the same snapshot, only after the sink made the events
+//! holding them durable; the progress file is written last.
 
 use super::rows::{
     change_time_expr, check_source_table, copy_rows, image_values, micros, null, op_expr,
@@ -15,7 +16,7 @@ use super::rows::{
 use super::{ChangeSource, PassOutcome};
 use crate::db::ctx;
 use crate::error::{Error, Result};
-use crate::event::encode::{write_event, TEXT_OUTPUT_SETTINGS};
+use crate::event::encode::{write_event, write_truncate, TEXT_OUTPUT_SETTINGS};
 use crate::event::{CaptureMode, Op};
 use crate::progress::{Progress, Watermark};
 use crate::sink::{commit_if_ok, ChangeSink, Durable};
@@ -82,18 +83,17 @@ impl ChangeSource for TimestampCapture {
                  GRANT pg_read_all_stats TO it",
             ));
         }
-        let tomb = client
-            .query_one(
-                "SELECT to_regclass('public.cdc_tombstones') IS NOT NULL",
-                &[],
-            )
-            .await
-            .map_err(ctx("looking for public.cdc_tombstones"))?;
-        if !tomb.get::<_, bool>(0) {
-            return Err(Error::setup(
-                "source schema",
-                "public.cdc_tombstones is missing: run `extractor setup`",
-            ));
+        for table in ["public.cdc_tombstones", "public.cdc_truncations"] {
+            let found = client
+                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+                .await
+                .map_err(ctx(format!("looking for {table}")))?;
+            if !found.get::<_, bool>(0) {
+                return Err(Error::setup(
+                    "source schema",
+                    format!("{table} is missing: run `extractor setup`"),
+                ));
+            }
         }
         // A watermark ahead of the source's clock would skip every change stamped before it.
         let now: DateTime<Utc> = client
@@ -165,7 +165,7 @@ impl ChangeSource for TimestampCapture {
             snapshot,
             ..PassOutcome::default()
         };
-        let result: Result<Vec<(Option<i64>, Option<Watermark>)>> = async {
+        let result: Result<Vec<Found>> = async {
             tx.batch_execute(TEXT_OUTPUT_SETTINGS)
                 .await
                 .map_err(ctx("setting the output format"))?;
@@ -186,11 +186,10 @@ impl ChangeSource for TimestampCapture {
             ..PassOutcome::written(&durable)
         };
 
-        // The files are durable: the tombstones they hold may go (only those in our snapshot).
-        for ((spec, _), (max_tomb, _)) in self.tables.iter().zip(&found) {
-            if let Some(max) = max_tomb {
-                remove_tombstones(&tx, spec, *max, &durable).await?;
-            }
+        // The files are durable: the tombstones and truncations they hold may go (only those
+        // in our snapshot).
+        for ((spec, _), f) in self.tables.iter().zip(&found) {
+            remove_captured(&tx, spec, f, &durable).await?;
         }
         tx.commit()
             .await
@@ -198,7 +197,7 @@ impl ChangeSource for TimestampCapture {
 
         // Progress last, table by table.
         let bound_us = bound.timestamp_micros();
-        for ((spec, progress), (_, last)) in self.tables.iter_mut().zip(found) {
+        for ((spec, progress), Found { last, .. }) in self.tables.iter_mut().zip(found) {
             let prev = progress.watermark.clone();
             let candidate = match last {
                 Some(w) if w.ts_us < bound_us => w,
@@ -226,9 +225,17 @@ impl ChangeSource for TimestampCapture {
     }
 }
 
-/// One table's part of a pass, in the pass's snapshot: its tombstones (each the deleted row's
-/// last state and the delete), then its rows past the watermark. Returns the newest tombstone
-/// read and the position of the last row read.
+/// What a pass read of one table: the newest tombstone and truncation (what their removal may
+/// go up to) and the position of the last row.
+struct Found {
+    max_tomb: Option<i64>,
+    max_truncation: Option<i64>,
+    last: Option<Watermark>,
+}
+
+/// One table's part of a pass, in the pass's snapshot: its truncations and tombstones (each
+/// the deleted row's last state and the delete) in time order, then its rows past the
+/// watermark.
 async fn capture_table(
     tx: &tokio_postgres::Transaction<'_>,
     spec: &TableSpec,
@@ -236,9 +243,47 @@ async fn capture_table(
     captured_ms: i64,
     sink: &mut dyn ChangeSink,
     out: &mut PassOutcome,
-) -> Result<(Option<i64>, Option<Watermark>)> {
+) -> Result<Found> {
     let cols = ImageColumns::load(tx, spec).await?;
     let mut buf = Vec::with_capacity(1024);
+    // 0. Truncations (a handful at most), each written in time order among the deletes: a
+    //    truncate ends every version before it, and a row deleted after it was inserted after
+    //    it (the TRUNCATE held the table's lock in between).
+    let truncations: Vec<(i64, i64)> = tx
+        .query(
+            "SELECT truncation_id, (extract(epoch FROM truncated_at) * 1000000)::int8
+             FROM public.cdc_truncations WHERE table_schema = $1 AND table_name = $2
+             ORDER BY truncated_at, truncation_id",
+            &[&spec.schema, &spec.name],
+        )
+        .await
+        .map_err(ctx(format!("reading truncations of {}", spec.qualified())))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let max_truncation = truncations.iter().map(|t| t.0).max();
+    let mut truncations = truncations.into_iter().peekable();
+    let mut write_truncations_until = |until_us: Option<i64>, sink: &mut dyn ChangeSink| {
+        while let Some(&(_, ts_us)) = truncations.peek() {
+            if until_us.is_some_and(|u| ts_us > u) {
+                break;
+            }
+            truncations.next();
+            let mut b = Vec::with_capacity(256);
+            let h = row_header(
+                &cols,
+                Op::Truncate,
+                CaptureMode::Timestamp,
+                false,
+                ts_us,
+                "",
+                captured_ms,
+            );
+            write_truncate(&mut b, spec, &h);
+            sink.write(&b, spec, Op::Truncate, false)?;
+        }
+        Ok::<(), Error>(())
+    };
     // 1. Deletes, first: for one key a tombstone is always older than a row that exists.
     let sql = tombstone_copy_sql(spec, &cols, prev);
     let stream = tx
@@ -256,6 +301,8 @@ async fn capture_table(
         let values = image_values(row, 4);
         let key = cols.key(spec, &values, &what)?;
         let ts_us = required_i64(row, 1, &what)?;
+        let deleted_us = required_i64(row, 2, &what)?;
+        write_truncations_until(Some(deleted_us), sink)?;
         let mut h = row_header(
             &cols,
             op,
@@ -272,7 +319,7 @@ async fn capture_table(
             cols.write_image(b, Some(&values))
         });
         sink.write(&buf, spec, op, false)?;
-        (h.op, h.ts_us) = (Op::Delete, required_i64(row, 2, &what)?);
+        (h.op, h.ts_us) = (Op::Delete, deleted_us);
         buf.clear();
         write_event(
             &mut buf,
@@ -286,7 +333,9 @@ async fn capture_table(
         Ok(())
     })
     .await?;
-    // 2. Rows changed since the watermark, in (change time, key) order.
+    write_truncations_until(None, sink)?;
+    // 2. Rows changed since the watermark, in (change time, key) order: every row there is
+    //    was written after the last truncation.
     let sql = rows_copy_sql(spec, &cols, prev)?;
     let stream = tx
         .copy_out(sql.as_str())
@@ -310,23 +359,37 @@ async fn capture_table(
     )
     .await?;
     out.rows += rows;
-    Ok((max_tomb, last))
+    Ok(Found {
+        max_tomb,
+        max_truncation,
+        last,
+    })
 }
 
-/// Removes the captured tombstones (up to `max`, those the pass's snapshot shows), once the
-/// sink holds them durably.
-async fn remove_tombstones(
+/// Removes the captured tombstones and truncations (up to the newest read, those the pass's
+/// snapshot shows), once the sink holds them durably.
+async fn remove_captured(
     tx: &tokio_postgres::Transaction<'_>,
     spec: &TableSpec,
-    max: i64,
+    found: &Found,
     _durable: &Durable,
 ) -> Result<()> {
-    tx.execute(
-        "DELETE FROM public.cdc_tombstones WHERE table_schema = $1 AND table_name = $2 AND tombstone_id <= $3",
-        &[&spec.schema, &spec.name, &max],
-    )
-    .await
-    .map_err(ctx("removing captured tombstones"))?;
+    if let Some(max) = found.max_tomb {
+        tx.execute(
+            "DELETE FROM public.cdc_tombstones WHERE table_schema = $1 AND table_name = $2 AND tombstone_id <= $3",
+            &[&spec.schema, &spec.name, &max],
+        )
+        .await
+        .map_err(ctx("removing captured tombstones"))?;
+    }
+    if let Some(max) = found.max_truncation {
+        tx.execute(
+            "DELETE FROM public.cdc_truncations WHERE table_schema = $1 AND table_name = $2 AND truncation_id <= $3",
+            &[&spec.schema, &spec.name, &max],
+        )
+        .await
+        .map_err(ctx("removing captured truncations"))?;
+    }
     Ok(())
 }
 

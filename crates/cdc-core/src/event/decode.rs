@@ -1,7 +1,7 @@
 //! Reading change events (the loader's side of the format) without building a
 //! `serde_json::Value` per row.
 
-use super::{Op, FORMAT_VERSION};
+use super::{Op, FORMAT_VERSION, TRUNCATE_FORMAT_VERSION};
 use crate::table::TableSpec;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -41,12 +41,14 @@ pub struct DecodedEvent {
     /// Index of its table in the list it was decoded against.
     pub table: usize,
     pub op: Op,
+    /// The key as `TableSpec::encode_key` spells it; empty for a truncate (of every key).
     pub key: String,
     pub ts_us: i64,
     pub lsn: Option<i64>,
     pub tx_id: Option<i64>,
     pub captured_ms: i64,
-    /// Tracked column values (text form), `None` for SQL NULL. Empty for deletes.
+    /// Tracked column values (text form), `None` for SQL NULL. Empty for deletes and
+    /// truncates.
     pub values: Values,
 }
 
@@ -169,6 +171,26 @@ pub fn decode_for(line: &str, specs: &[TableSpec]) -> Result<DecodedEvent, Decod
         Some(l) => Some(i64::try_from(l).map_err(|_| format!("source.lsn {l} is out of range"))?),
         None => None,
     };
+    if env.op == Op::Truncate {
+        // Written only by format 3 and later: an older event claiming it is not ours.
+        let v = env.format_version.unwrap_or(1);
+        if v < TRUNCATE_FORMAT_VERSION {
+            return Err(format!(
+                "a truncate (op t) needs format_version {TRUNCATE_FORMAT_VERSION} or later; this event has {v}"
+            )
+            .into());
+        }
+        return Ok(DecodedEvent {
+            table,
+            op: Op::Truncate,
+            key: String::new(),
+            ts_us: env.source.ts_us,
+            lsn,
+            tx_id: env.source.tx_id,
+            captured_ms: env.ts_ms,
+            values: Values::default(),
+        });
+    }
     let image = match env.op {
         Op::Delete => env.before.ok_or("a delete (op d) needs `before`")?,
         _ => env
@@ -334,6 +356,28 @@ mod tests {
         let line = r#"{"op":"d","before":{"id":9},"after":null,"source":{"schema":"public","table":"orders","ts_us":5},"ts_ms":6}"#;
         let e = decode(line, &TableSpec::orders()).expect("decode");
         assert_eq!((e.op, e.key.as_str(), e.values.len()), (Op::Delete, "9", 0));
+    }
+
+    #[test]
+    fn a_truncate_has_no_key_and_needs_format_3() {
+        let line = r#"{"format_version":3,"op":"t","before":null,"after":null,"source":{"schema":"public","table":"orders","key":null,"ts_us":5,"lsn":80,"txId":7},"ts_ms":6}"#;
+        let e = decode(line, &TableSpec::orders()).expect("decode");
+        assert_eq!(
+            (e.op, e.key.as_str(), e.ts_us, e.lsn, e.values.len()),
+            (Op::Truncate, "", 5, Some(80), 0)
+        );
+        let old = line.replace("\"format_version\":3", "\"format_version\":2");
+        assert!(decode(&old, &TableSpec::orders())
+            .unwrap_err()
+            .contains("needs format_version 3"));
+        let newer = line.replace("\"format_version\":3", "\"format_version\":4");
+        assert!(decode(&newer, &TableSpec::orders())
+            .unwrap_err()
+            .contains("newer than this loader reads"));
+        let other = line.replace("\"orders\"", "\"customers\"");
+        assert!(decode(&other, &TableSpec::orders())
+            .unwrap_err()
+            .contains("public.customers"));
     }
 
     #[test]

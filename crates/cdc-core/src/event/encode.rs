@@ -74,7 +74,12 @@ pub fn write_event(
     b.extend_from_slice(b",\"capture_mode\":");
     json_str(b, h.mode.as_str());
     b.extend_from_slice(format!(",\"snapshot\":{},\"key\":", h.snapshot).as_bytes());
-    json_str(b, h.key);
+    if h.op == Op::Truncate {
+        // A truncate is of the whole table: no key.
+        b.extend_from_slice(b"null");
+    } else {
+        json_str(b, h.key);
+    }
     let opt = |v: Option<u64>| v.map_or("null".to_owned(), |x| x.to_string());
     b.extend_from_slice(
         format!(
@@ -85,6 +90,22 @@ pub fn write_event(
             h.captured_ms
         )
         .as_bytes(),
+    );
+}
+
+/// Writes a truncate event (`op` `t`): no row images and no key; `h.ts_us` is the truncate's
+/// time, `h.lsn` its position in log mode.
+pub fn write_truncate(b: &mut Vec<u8>, spec: &TableSpec, h: &Header<'_>) {
+    let null = |b: &mut Vec<u8>| b.extend_from_slice(b"null");
+    write_event(
+        b,
+        spec,
+        &Header {
+            op: Op::Truncate,
+            ..*h
+        },
+        null,
+        null,
     );
 }
 
@@ -190,5 +211,33 @@ mod tests {
         assert_eq!(v["source"]["db"], "d");
         assert_eq!(v["source"]["lsn"], serde_json::Value::Null);
         assert_eq!(v["ts_ms"], 6);
+    }
+
+    #[test]
+    fn a_truncate_is_written_without_images_or_key_and_reads_back() {
+        let spec = TableSpec::orders();
+        let h = Header {
+            op: Op::Update,
+            mode: CaptureMode::Logical,
+            snapshot: false,
+            db: Some("d"),
+            ts_us: 5,
+            key: "ignored",
+            lsn: Some(80),
+            tx_id: Some(7),
+            captured_ms: 6,
+        };
+        let mut b = Vec::new();
+        write_truncate(&mut b, &spec, &h);
+        let line = String::from_utf8(b).expect("UTF-8");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("valid JSON");
+        assert_eq!(v["op"], "t");
+        assert_eq!(v["format_version"], FORMAT_VERSION);
+        assert!(v["before"].is_null() && v["after"].is_null() && v["source"]["key"].is_null());
+        let e = crate::event::decode(&line, &spec).expect("decode");
+        assert_eq!(
+            (e.op, e.key.as_str(), e.ts_us, e.lsn),
+            (Op::Truncate, "", 5, Some(80))
+        );
     }
 }

@@ -13,10 +13,15 @@ pub use decode::{decode, decode_for, DecodeError, DecodedEvent, Values};
 use serde::Deserialize;
 
 /// The change-event format this build writes and the newest it reads.
+/// Version 3 adds the truncate event (`op` `t`: no row images, no key; every current version
+/// of the table ends at its time); a loader that reads only version 2 refuses version-3
+/// files instead of applying later changes over rows a truncate removed.
 /// Version 2 writes json and jsonb values as JSON strings of their text (as Debezium does):
 /// exact (whitespace and duplicate keys of `json` kept), one line, and a JSON `null` value
 /// apart from SQL NULL. Version 1 wrote them as raw JSON; the loader reads both.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
+/// The first format version with truncate events.
+pub const TRUNCATE_FORMAT_VERSION: u32 = 3;
 /// `source.connector` of events written by this pipeline.
 pub const CONNECTOR: &str = "cdc-historical-warehouse";
 
@@ -30,6 +35,9 @@ pub enum Op {
     Delete,
     #[serde(rename = "r")]
     Read,
+    /// A `TRUNCATE` of the whole table (Debezium's `t`).
+    #[serde(rename = "t")]
+    Truncate,
 }
 
 impl Op {
@@ -39,16 +47,18 @@ impl Op {
             Op::Update => 'u',
             Op::Delete => 'd',
             Op::Read => 'r',
+            Op::Truncate => 't',
         }
     }
 
-    /// The code as it stands in an event (`"c"`, `"u"`, `"d"`, `"r"`).
+    /// The code as it stands in an event (`"c"`, `"u"`, `"d"`, `"r"`, `"t"`).
     pub fn as_str(self) -> &'static str {
         match self {
             Op::Create => "c",
             Op::Update => "u",
             Op::Delete => "d",
             Op::Read => "r",
+            Op::Truncate => "t",
         }
     }
 
@@ -59,6 +69,7 @@ impl Op {
             "u" => Some(Op::Update),
             "d" => Some(Op::Delete),
             "r" => Some(Op::Read),
+            "t" => Some(Op::Truncate),
             _ => None,
         }
     }

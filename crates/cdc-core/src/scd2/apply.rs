@@ -4,7 +4,8 @@
 //! The events are read in chunks of at most `chunk_events` (memory does not grow with the
 //! batch) on a reading thread (`read`). For each chunk the store is asked for the newest
 //! version of each key in it, the planner (`plan`, the SCD2 rules) decides what to close and
-//! what to insert, and the store closes and inserts. The files are recorded as applied in
+//! what to insert, and the store closes and inserts; then each truncate of the chunk closes
+//! the versions still current before it (the keys the chunk has no events of). The files are recorded as applied in
 //! the same transaction. A later chunk sees the earlier chunks' rows, exactly as a later
 //! batch sees an earlier one.
 
@@ -190,21 +191,28 @@ async fn apply_table(
     if let Some(t) = stats.tables.get_mut(table) {
         t.events += events.len() as u64;
     }
-    let newest = store.newest(table, &plan::keys(events)).await?;
+    let keys = plan::keys(events);
+    let newest = if keys.is_empty() {
+        Default::default()
+    } else {
+        store.newest(table, &keys).await?
+    };
     let plan = plan::plan(events, &newest);
     stats.phases_ms[1] += lap(clock);
 
-    // Close the current rows the first new event of their key supersedes.
+    // Close the current rows the first new event (or delete, or truncate) of their key
+    // supersedes.
     let closes: Vec<Close<'_>> = plan
         .closes
         .iter()
-        .map(|&i| {
-            let ev = &events[i].ev;
+        .map(|c| {
+            let by = &events[c.by].ev;
             Close {
-                key: &ev.key,
-                ts_us: ev.ts_us,
-                lsn: ev.lsn,
-                deleted: ev.op == Op::Delete,
+                key: &events[c.key].ev.key,
+                ts_us: by.ts_us,
+                lsn: by.lsn,
+                deleted: matches!(by.op, Op::Delete | Op::Truncate),
+                truncated: by.op == Op::Truncate,
             }
         })
         .collect();
@@ -212,15 +220,17 @@ async fn apply_table(
     stats.versions_closed += closed;
     stats.phases_ms[2] += lap(clock);
 
-    // Write the new versions (a kept delete inserts nothing: it closed the one before).
+    // Write the new versions (a kept delete or truncate inserts nothing: it closed the one
+    // before).
     let mut counts = TableApplied {
         closed,
         ..Default::default()
     };
+    let ends_chain = |e: &Ev| matches!(e.ev.op, Op::Delete | Op::Truncate);
     for k in &plan.kept {
         let e = &events[k.idx];
         stats.ages.record(e.ev.ts_us);
-        if e.ev.op == Op::Delete {
+        if ends_chain(e) {
             counts.deletes += 1;
             facts[e.file].deletes += 1;
         } else {
@@ -228,18 +238,11 @@ async fn apply_table(
             facts[e.file].inserted += 1;
         }
     }
-    stats.deletes += counts.deletes;
-    stats.versions_inserted += counts.inserted;
-    if let Some(t) = stats.tables.get_mut(table) {
-        t.inserted += counts.inserted;
-        t.closed += counts.closed;
-        t.deletes += counts.deletes;
-    }
     let versions: Vec<NewVersion<'_>> = plan
         .kept
         .iter()
         .map(|k| (k, &events[k.idx]))
-        .filter(|(_, e)| e.ev.op != Op::Delete)
+        .filter(|(_, e)| !ends_chain(e))
         .map(|(k, e)| NewVersion {
             event: &e.ev,
             hash: &e.hash,
@@ -249,5 +252,23 @@ async fn apply_table(
         .collect();
     store.insert(table, &versions).await?;
     stats.phases_ms[3] += lap(clock);
+
+    // Each truncate ends every version still current before it: the keys of the table this
+    // chunk has no events of (the plan ended the others).
+    for t in plan::truncates(events) {
+        let n = store.truncate(table, t.ev.ts_us, t.ev.lsn).await?;
+        counts.closed += n;
+        counts.deletes += n;
+        stats.versions_closed += n;
+        facts[t.file].deletes += n as i64;
+    }
+    stats.phases_ms[2] += lap(clock);
+    stats.deletes += counts.deletes;
+    stats.versions_inserted += counts.inserted;
+    if let Some(t) = stats.tables.get_mut(table) {
+        t.inserted += counts.inserted;
+        t.closed += counts.closed;
+        t.deletes += counts.deletes;
+    }
     Ok(())
 }

@@ -7,7 +7,13 @@
 //!   (a file applied again, the same change in two files) and are dropped;
 //! - of several events of one key at one instant the last (by LSN, then read order) wins;
 //! - an event equal to the state before it adds nothing;
-//! - a delete closes the chain; a later insert starts a new one.
+//! - a delete closes the chain; a later insert starts a new one;
+//! - a truncate closes the chain of every key of its table (marked as a truncate); a later
+//!   insert starts a new one. At one instant (a transaction that truncates and writes the
+//!   table) the chain before it ends at the truncate and the last state after the truncate,
+//!   if any, starts a new chain at the same instant.
+//!
+//! A chunk's truncates also end the keys it has no events of (`truncates`).
 
 use crate::event::{DecodedEvent, Op};
 use std::collections::HashMap;
@@ -35,30 +41,42 @@ pub struct Newest {
     pub pos: i64,
 }
 
-/// An event that changes the history: a version to insert, or a delete that ends a chain.
+/// An event that changes the history: a version to insert, or a delete or truncate that ends
+/// a chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Kept {
-    /// Index of the event in the chunk.
+    /// Index of the event in the chunk (a truncate's when a truncate ends the key's chain).
     pub idx: usize,
     /// The next kept event of the same key in the chunk: it closes this version.
     pub next: Option<usize>,
 }
 
+/// A current version of a key the history holds, closed by an event of the chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Closing {
+    /// An event of the key (where its key is read).
+    pub key: usize,
+    /// The event that closes it (a new version, a delete or a truncate).
+    pub by: usize,
+}
+
 /// What a chunk does to the history.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Plan {
-    /// In chunk order; deletes among them insert nothing but close the version before.
+    /// In chunk order; deletes and truncates among them insert nothing but close the version
+    /// before.
     pub kept: Vec<Kept>,
-    /// Events (indexes) whose key has a current version in the history that they close.
-    pub closes: Vec<usize>,
+    /// Keys that have a current version in the history, and the events that close them.
+    pub closes: Vec<Closing>,
 }
 
-/// Puts a chunk in the order `plan` needs: by table, key, then change time, LSN and read
-/// order.
+/// Puts a chunk in the order `plan` needs: by table, its truncates first, then key, change
+/// time, LSN and read order.
 pub fn order(chunk: &mut [Ev]) {
     chunk.sort_by(|a, b| {
         (
             a.ev.table,
+            a.ev.op != Op::Truncate,
             a.ev.key.as_str(),
             a.ev.ts_us,
             a.ev.lsn.unwrap_or(0),
@@ -66,6 +84,7 @@ pub fn order(chunk: &mut [Ev]) {
         )
             .cmp(&(
                 b.ev.table,
+                b.ev.op != Op::Truncate,
                 b.ev.key.as_str(),
                 b.ev.ts_us,
                 b.ev.lsn.unwrap_or(0),
@@ -91,18 +110,36 @@ pub fn tables(chunk: &[Ev]) -> Vec<(usize, std::ops::Range<usize>)> {
     runs
 }
 
+/// The truncates of an ordered chunk of one table: they come first, in time order. After the
+/// plan the store closes, for each in turn, every version still current that started before
+/// it (the keys the chunk has no events of; the plan ended the others), marked as truncated.
+pub fn truncates(chunk: &[Ev]) -> &[Ev] {
+    let n = chunk.iter().take_while(|e| e.ev.op == Op::Truncate).count();
+    &chunk[..n]
+}
+
 /// The distinct keys of an ordered chunk (of one table).
 pub fn keys(chunk: &[Ev]) -> Vec<&str> {
-    let mut keys: Vec<&str> = chunk.iter().map(|e| e.ev.key.as_str()).collect();
+    let mut keys: Vec<&str> = chunk[truncates(chunk).len()..]
+        .iter()
+        .map(|e| e.ev.key.as_str())
+        .collect();
     keys.dedup();
     keys
+}
+
+/// The position of an event: change time, LSN (0 in timestamp mode).
+fn pos(e: &DecodedEvent) -> (i64, i64) {
+    (e.ts_us, e.lsn.unwrap_or(0))
 }
 
 /// Decides, key by key, which events of an `order`ed chunk of one table become versions,
 /// given the newest version the history holds of each key.
 pub fn plan(chunk: &[Ev], newest: &HashMap<String, Newest>) -> Plan {
     let mut out = Plan::default();
-    let mut start = 0;
+    let n_truncates = truncates(chunk).len();
+    let mut start = n_truncates;
+    let mut merged: Vec<usize> = Vec::new();
     while start < chunk.len() {
         let key = chunk[start].ev.key.as_str();
         let mut end = start;
@@ -110,38 +147,76 @@ pub fn plan(chunk: &[Ev], newest: &HashMap<String, Newest>) -> Plan {
             end += 1;
         }
         let lat = newest.get(key);
-        // (op is a delete, hash) of the state before the next event.
+        let fresh = |i: usize| lat.is_none_or(|l| pos(&chunk[i].ev) > (l.ts_us, l.pos));
+        // The key's events and the table's truncates, in position order (then read order).
+        merged.clear();
+        if n_truncates == 0 {
+            merged.extend(start..end);
+        } else {
+            merged.extend((0..n_truncates).chain(start..end));
+            merged.sort_by_key(|&i| (pos(&chunk[i].ev), chunk[i].ord));
+        }
+        // (is a deleted or truncated chain, hash) of the state before the next event.
         let mut prev: Option<(bool, [u8; 16])> = lat.map(|l| (!l.current, l.hash));
         let first_kept = out.kept.len();
-        for i in start..end {
-            let e = &chunk[i];
-            let last_at_instant = i + 1 == end || chunk[i + 1].ev.ts_us != e.ev.ts_us;
-            let fresh = lat.is_none_or(|l| (e.ev.ts_us, e.ev.lsn.unwrap_or(0)) > (l.ts_us, l.pos));
-            if !last_at_instant || !fresh {
-                continue;
+        let keep = |i: usize, out: &mut Plan| {
+            if out.kept.len() > first_kept {
+                let last = out.kept.len() - 1;
+                out.kept[last].next = Some(i);
             }
+            out.kept.push(Kept { idx: i, next: None });
+        };
+        // One instant at a time.
+        let mut a = 0;
+        while a < merged.len() {
+            let ts = chunk[merged[a]].ev.ts_us;
+            let mut b = a;
+            while b < merged.len() && chunk[merged[b]].ev.ts_us == ts {
+                b += 1;
+            }
+            let instant: Vec<usize> = merged[a..b].iter().copied().filter(|&i| fresh(i)).collect();
+            a = b;
+            let states = match instant
+                .iter()
+                .rposition(|&i| chunk[i].ev.op == Op::Truncate)
+            {
+                Some(t) => {
+                    // The truncate ends an open chain; what follows it at this instant is
+                    // a new chain.
+                    if prev.is_some_and(|(ended, _)| !ended) {
+                        keep(instant[t], &mut out);
+                    }
+                    prev = Some((true, [0; 16]));
+                    &instant[t + 1..]
+                }
+                None => &instant[..],
+            };
+            // Of the states at one instant the last wins.
+            let Some(&i) = states.last() else {
+                continue;
+            };
+            let e = &chunk[i];
             let delete = e.ev.op == Op::Delete;
-            let keep = match prev {
+            let kept = match prev {
                 None => !delete,
-                Some((prev_deleted, prev_hash)) => {
+                Some((prev_ended, prev_hash)) => {
                     if delete {
-                        !prev_deleted
+                        !prev_ended
                     } else {
-                        prev_deleted || prev_hash != e.hash
+                        prev_ended || prev_hash != e.hash
                     }
                 }
             };
             prev = Some((delete, e.hash));
-            if keep {
-                if out.kept.len() > first_kept {
-                    let last = out.kept.len() - 1;
-                    out.kept[last].next = Some(i);
-                }
-                out.kept.push(Kept { idx: i, next: None });
+            if kept {
+                keep(i, &mut out);
             }
         }
         if out.kept.len() > first_kept && lat.is_some_and(|l| l.current) {
-            out.closes.push(out.kept[first_kept].idx);
+            out.closes.push(Closing {
+                key: start,
+                by: out.kept[first_kept].idx,
+            });
         }
         start = end;
     }
@@ -151,15 +226,16 @@ pub fn plan(chunk: &[Ev], newest: &HashMap<String, Newest>) -> Plan {
 #[cfg(test)]
 mod tests {
     //! The planner against the independent reference model: random change streams of a few
-    //! keys (inserts, updates that may change nothing, deletes, re-inserts, several changes
-    //! at one instant, replayed stretches), cut into random chunks and applied to an
-    //! in-memory history through `plan`, must give exactly the reference model's versions.
+    //! keys (inserts, updates that may change nothing, deletes, re-inserts, truncates of the
+    //! table, several changes at one instant, a truncate among them included, replayed
+    //! stretches), cut into random chunks and applied to an in-memory history through `plan`
+    //! as the PostgreSQL store does, must give exactly the reference model's versions.
 
     use super::*;
     use crate::event::Values;
     use crate::scd2::row_hash::RowHasher;
     use crate::table::{Column, TableSpec};
-    use crate::test_utils::model::{reference_versions, Version};
+    use crate::test_utils::model::{reference_versions, Change, Version};
     use rand::rngs::StdRng;
     use rand::{RngExt, SeedableRng};
 
@@ -182,12 +258,13 @@ mod tests {
         from: (i64, i64),
         to: Option<(i64, i64)>,
         deleted: bool,
+        truncated: bool,
         hash: [u8; 16],
         values: Vec<Option<String>>,
     }
 
     /// Applies one chunk through the planner to the in-memory history, as the PostgreSQL
-    /// store does: newest per key, close, insert.
+    /// store does: newest per key, close, insert, then the truncates' table-wide closes.
     fn apply(history: &mut HashMap<String, Vec<Row>>, chunk: &mut [Ev]) {
         order(chunk);
         let mut newest = HashMap::new();
@@ -206,32 +283,59 @@ mod tests {
             );
         }
         let p = plan(chunk, &newest);
-        let pos = |e: &DecodedEvent| (e.ts_us, e.lsn.unwrap_or(0));
-        for &i in &p.closes {
-            let e = &chunk[i].ev;
-            let rows = history.get_mut(&e.key).expect("a key to close");
+        for c in &p.closes {
+            let key = &chunk[c.key].ev.key;
+            let by = &chunk[c.by].ev;
+            let rows = history.get_mut(key).expect("a key to close");
             let current: Vec<&mut Row> = rows.iter_mut().filter(|r| r.to.is_none()).collect();
-            assert_eq!(current.len(), 1, "one current row of key {}", e.key);
+            assert_eq!(current.len(), 1, "one current row of key {key}");
             for r in current {
-                r.to = Some(pos(e));
-                r.deleted = e.op == Op::Delete;
+                r.to = Some(pos(by));
+                r.deleted = matches!(by.op, Op::Delete | Op::Truncate);
+                r.truncated = by.op == Op::Truncate;
             }
         }
         for k in &p.kept {
             let e = &chunk[k.idx];
-            if e.ev.op == Op::Delete {
+            if matches!(e.ev.op, Op::Delete | Op::Truncate) {
                 continue;
             }
             let next = k.next.map(|n| &chunk[n].ev);
             history.entry(e.ev.key.clone()).or_default().push(Row {
                 from: pos(&e.ev),
                 to: next.map(pos),
-                deleted: next.is_some_and(|n| n.op == Op::Delete),
+                deleted: next.is_some_and(|n| matches!(n.op, Op::Delete | Op::Truncate)),
+                truncated: next.is_some_and(|n| n.op == Op::Truncate),
                 hash: e.hash,
                 values: (0..2)
                     .map(|i| e.ev.values.get(i).map(str::to_owned))
                     .collect(),
             });
+        }
+        for t in truncates(chunk) {
+            for r in history.values_mut().flatten() {
+                if r.to.is_none() && r.from < pos(&t.ev) {
+                    r.to = Some(pos(&t.ev));
+                    r.deleted = true;
+                    r.truncated = true;
+                }
+            }
+        }
+        for (key, rows) in history.iter() {
+            let mut rows: Vec<&Row> = rows.iter().collect();
+            rows.sort_by_key(|r| r.from);
+            for w in rows.windows(2) {
+                assert!(
+                    w[0].to.is_some(),
+                    "key {key}: only the newest may be current"
+                );
+            }
+            for r in rows {
+                assert!(
+                    r.to.is_none_or(|to| to.0 > r.from.0),
+                    "key {key}: a zero-length version {r:?}"
+                );
+            }
         }
     }
 
@@ -239,10 +343,11 @@ mod tests {
     fn random_streams_in_random_chunks_give_the_reference_models_versions() {
         let spec = spec();
         let hasher = RowHasher::new(&spec);
-        for seed in 0..400u64 {
+        for seed in 0..600u64 {
             let mut rng = StdRng::seed_from_u64(seed);
             let logical = rng.random_bool(0.5);
             let keys = rng.random_range(1..5);
+            let truncate_rate = if rng.random_bool(0.5) { 0.0 } else { 0.08 };
             // The committed changes, in commit order: (key, time, op, values).
             let mut stream: Vec<DecodedEvent> = Vec::new();
             let mut alive = vec![false; keys];
@@ -250,9 +355,24 @@ mod tests {
             let mut lsn = 100i64;
             for _ in 0..rng.random_range(1..40) {
                 ts += rng.random_range(1..3_000_000);
-                // One transaction: in logical mode a change or two (several changes at one
+                // One transaction: in logical mode a change or three (several changes at one
                 // instant, told apart by their LSNs); a timestamp capture sees one state.
-                for _ in 0..rng.random_range(1..if logical { 3 } else { 2 }) {
+                for _ in 0..rng.random_range(1..if logical { 4 } else { 2 }) {
+                    lsn += 8;
+                    if rng.random_bool(truncate_rate) {
+                        alive = vec![false; keys];
+                        stream.push(DecodedEvent {
+                            table: 0,
+                            op: Op::Truncate,
+                            key: String::new(),
+                            ts_us: ts,
+                            lsn: logical.then_some(lsn),
+                            tx_id: None,
+                            captured_ms: 0,
+                            values: Values::default(),
+                        });
+                        continue;
+                    }
                     let k = rng.random_range(0..keys);
                     let op = if !alive[k] {
                         Op::Create
@@ -271,7 +391,6 @@ mod tests {
                             .into_iter()
                             .collect()
                     };
-                    lsn += 8;
                     stream.push(DecodedEvent {
                         table: 0,
                         op,
@@ -284,11 +403,18 @@ mod tests {
                     });
                 }
             }
-            // What the files deliver: the stream, with a stretch of it replayed later.
+            // What the files deliver: the stream, with a stretch of it (whole instants: a file
+            // never splits a transaction) replayed later.
             let mut delivered = stream.clone();
             if rng.random_bool(0.5) {
-                let a = rng.random_range(0..stream.len());
-                let b = rng.random_range(a..stream.len()) + 1;
+                let mut a = rng.random_range(0..stream.len());
+                let mut b = rng.random_range(a..stream.len()) + 1;
+                while a > 0 && stream[a - 1].ts_us == stream[a].ts_us {
+                    a -= 1;
+                }
+                while b < stream.len() && stream[b].ts_us == stream[b - 1].ts_us {
+                    b += 1;
+                }
                 delivered.extend_from_slice(&stream[a..b]);
             }
             let evs: Vec<Ev> = delivered
@@ -316,16 +442,21 @@ mod tests {
 
             for k in 0..keys {
                 let key = k.to_string();
-                // The reference model sees each committed state once: the last of its instant.
-                let mut events: Vec<(i64, bool, Vec<Option<String>>)> = Vec::new();
-                for e in stream.iter().filter(|e| e.key == key) {
-                    let values = (0..2).map(|i| e.values.get(i).map(str::to_owned)).collect();
-                    let item = (e.ts_us, e.op == Op::Delete, values);
-                    match events.last_mut() {
-                        Some(last) if last.0 == e.ts_us => *last = item,
-                        _ => events.push(item),
-                    }
-                }
+                // The reference model: the key's committed changes and the table's truncates.
+                let events: Vec<(i64, Change)> = stream
+                    .iter()
+                    .filter(|e| e.key == key || e.op == Op::Truncate)
+                    .map(|e| {
+                        let change = match e.op {
+                            Op::Truncate => Change::Truncate,
+                            Op::Delete => Change::Delete,
+                            _ => Change::State(
+                                (0..2).map(|i| e.values.get(i).map(str::to_owned)).collect(),
+                            ),
+                        };
+                        (e.ts_us, change)
+                    })
+                    .collect();
                 let expected = reference_versions(events);
                 let mut rows = history.get(&key).cloned().unwrap_or_default();
                 rows.sort_by_key(|r| r.from);
@@ -335,6 +466,7 @@ mod tests {
                         valid_from_us: r.from.0,
                         valid_to_us: r.to.map(|t| t.0),
                         is_deleted: r.deleted,
+                        is_truncated: r.truncated,
                         values: r.values,
                     })
                     .collect();

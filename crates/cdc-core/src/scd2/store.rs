@@ -1,7 +1,8 @@
 //! The history store seam: what the apply needs from the warehouse (the newest version of
-//! keys, close current versions, insert versions, record the applied batches), all inside
-//! one transaction, and its PostgreSQL implementation: one indexed query, one
-//! `UPDATE … FROM unnest(…)`, one text `COPY` straight into the history table per chunk.
+//! keys, close current versions, insert versions, close every version a truncate ended,
+//! record the applied batches), all inside one transaction, and its PostgreSQL
+//! implementation: one indexed query, one `UPDATE … FROM unnest(…)`, one text `COPY` straight
+//! into the history table per chunk (and one `UPDATE` per truncate).
 
 use super::plan::Newest;
 use crate::db::copy_text::{push_lsn, push_text, push_time, push_uuid};
@@ -23,17 +24,18 @@ use tokio_postgres::Transaction;
 const COPY_FLUSH_BYTES: usize = 1 << 20;
 
 /// A current version to close: its key's chain moves on at `ts_us` (`lsn`), by a new
-/// version or a delete.
+/// version, a delete or a truncate (`truncated`, then also `deleted`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Close<'a> {
     pub key: &'a str,
     pub ts_us: i64,
     pub lsn: Option<i64>,
     pub deleted: bool,
+    pub truncated: bool,
 }
 
 /// A version to insert: the event's state from its change time, closed by `next` if any
-/// (a delete when `next` is one).
+/// (a delete or truncate when `next` is one).
 #[derive(Debug, Clone, Copy)]
 pub struct NewVersion<'a> {
     pub event: &'a DecodedEvent,
@@ -74,6 +76,15 @@ pub trait HistoryStore {
         closes: &[Close<'_>],
     ) -> impl Future<Output = Result<u64>> + Send;
 
+    /// Closes every current version of `table` that started before `(ts_us, lsn)` there,
+    /// as ended by a truncate. Returns how many were closed.
+    fn truncate(
+        &mut self,
+        table: usize,
+        ts_us: i64,
+        lsn: Option<i64>,
+    ) -> impl Future<Output = Result<u64>> + Send;
+
     /// Inserts versions of `table`. Returns how many.
     fn insert(
         &mut self,
@@ -95,6 +106,7 @@ pub struct HistorySql {
     history: String,
     newest: String,
     close: String,
+    truncate: String,
     copy_in: String,
     /// Indexes of the tracked columns the loader writes (the others are generated).
     written: Vec<usize>,
@@ -186,14 +198,23 @@ impl HistorySql {
         };
         let close = format!(
             "UPDATE {h} x SET valid_to = f.ts, end_lsn = CASE WHEN f.lsn IS NULL THEN NULL ELSE '0/0'::pg_lsn + f.lsn::numeric END,
-                              is_current = false, is_deleted = f.del, updated_at = now()
-             FROM unnest({arrays}, ${ts}::timestamptz[], ${lsn}::int8[], ${del}::bool[]) AS f({key_names}ts, lsn, del)
+                              is_current = false, is_deleted = f.del, is_truncated = f.trunc, updated_at = now()
+             FROM unnest({arrays}, ${ts}::timestamptz[], ${lsn}::int8[], ${del}::bool[], ${trunc}::bool[])
+                  AS f({key_names}ts, lsn, del, trunc)
              WHERE {matched} AND x.is_current",
             arrays = key_arrays(1),
             ts = n + 1,
             lsn = n + 2,
             del = n + 3,
+            trunc = n + 4,
             matched = key_match("f"),
+        );
+        // In timestamp mode (no LSNs) a version started before the truncate's time.
+        let truncate = format!(
+            "UPDATE {h} x SET valid_to = $1, end_lsn = CASE WHEN $2::int8 IS NULL THEN NULL ELSE '0/0'::pg_lsn + $2::int8::numeric END,
+                              is_current = false, is_deleted = true, is_truncated = true, updated_at = now()
+             WHERE x.is_current
+               AND (x.valid_from, coalesce(x.source_lsn, '0/0')) < ($1::timestamptz, '0/0'::pg_lsn + coalesce($2::int8, 0)::numeric)"
         );
         let cols: String = written
             .iter()
@@ -201,13 +222,14 @@ impl HistorySql {
             .collect();
         let hk = spec.history_key_list("");
         let copy_in = format!(
-            "COPY {h} ({hk}, {cols}valid_from, valid_to, is_current, is_deleted, cdc_operation,
+            "COPY {h} ({hk}, {cols}valid_from, valid_to, is_current, is_deleted, is_truncated, cdc_operation,
                        cdc_timestamp, batch_id, source_lsn, source_txid, end_lsn, row_hash) FROM STDIN"
         );
         HistorySql {
             history: h,
             newest,
             close,
+            truncate,
             copy_in,
             written,
             key_len: n,
@@ -300,13 +322,26 @@ impl HistoryStore for PgHistory<'_> {
             .collect();
         let lsn: Vec<Option<i64>> = closes.iter().map(|c| c.lsn).collect();
         let del: Vec<bool> = closes.iter().map(|c| c.deleted).collect();
+        let trunc: Vec<bool> = closes.iter().map(|c| c.truncated).collect();
         let mut params: Vec<&(dyn ToSql + Sync)> =
             arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
-        params.extend([&ts as &(dyn ToSql + Sync), &lsn, &del]);
+        params.extend([&ts as &(dyn ToSql + Sync), &lsn, &del, &trunc]);
         self.tx
             .execute(sql.close.as_str(), &params)
             .await
             .map_err(ctx(format!("closing current versions in {}", sql.history)))
+    }
+
+    async fn truncate(&mut self, table: usize, ts_us: i64, lsn: Option<i64>) -> Result<u64> {
+        let sql = self.sql(table)?;
+        let ts = DateTime::from_timestamp_micros(ts_us).unwrap_or_default();
+        self.tx
+            .execute(sql.truncate.as_str(), &[&ts, &lsn])
+            .await
+            .map_err(ctx(format!(
+                "closing the versions a truncate ended in {}",
+                sql.history
+            )))
     }
 
     async fn insert(&mut self, table: usize, versions: &[NewVersion<'_>]) -> Result<u64> {
@@ -396,12 +431,15 @@ fn copy_row(buf: &mut String, key: &[Cow<'_, str>], written: &[usize], v: &NewVe
         Some(n) => push_time(buf, n.ts_us),
         None => buf.push_str("\\N"),
     }
-    let is_deleted = v.next.is_some_and(|n| n.op == Op::Delete);
+    let is_truncated = v.next.is_some_and(|n| n.op == Op::Truncate);
+    let is_deleted = is_truncated || v.next.is_some_and(|n| n.op == Op::Delete);
+    let flag = |b: bool| if b { 't' } else { 'f' };
     let _ = write!(
         buf,
-        "\t{}\t{}\t{}\t",
-        if v.next.is_none() { 't' } else { 'f' },
-        if is_deleted { 't' } else { 'f' },
+        "\t{}\t{}\t{}\t{}\t",
+        flag(v.next.is_none()),
+        flag(is_deleted),
+        flag(is_truncated),
         ev.op.as_char()
     );
     push_time(buf, ev.captured_ms.saturating_mul(1000));

@@ -1,8 +1,8 @@
-//! The ground truth: a trigger on the source records every committed row state and every
-//! delete with the exact times the pipeline must use; from it, the history the reference
+//! The ground truth: a trigger on the source records every committed row state, every
+//! delete and every truncate with the exact times the pipeline must use; from it, the history the reference
 //! model demands, and the history the warehouse actually holds, in one shape.
 
-use super::model::{reference_versions, History, Version};
+use super::model::{reference_versions, Change, History, Version};
 use crate::progress::SnapshotFilter;
 use crate::table::TableSpec;
 use std::collections::BTreeMap;
@@ -47,7 +47,18 @@ pub async fn install_audit_for(source: &Client, specs: &[TableSpec]) {
              RETURN NULL;
          END $$;
          CREATE TRIGGER zz_test_audit AFTER INSERT ON public.cdc_tombstones
-             FOR EACH ROW EXECUTE FUNCTION public.test_audit_delete();",
+             FOR EACH ROW EXECUTE FUNCTION public.test_audit_delete();
+         CREATE FUNCTION public.test_audit_truncate() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF EXISTS (SELECT 1 FROM public.test_audit_tables
+                        WHERE tbl = NEW.table_schema || '.' || NEW.table_name) THEN
+                 INSERT INTO public.test_audit (tbl, kind, ts, key, row_image)
+                     VALUES (NEW.table_schema || '.' || NEW.table_name, 't', NEW.truncated_at, '', '{}');
+             END IF;
+             RETURN NULL;
+         END $$;
+         CREATE TRIGGER zz_test_audit AFTER INSERT ON public.cdc_truncations
+             FOR EACH ROW EXECUTE FUNCTION public.test_audit_truncate();",
     );
     for spec in specs {
         let t = spec.qualified();
@@ -108,18 +119,19 @@ pub enum Basis {
     Commit { snapshot: Option<SnapshotFilter> },
 }
 
+#[derive(Clone)]
 struct AuditEvent {
     change_us: i64,
     commit_us: Option<i64>,
     txid: u64,
     seq: i64,
-    delete: bool,
-    values: Vec<Option<String>>,
+    change: Change,
 }
 
 /// The history the ground truth demands, by the reference model: per key, the committed
 /// states in time order (the last state of a transaction); a state equal to the one before
-/// it is no new version; a delete closes the open version.
+/// it is no new version; a delete closes the open version, and so does a truncate of the
+/// table (recorded by the capture's truncate trigger) for every key.
 pub async fn expected_history(source: &Client, spec: &TableSpec) -> History {
     expected_history_on(source, spec, &Basis::ChangeTime).await
 }
@@ -134,12 +146,32 @@ pub async fn expected_history_on(source: &Client, spec: &TableSpec, basis: &Basi
         "SELECT DISTINCT ON (a.key, a.txid, CASE WHEN a.txid = '0'::xid8 THEN a.seq END)
                 a.key, a.kind, (extract(epoch FROM a.ts) * 1000000)::int8, a.seq, a.txid::text::int8, {commit}, {cols}
          FROM public.test_audit a, jsonb_populate_record(NULL::{t}, a.row_image) r
-         WHERE a.tbl = '{t}'
+         WHERE a.tbl = '{t}' AND a.kind <> 't'
          ORDER BY a.key, a.txid, CASE WHEN a.txid = '0'::xid8 THEN a.seq END, a.seq DESC",
         cols = col_text(spec, "r", false),
         t = spec.qualified()
     );
     let rows = source.query(&sql, &[]).await.expect("read test_audit");
+    let truncates: Vec<AuditEvent> = source
+        .query(
+            &format!(
+                "SELECT (extract(epoch FROM a.ts) * 1000000)::int8, a.seq, a.txid::text::int8, {commit}
+                 FROM public.test_audit a WHERE a.tbl = '{t}' AND a.kind = 't'",
+                t = spec.qualified()
+            ),
+            &[],
+        )
+        .await
+        .expect("read test_audit truncates")
+        .iter()
+        .map(|r| AuditEvent {
+            change_us: r.get(0),
+            seq: r.get(1),
+            txid: r.get::<_, i64>(2) as u64,
+            commit_us: r.get(3),
+            change: Change::Truncate,
+        })
+        .collect();
     let mut events: BTreeMap<String, Vec<AuditEvent>> = BTreeMap::new();
     for r in rows {
         let key: String = canonical_key(spec, r.get(0));
@@ -149,21 +181,29 @@ pub async fn expected_history_on(source: &Client, spec: &TableSpec, basis: &Basi
             seq: r.get(3),
             txid: r.get::<_, i64>(4) as u64,
             commit_us: r.get(5),
-            delete: kind == "d",
-            values: (0..spec.columns.len())
-                .map(|i| r.get::<_, Option<String>>(6 + i))
-                .collect(),
+            change: if kind == "d" {
+                Change::Delete
+            } else {
+                Change::State(
+                    (0..spec.columns.len())
+                        .map(|i| r.get::<_, Option<String>>(6 + i))
+                        .collect(),
+                )
+            },
         });
+    }
+    for evs in events.values_mut() {
+        evs.extend(truncates.iter().cloned());
     }
     let mut out = History::new();
     for (key, evs) in events {
-        // (time, seq, delete, values) in the order the history must follow.
-        let mut seq: Vec<(i64, i64, bool, Vec<Option<String>>)> = Vec::new();
+        // (time, seq, change) in the order the history must follow.
+        let mut seq: Vec<(i64, i64, Change)> = Vec::new();
         match basis {
             Basis::ChangeTime => {
                 seq = evs
                     .into_iter()
-                    .map(|e| (e.change_us, e.seq, e.delete, e.values))
+                    .map(|e| (e.change_us, e.seq, e.change))
                     .collect();
             }
             Basis::Commit { snapshot } => {
@@ -175,21 +215,21 @@ pub async fn expected_history_on(source: &Client, spec: &TableSpec, basis: &Basi
                     .iter()
                     .filter(|e| shown(e))
                     .max_by_key(|e| (e.commit_us.unwrap_or(e.change_us), e.seq));
-                if let Some(s) = start.filter(|s| !s.delete) {
-                    seq.push((s.change_us, s.seq, false, s.values.clone()));
+                if let Some(s) = start.filter(|s| matches!(s.change, Change::State(_))) {
+                    seq.push((s.change_us, s.seq, s.change.clone()));
                 }
                 for e in evs.iter().filter(|e| !shown(e)) {
                     let ts = e
                         .commit_us
                         .expect("track_commit_timestamp must be on for logical tests");
-                    seq.push((ts, e.seq, e.delete, e.values.clone()));
+                    seq.push((ts, e.seq, e.change.clone()));
                 }
             }
         }
         seq.sort_by_key(|e| (e.0, e.1));
         let versions = reference_versions(
             seq.into_iter()
-                .map(|(ts, _, delete, values)| (ts, delete, values))
+                .map(|(ts, _, change)| (ts, change))
                 .collect(),
         );
         if !versions.is_empty() {
@@ -203,7 +243,7 @@ pub async fn expected_history_on(source: &Client, spec: &TableSpec, basis: &Basi
 pub async fn actual_history(warehouse: &Client, spec: &TableSpec) -> History {
     let sql = format!(
         "SELECT {k}, (extract(epoch FROM h.valid_from) * 1000000)::int8,
-                (extract(epoch FROM h.valid_to) * 1000000)::int8, h.is_deleted, {cols}
+                (extract(epoch FROM h.valid_to) * 1000000)::int8, h.is_deleted, h.is_truncated, {cols}
          FROM {t} h ORDER BY {order}, h.valid_from",
         k = if spec.key.len() == 1 {
             format!("h.{}::text", spec.history_key_columns[0])
@@ -223,7 +263,7 @@ pub async fn actual_history(warehouse: &Client, spec: &TableSpec) -> History {
     let mut out = History::new();
     for r in rows {
         let values = (0..spec.columns.len())
-            .map(|i| r.get::<_, Option<String>>(4 + i))
+            .map(|i| r.get::<_, Option<String>>(5 + i))
             .collect();
         out.entry(canonical_key(spec, r.get(0)))
             .or_default()
@@ -231,6 +271,7 @@ pub async fn actual_history(warehouse: &Client, spec: &TableSpec) -> History {
                 valid_from_us: r.get(1),
                 valid_to_us: r.get(2),
                 is_deleted: r.get(3),
+                is_truncated: r.get(4),
                 values,
             });
     }

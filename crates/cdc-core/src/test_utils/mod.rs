@@ -12,4 +12,4 @@ pub use audit::{
     actual_history, expected_history, expected_history_on, install_audit, install_audit_for, Basis,
 };
 pub use database::{connect, workspace_root, TestDb};
-pub use model::{assert_same_history, History, Version};
+pub use model::{assert_same_history, Change, History, Version};

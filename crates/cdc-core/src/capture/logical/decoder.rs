@@ -1,10 +1,11 @@
-//! Turns pgoutput messages of the captured table into change events, transaction by
-//! transaction, written into the sink (a transaction is never split across files).
+//! Turns pgoutput messages of the captured tables into change events (a TRUNCATE into a
+//! truncate event per captured table), transaction by transaction, written into the sink (a
+//! transaction is never split across files).
 
 use super::pgoutput::{Message, Relation, Value};
 use crate::capture::PassOutcome;
 use crate::error::{Error, Result};
-use crate::event::encode::{write_event, write_object, Header};
+use crate::event::encode::{write_event, write_object, write_truncate, Header};
 use crate::event::{CaptureMode, Op};
 use crate::sink::ChangeSink;
 use crate::table::TableSpec;
@@ -115,12 +116,20 @@ impl<'a> TxDecoder<'a> {
                 out.deletes += u64::from(written);
             }
             Message::Truncate { rels } if !self.skip => {
+                // One message for every table of one TRUNCATE statement (a CASCADE included):
+                // a truncate event for each of ours, at the statement's position.
                 for rel in rels {
-                    let name = self.relations.get(&rel).map_or_else(
-                        || format!("relation {rel}"),
-                        |r| format!("{}.{}", r.schema, r.name),
-                    );
-                    tracing::warn!(table = %name, "TRUNCATE is not captured; the history keeps the truncated rows as current");
+                    let Some(spec) = self.spec_of(self.relation(rel)?) else {
+                        continue;
+                    };
+                    let mut b = std::mem::take(&mut self.buf);
+                    b.clear();
+                    let h = self.header(Op::Truncate, "");
+                    write_truncate(&mut b, spec, &h);
+                    let keep_together = !std::mem::replace(&mut self.tx_first, false);
+                    let written = sink.write(&b, spec, Op::Truncate, keep_together);
+                    self.buf = b;
+                    written?;
                 }
             }
             _ => {}
@@ -167,6 +176,25 @@ impl<'a> TxDecoder<'a> {
         result
     }
 
+    /// The header of an event of the current change: its transaction's commit time and id,
+    /// its LSN.
+    fn header<'k>(&self, op: Op, key: &'k str) -> Header<'k>
+    where
+        'a: 'k,
+    {
+        Header {
+            op,
+            mode: CaptureMode::Logical,
+            snapshot: false,
+            db: Some(self.db),
+            ts_us: self.commit_ts_us,
+            key,
+            lsn: Some(self.change_lsn),
+            tx_id: Some(self.xid),
+            captured_ms: self.captured_ms,
+        }
+    }
+
     /// Writes the event's JSON into `b` and returns its table; `None` when the change is not
     /// of one of our tables.
     fn build_event(
@@ -209,18 +237,7 @@ impl<'a> TxDecoder<'a> {
             }
         }
         let key = spec.encode_key(&parts);
-        let key = key.as_str();
-        let h = Header {
-            op,
-            mode: CaptureMode::Logical,
-            snapshot: false,
-            db: Some(self.db),
-            ts_us: self.commit_ts_us,
-            key,
-            lsn: Some(self.change_lsn),
-            tx_id: Some(self.xid),
-            captured_ms: self.captured_ms,
-        };
+        let h = self.header(op, &key);
         write_event(
             b,
             spec,

@@ -85,6 +85,15 @@ impl LogicalCapture {
             .start()
             .await
             .map_err(ctx("starting the snapshot transaction"))?;
+        // The tables are locked against a TRUNCATE (which is not MVCC-safe: a snapshot taken
+        // before it sees the table empty) before the snapshot is taken, as pg_dump does.
+        let tables: Vec<String> = self.specs.iter().map(|s| s.qualified()).collect();
+        tx.batch_execute(&format!(
+            "LOCK TABLE {} IN ACCESS SHARE MODE",
+            tables.join(", ")
+        ))
+        .await
+        .map_err(ctx("locking the tables for the initial copy"))?;
         let row = tx
             .query_one(
                 "SELECT pg_snapshot_xmin(s)::text::int8, pg_snapshot_xmax(s)::text::int8,
