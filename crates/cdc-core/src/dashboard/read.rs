@@ -278,6 +278,8 @@ pub(super) struct RowOut {
     valid_to: Option<DateTime<Utc>>,
     is_current: bool,
     is_deleted: bool,
+    /// Ended by a TRUNCATE of the table (also `is_deleted`).
+    is_truncated: bool,
     /// Each column's text as PostgreSQL prints it (`NULL`: null).
     values: Vec<Option<String>>,
 }
@@ -800,6 +802,7 @@ fn select_list(spec: &TableSpec) -> (Vec<String>, String) {
                 "valid_to",
                 "is_current",
                 "is_deleted",
+                "is_truncated",
                 "cdc_operation",
                 "cdc_timestamp",
                 "batch_id",
@@ -815,9 +818,15 @@ fn select_list(spec: &TableSpec) -> (Vec<String>, String) {
         .iter()
         .map(|c| format!("x.{c}::text"))
         .chain(
-            ["valid_from", "valid_to", "is_current", "is_deleted"]
-                .iter()
-                .map(|c| format!("x.{c}")),
+            [
+                "valid_from",
+                "valid_to",
+                "is_current",
+                "is_deleted",
+                "is_truncated",
+            ]
+            .iter()
+            .map(|c| format!("x.{c}")),
         )
         .collect::<Vec<_>>()
         .join(", ");
@@ -850,6 +859,7 @@ fn rows_out(
                 valid_to: r.get(n + 1),
                 is_current: r.get(n + 2),
                 is_deleted: r.get(n + 3),
+                is_truncated: r.get(n + 4),
                 values,
             }
         })

@@ -336,7 +336,7 @@ function drawTimeline(h) {
     const z = v.valid_to ? new Date(v.valid_to).getTime() : t1;
     const x0 = x(a), x1 = Math.max(x(z), x0 + 3);
     const rect = svg("rect", { x: x0, y: top, width: x1 - x0, height: barH, rx: 3, fill: COLORS[i % COLORS.length], class: "version", "data-index": i });
-    rect.append(svg("title", {}, "version " + (i + 1) + ": " + fmtTime(v.valid_from) + " → " + (v.valid_to ? fmtTime(v.valid_to) : "now (current)") + (v.is_deleted ? ", then deleted" : "")));
+    rect.append(svg("title", {}, "version " + (i + 1) + ": " + fmtTime(v.valid_from) + " → " + (v.valid_to ? fmtTime(v.valid_to) : "now (current)") + (v.is_truncated ? ", then truncated" : v.is_deleted ? ", then deleted" : "")));
     rect.addEventListener("click", () => selectVersion(i, v));
     root.append(rect);
     if (x1 - x0 > 22) root.append(svg("text", { x: x0 + 6, y: top + 18, class: "in-bar" }, "v" + (i + 1)));
@@ -347,7 +347,7 @@ function drawTimeline(h) {
     }
   });
   root.append(svg("text", { x: L, y: H - 6 }, fmtTime(h.rows[0].valid_from)));
-  root.append(svg("text", { x: W - R, y: H - 6, "text-anchor": "end" }, last.valid_to ? fmtTime(last.valid_to) + (last.is_deleted ? " (deleted)" : "") : "now (current)"));
+  root.append(svg("text", { x: W - R, y: H - 6, "text-anchor": "end" }, last.valid_to ? fmtTime(last.valid_to) + (last.is_truncated ? " (truncated)" : last.is_deleted ? " (deleted)" : "") : "now (current)"));
   box.append(root);
 }
 
