@@ -132,8 +132,24 @@ impl TlsSettings {
     }
 
     /// The connector for these settings. `disable` needs none, but one that is never used
-    /// keeps a single connection type.
+    /// keeps a single connection type. Built once per process and settings: OpenSSL reads
+    /// the system's CA bundle for each new connector (about 20 ms here), which made every
+    /// connection and every short-lived command that much slower.
     pub fn connector(&self) -> Result<MakeTlsConnector> {
+        static BUILT: std::sync::Mutex<Vec<(TlsSettings, MakeTlsConnector)>> =
+            std::sync::Mutex::new(Vec::new());
+        let mut built = BUILT
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, c)) = built.iter().find(|(s, _)| s == self) {
+            return Ok(c.clone());
+        }
+        let c = self.build_connector()?;
+        built.push((self.clone(), c.clone()));
+        Ok(c)
+    }
+
+    fn build_connector(&self) -> Result<MakeTlsConnector> {
         let setup = |e: openssl::error::ErrorStack| {
             Error::setup("TLS", format!("cannot set up OpenSSL: {e}"))
         };
