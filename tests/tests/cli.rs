@@ -25,7 +25,20 @@ async fn a_bad_setting_stops_start_up_with_exit_2_naming_it() {
             "scd2-loader",
             "WAREHOUSE_DB_PORT",
             "lots",
-            "warehouse-db-port",
+            "WAREHOUSE_DB_PORT",
+        ),
+        ("extractor", "DB_PORT", "abc", "DB_PORT"),
+        (
+            "scd2-loader",
+            "CDC_PROCESSED_RETENTION_DAYS",
+            "-1",
+            "CDC_PROCESSED_RETENTION_DAYS",
+        ),
+        (
+            "scd2-loader",
+            "CDC_MAX_SLOT_WAL_MB",
+            "0",
+            "CDC_MAX_SLOT_WAL_MB",
         ),
         (
             "extractor",

@@ -33,7 +33,7 @@ pub struct SourceDbArgs {
         env = "DB_PORT",
         default_value = "5434"
     )]
-    pub port: u16,
+    pub port: String,
     /// Database name
     #[arg(
         id = "db-name",
@@ -109,7 +109,7 @@ pub struct WarehouseDbArgs {
         env = "WAREHOUSE_DB_PORT",
         default_value = "5433"
     )]
-    pub port: u16,
+    pub port: String,
     /// Database name
     #[arg(
         id = "warehouse-db-name",
@@ -176,7 +176,7 @@ impl WarehouseDbArgs {
 #[derive(Clone, Debug)]
 pub struct DbArgs {
     pub host: String,
-    pub port: u16,
+    pub port: String,
     pub dbname: String,
     pub user: String,
     pub password: Secret,
@@ -190,12 +190,19 @@ impl DbArgs {
         if self.host.trim().is_empty() {
             return Err(Error::config(setting("HOST"), "must not be empty"));
         }
-        if self.port == 0 {
-            return Err(Error::config(
-                setting("PORT"),
-                "must be a port number from 1 to 65535",
-            ));
-        }
+        // Parsed here, not by the flag parser, so that a bad value names the variable.
+        let port = self
+            .port
+            .trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| {
+                Error::config(
+                    setting("PORT"),
+                    format!("'{}' must be a port number from 1 to 65535", self.port),
+                )
+            })?;
         if self.dbname.trim().is_empty() {
             return Err(Error::config(setting("NAME"), "must not be empty"));
         }
@@ -210,7 +217,7 @@ impl DbArgs {
         Ok(DbSettings {
             role,
             host: self.host,
-            port: self.port,
+            port,
             dbname: self.dbname,
             user: self.user,
             password: self.password,
