@@ -796,22 +796,20 @@ fn select_list(spec: &TableSpec) -> (Vec<String>, String) {
         .iter()
         .cloned()
         .chain(spec.columns.iter().map(|c| spec.history_column(c)))
+        // The pipeline's own columns (the one list of them, so that a new one shows up here
+        // too), validity first and the surrogate key last: the page takes the columns
+        // before `valid_from` as the tracked ones.
         .chain(
-            [
-                "valid_from",
-                "valid_to",
-                "is_current",
-                "is_deleted",
-                "is_truncated",
-                "cdc_operation",
-                "cdc_timestamp",
-                "batch_id",
-                "source_lsn",
-                "source_txid",
-                "end_lsn",
-                "surrogate_key",
-            ]
-            .map(String::from),
+            crate::table::RESERVED_HISTORY_COLUMNS
+                .iter()
+                .filter(|c| {
+                    !matches!(
+                        **c,
+                        "surrogate_key" | "row_hash" | "created_at" | "updated_at"
+                    )
+                })
+                .chain(std::iter::once(&"surrogate_key"))
+                .map(|c| c.to_string()),
         )
         .collect();
     let select = columns
