@@ -52,8 +52,10 @@ help: ## Show this list of targets
 
 # ---- Run ------------------------------------------------------------------------------------
 
-quick-start: prereqs ## Fresh machine: check/install prerequisites, create .env, start everything
+quick-start: prereqs $(ENSURE_BINS) ## Fresh machine: check/install prerequisites, create .env, prepare the source (extractor setup), start everything
 	@if [ ! -f .env ]; then install -m 600 .env.example .env; echo "created .env from .env.example (owner-only: it holds passwords)"; fi
+	$(RUN) db-up
+	$(BIN_DIR)/extractor setup
 	$(RUN) start
 
 prereqs: ## Check prerequisites: cargo, and PostgreSQL (Docker engine or server binaries; apt as root)
