@@ -382,7 +382,17 @@ async fn a_second_extractor_is_refused_while_one_runs() {
     let lock = db.log_dir().join(".extractor.lock");
     let pid = first.id().to_string();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while std::fs::read_to_string(&lock).unwrap_or_default() != pid {
+    // Started and past its own start-up cleanup: it holds the lock and has written its
+    // first (snapshot) file.
+    let captured = || {
+        std::fs::read_dir(db.log_dir()).is_ok_and(|d| {
+            d.flatten().any(|e| {
+                e.file_name().to_string_lossy().ends_with(".jsonl")
+                    && !e.file_name().to_string_lossy().starts_with('.')
+            })
+        })
+    };
+    while std::fs::read_to_string(&lock).unwrap_or_default() != pid || !captured() {
         assert!(
             std::time::Instant::now() < deadline,
             "extractor never started"
