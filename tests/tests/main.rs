@@ -10,6 +10,7 @@ mod endpoints;
 mod logical;
 mod outage;
 mod pipeline;
+mod schema;
 mod setup;
 mod tls;
 

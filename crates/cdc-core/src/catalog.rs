@@ -5,6 +5,7 @@
 
 use crate::db::ctx;
 use crate::error::{Error, Result};
+use crate::schema_change::Existing;
 use crate::table::{Column, TableSpec, RESERVED_HISTORY_COLUMNS};
 use tokio_postgres::GenericClient;
 
@@ -113,7 +114,8 @@ impl TableSelection {
         Ok(specs)
     }
 
-    async fn describe_one(
+    /// Describes one table (what `describe` does for each).
+    pub async fn describe_one(
         &self,
         client: &impl GenericClient,
         schema: &str,
@@ -164,7 +166,10 @@ impl TableSelection {
                 "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.atttypid::int8,
                         a.attgenerated = 's', pg_get_expr(d.adbin, d.adrelid),
                         coalesce((SELECT k.n FROM unnest(i.indkey) WITH ORDINALITY AS k(att, n)
-                                  WHERE k.att = a.attnum), 0)::int4
+                                  WHERE k.att = a.attnum), 0)::int4,
+                        a.attnum, a.atttypmod,
+                        CASE WHEN a.atthasmissing THEN 'v' WHEN d.adbin IS NOT NULL AND a.attgenerated = '' THEN 'd' ELSE 'n' END,
+                        CASE WHEN a.atthasmissing THEN (a.attmissingval::text::text[])[1] END
                  FROM pg_class c
                  JOIN pg_namespace n ON n.oid = c.relnamespace
                  JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
@@ -187,6 +192,7 @@ impl TableSelection {
         let mut columns = Vec::new();
         let mut has_change_time = false;
         let mut has_created_at = false;
+        let mut ignored = Vec::new();
         for r in &rows {
             let name: String = r.get(0);
             check_name(&name)
@@ -201,6 +207,14 @@ impl TableSelection {
             if r.get::<_, bool>(3) {
                 col.generated = r.get(4);
             }
+            col.attnum = r.get(6);
+            col.type_oid = r.get::<_, i64>(2) as u32;
+            col.type_mod = r.get(7);
+            col.existing = match (r.get::<_, &str>(8), r.get::<_, Option<String>>(9)) {
+                ("v", Some(v)) => Existing::Value(v),
+                ("d", _) => Existing::Unknown,
+                _ => Existing::Null,
+            };
             let key_pos: i32 = r.get(5);
             if !excluded_column(&self.exclude, schema, table, &name) {
                 type_oids.push(r.get::<_, i64>(2));
@@ -219,7 +233,10 @@ impl TableSelection {
                 key.push((key_pos, col));
             } else if name == self.change_time_column {
                 has_change_time = true;
-            } else if !excluded {
+                ignored.push(name);
+            } else if excluded {
+                ignored.push(name);
+            } else {
                 has_created_at |= name == "created_at";
                 columns.push(col);
             }
@@ -264,8 +281,34 @@ impl TableSelection {
             history_table: format!("dim_{table}_history"),
             history_key_columns,
             types: user_types(client, &type_oids).await?,
+            ignored,
         })
     }
+}
+
+/// A fingerprint of each table's columns (names, positions, types, generated expressions)
+/// and primary key, in one query: when it changes, the table is described again and compared
+/// with what was last captured. `None` for a table that no longer exists.
+pub async fn fingerprints(
+    client: &impl GenericClient,
+    specs: &[TableSpec],
+) -> Result<Vec<Option<String>>> {
+    let names: Vec<String> = specs.iter().map(|s| s.qualified()).collect();
+    let rows = client
+        .query(
+            "SELECT (SELECT md5(string_agg(a.attnum || ':' || a.attname || ':' || a.atttypid || ':' || a.atttypmod || ':'
+                                          || a.attgenerated::text || ':' || coalesce(CASE WHEN a.attgenerated <> '' THEN pg_get_expr(d.adbin, d.adrelid) END, ''),
+                                          ',' ORDER BY a.attnum))
+                     FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+                     WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped)
+                    || coalesce((SELECT i.indkey::text FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), '')
+             FROM unnest($1::text[]) WITH ORDINALITY AS s(q, n) LEFT JOIN pg_class c ON c.oid = to_regclass(s.q)
+             ORDER BY s.n",
+            &[&names],
+        )
+        .await
+        .map_err(ctx("reading the captured tables' columns"))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 /// What names a pipeline's change-log files (their prefix): its one table's name, or the

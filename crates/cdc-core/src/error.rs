@@ -58,6 +58,12 @@ pub enum Error {
     #[error("state file {path} is unreadable: {message}")]
     State { path: PathBuf, message: String },
 
+    /// A schema change of a source table that its history cannot follow exactly: the loader
+    /// stops at it (exit 2 with `--once`; a looping loader waits until the history can
+    /// hold it).
+    #[error("schema change of {table}: {message}")]
+    SchemaChange { table: String, message: String },
+
     #[error("stopped by shutdown signal")]
     Shutdown,
 }
@@ -196,7 +202,10 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// must change something), 1 for a runtime failure.
 pub fn exit_code(e: &Error) -> i32 {
     match e {
-        Error::Config { .. } | Error::Setup { .. } | Error::State { .. } => 2,
+        Error::Config { .. }
+        | Error::Setup { .. }
+        | Error::State { .. }
+        | Error::SchemaChange { .. } => 2,
         _ => 1,
     }
 }

@@ -21,6 +21,7 @@ pub mod migrate;
 pub mod ownership;
 pub mod progress;
 pub mod scd2;
+pub mod schema_change;
 pub mod shutdown;
 pub mod sink;
 pub mod slot;

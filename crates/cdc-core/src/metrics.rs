@@ -349,6 +349,7 @@ fn kind(e: &Error) -> &'static str {
         Error::Io { .. } => "io",
         Error::Config { .. } | Error::Setup { .. } | Error::State { .. } => "setup",
         Error::Parse { .. } | Error::Decode { .. } => "data",
+        Error::SchemaChange { .. } => "schema",
         Error::Internal { .. } | Error::Shutdown => "internal",
     }
 }

@@ -9,14 +9,24 @@ use tokio_postgres::Client;
 
 const LOCK_KEY: i64 = 0x0cdc_0001;
 
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "runs_and_batches",
-    include_str!("../migrations/0001_runs_and_batches.sql"),
-)];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "runs_and_batches",
+        include_str!("../migrations/0001_runs_and_batches.sql"),
+    ),
+    (
+        2,
+        "schema_changes",
+        include_str!("../migrations/0002_schema_changes.sql"),
+    ),
+];
 
-/// Brings the warehouse schema up to date for `spec`.
-pub async fn migrate(client: &mut Client, spec: &TableSpec) -> Result<()> {
+/// Brings the warehouse schema up to date for `spec` (the source's description of a table).
+/// Returns the description the history has: the columns recorded by the last schema change
+/// it followed (`cdc_schema_changes`), which the change log has not necessarily reached in
+/// the source yet; the first time, the source's, recorded as the baseline.
+pub async fn migrate(client: &mut Client, spec: &TableSpec) -> Result<TableSpec> {
     let tx = client
         .transaction()
         .await
@@ -56,7 +66,8 @@ pub async fn migrate(client: &mut Client, spec: &TableSpec) -> Result<()> {
         .map_err(ctx("recording a migration"))?;
         tracing::info!(version, name, "applied warehouse migration");
     }
-    create_types(&tx, spec).await?;
+    let spec = &crate::scd2::schema::current(&tx, spec).await?;
+    create_types(&tx, &spec.types).await?;
     tx.batch_execute(&history_ddl(spec))
         .await
         .map_err(ctx(format!(
@@ -67,13 +78,16 @@ pub async fn migrate(client: &mut Client, spec: &TableSpec) -> Result<()> {
     make_generated_columns(&tx, spec).await?;
     add_truncated_column(&tx, spec).await?;
     tx.commit().await.map_err(ctx("committing migrations"))?;
-    Ok(())
+    Ok(spec.clone())
 }
 
 /// Creates in the warehouse each user-defined type the table's columns need that it lacks,
 /// with the source's definition.
-async fn create_types(tx: &tokio_postgres::Transaction<'_>, spec: &TableSpec) -> Result<()> {
-    for t in &spec.types {
+pub(crate) async fn create_types(
+    tx: &tokio_postgres::Transaction<'_>,
+    types: &[crate::table::TypeDef],
+) -> Result<()> {
+    for t in types {
         let missing: bool = tx
             .query_one("SELECT to_regtype($1) IS NULL", &[&t.name])
             .await
@@ -145,7 +159,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS {t}_key_position
 /// A tracked column's type in the history table: generated columns are generated there too,
 /// from the same expression over the history's columns (logical replication does not send
 /// them, and the loader's COPY leaves them to PostgreSQL).
-fn column_type(spec: &TableSpec, c: &Column) -> String {
+pub(crate) fn column_type(spec: &TableSpec, c: &Column) -> String {
     match &c.generated {
         Some(expr) => format!(
             "{} GENERATED ALWAYS AS (({})::{}) STORED",

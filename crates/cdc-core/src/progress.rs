@@ -48,6 +48,10 @@ pub struct Progress {
     /// Logical mode: whether the initial copy was taken, and which transactions it shows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logical: Option<LogicalState>,
+    /// The shape (key and tracked columns) of each table (`schema.table`) as the change log
+    /// last described it: a schema change is written when the source's differs.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub shapes: std::collections::BTreeMap<String, crate::schema_change::Shape>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,6 +91,7 @@ impl Progress {
             next_file_seq: 1,
             updated_at: None,
             logical: None,
+            shapes: Default::default(),
         }
     }
 

@@ -34,6 +34,19 @@ pub struct Column {
     /// (PostgreSQL 15) does not send generated columns; the history table generates them from
     /// the same expression.
     pub generated: Option<String>,
+    /// Its position in the source table (`attnum`; 0 when not read from a catalog): what
+    /// tells a renamed column from a dropped one and an added one.
+    pub attnum: i16,
+    /// The source's type OID and modifier (`atttypid`, `atttypmod`): how pgoutput's relation
+    /// messages name the type (0 and -1 when not read from a catalog).
+    pub type_oid: u32,
+    pub type_mod: i32,
+    /// History only: the source no longer has the column (dropped); the history keeps it and
+    /// later versions hold NULL.
+    pub dropped: bool,
+    /// Catalog only: what rows that existed when the column was added hold (see
+    /// `schema_change::Existing`).
+    pub existing: crate::schema_change::Existing,
 }
 
 impl Column {
@@ -42,6 +55,11 @@ impl Column {
             name: name.to_owned(),
             sql_type: sql_type.to_owned(),
             generated: None,
+            attnum: 0,
+            type_oid: 0,
+            type_mod: -1,
+            dropped: false,
+            existing: crate::schema_change::Existing::Null,
         }
     }
 
@@ -78,10 +96,13 @@ pub struct TableSpec {
     /// User-defined types its columns use (enums, domains, composites), dependencies first:
     /// the warehouse creates each that it lacks, with the source's definition.
     pub types: Vec<TypeDef>,
+    /// Source columns that are not tracked: the change-time column and those left out by
+    /// `CDC_EXCLUDE_COLUMNS`.
+    pub ignored: Vec<String>,
 }
 
 /// A user-defined type of the source and the DDL that creates it as the source defines it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TypeDef {
     /// `schema.name`, quoted as needed.
     pub name: String,
@@ -113,6 +134,7 @@ impl TableSpec {
             history_table: "dim_orders_history".into(),
             history_key_columns: vec!["order_key".into()],
             types: Vec::new(),
+            ignored: vec!["last_updated".into()],
         }
     }
 
@@ -128,12 +150,17 @@ impl TableSpec {
 
     /// The history column that stores a tracked source column.
     pub fn history_column(&self, c: &Column) -> String {
-        if RESERVED_HISTORY_COLUMNS.contains(&c.name.as_str())
-            || self.history_key_columns.contains(&c.name)
+        self.history_name(&c.name)
+    }
+
+    /// The history column that stores the tracked source column named `name`.
+    pub fn history_name(&self, name: &str) -> String {
+        if RESERVED_HISTORY_COLUMNS.contains(&name)
+            || self.history_key_columns.iter().any(|k| k == name)
         {
-            format!("source_{}", c.name)
+            format!("source_{name}")
         } else {
-            c.name.clone()
+            name.to_owned()
         }
     }
 

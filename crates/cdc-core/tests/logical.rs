@@ -339,11 +339,7 @@ async fn logical_unchanged_toasted_values_are_taken_from_the_old_image() {
         .batch_execute("ALTER TABLE orders ADD COLUMN note text")
         .await
         .unwrap();
-    db.spec.columns.push(Column {
-        name: "note".into(),
-        sql_type: "text".into(),
-        generated: None,
-    });
+    db.spec.columns.push(Column::new("note", "text"));
     logical_snapshot(&db).await;
     // A value large and random enough to be stored out of line (TOASTed), then an update
     // that leaves it alone: pgoutput does not resend it.

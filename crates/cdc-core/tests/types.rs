@@ -182,20 +182,14 @@ async fn create_typed(db: &mut TestDb) {
         schema: "public".into(),
         name: "typed".into(),
         key: vec![Column::new("code", "char(6)")],
-        columns: COLUMNS
-            .iter()
-            .map(|(n, t)| Column {
-                name: (*n).into(),
-                sql_type: (*t).into(),
-                generated: None,
-            })
-            .collect(),
+        columns: COLUMNS.iter().map(|(n, t)| Column::new(n, t)).collect(),
         change_time_column: Some("last_updated".into()),
         created_time_column: None,
         history_schema: "public".into(),
         history_table: "dim_typed_history".into(),
         history_key_columns: vec!["code".into()],
         types: Vec::new(),
+        ignored: vec!["last_updated".into()],
     };
 }
 

@@ -56,14 +56,14 @@ fn main() {
         let shutdown = cdc_core::shutdown::Shutdown::from_signals();
         match command {
             Command::Run if cli.once => {
-                cdc_core::scd2::loader::run(&cfg, true, shutdown).await?;
+                Box::pin(cdc_core::scd2::loader::run(&cfg, true, shutdown)).await?;
             }
             Command::Run => {
                 // The endpoints and, beside them, the dashboard and its API.
                 let routes = cdc_core::http::probes(cdc_core::metrics::Program::Loader)
                     .merge(cdc_core::dashboard::routes(&cfg)?);
                 let work = async {
-                    cdc_core::scd2::loader::run(&cfg, false, shutdown).await?;
+                    Box::pin(cdc_core::scd2::loader::run(&cfg, false, shutdown)).await?;
                     Ok(())
                 };
                 cdc_core::http::serve_while(cfg.metrics_addr, "LOADER_METRICS_ADDR", routes, work)

@@ -5,6 +5,7 @@
 
 pub mod logical;
 mod rows;
+pub mod schema;
 pub mod setup;
 pub mod timestamp;
 
@@ -62,6 +63,8 @@ pub struct PassOutcome {
     pub events: u64,
     pub rows: u64,
     pub deletes: u64,
+    /// Schema changes written.
+    pub schema_changes: u64,
     pub files: Vec<PathBuf>,
     pub bytes: u64,
     pub snapshot: bool,
@@ -138,7 +141,8 @@ pub async fn run(cfg: ExtractorConfig, shutdown: Shutdown) -> Result<()> {
     };
     match cfg.capture_mode {
         CaptureMode::Timestamp => {
-            let source = TimestampCapture::new(specs.clone(), cfg.state_dir.clone())?;
+            let source = TimestampCapture::new(specs.clone(), cfg.state_dir.clone())?
+                .following(cfg.tables.clone());
             Box::pin(run_source(source, sink, client, looping)).await
         }
         CaptureMode::Logical => {
@@ -147,7 +151,8 @@ pub async fn run(cfg: ExtractorConfig, shutdown: Shutdown) -> Result<()> {
                 cfg.state_dir.clone(),
                 cfg.slot.clone(),
                 logical_progress_name(&specs, pipeline),
-            )?;
+            )?
+            .following(cfg.tables.clone());
             Box::pin(run_source(source, sink, client, looping)).await
         }
     }

@@ -14,11 +14,13 @@ use super::rows::{
     read_rows, required_i64, required_op, row_header, rows_copy_sql, ImageColumns,
 };
 use super::{ChangeSource, PassOutcome};
+use crate::catalog::TableSelection;
 use crate::db::ctx;
 use crate::error::{Error, Result};
-use crate::event::encode::{write_event, write_truncate, TEXT_OUTPUT_SETTINGS};
+use crate::event::encode::{write_event, write_schema, write_truncate, TEXT_OUTPUT_SETTINGS};
 use crate::event::{CaptureMode, Op};
 use crate::progress::{Progress, Watermark};
+use crate::schema_change::{shape_of, Shape};
 use crate::sink::{commit_if_ok, ChangeSink, Durable};
 use crate::table::{sql_literal, TableSpec};
 use chrono::{DateTime, Utc};
@@ -30,6 +32,10 @@ use tokio_postgres::Client;
 pub struct TimestampCapture {
     tables: Vec<(TableSpec, Progress)>,
     state_dir: PathBuf,
+    /// Given, schema changes are followed: the tables are described again from the catalog
+    /// when it changes, and a schema event is written before the rows in the new shape.
+    selection: Option<TableSelection>,
+    watch: super::schema::Watch,
 }
 
 impl TimestampCapture {
@@ -39,7 +45,18 @@ impl TimestampCapture {
             let progress = Progress::load(&state_dir, &spec.qualified(), CaptureMode::Timestamp)?;
             tables.push((spec, progress));
         }
-        Ok(TimestampCapture { tables, state_dir })
+        Ok(TimestampCapture {
+            tables,
+            state_dir,
+            selection: None,
+            watch: Default::default(),
+        })
+    }
+
+    /// Follows the tables' schema changes (`selection` describes them again).
+    pub fn following(mut self, selection: TableSelection) -> Self {
+        self.selection = Some(selection);
+        self
     }
 
     /// The sink's next sequence number: past every table's.
@@ -159,29 +176,52 @@ impl ChangeSource for TimestampCapture {
             .await
             .map_err(ctx("starting the capture snapshot"))?;
 
+        if self.selection.is_some() {
+            // Before the snapshot: no schema change commits between the catalog read below
+            // and the rows read in its shape.
+            let names: Vec<String> = self.tables.iter().map(|(s, _)| s.qualified()).collect();
+            tx.batch_execute(&format!(
+                "LOCK TABLE {} IN ACCESS SHARE MODE",
+                names.join(", ")
+            ))
+            .await
+            .map_err(ctx("locking the tables for the pass"))?;
+        }
         sink.begin(now, self.next_seq());
         let snapshot = self.snapshot_needed();
         let mut out = PassOutcome {
             snapshot,
             ..PassOutcome::default()
         };
-        let result: Result<Vec<Found>> = async {
+        let (tables, selection, watch) = (&mut self.tables, &self.selection, &mut self.watch);
+        let result: Result<(Vec<Found>, Vec<Option<Shape>>)> = async {
             tx.batch_execute(TEXT_OUTPUT_SETTINGS)
                 .await
                 .map_err(ctx("setting the output format"))?;
-            let mut found = Vec::with_capacity(self.tables.len());
-            for (spec, progress) in &self.tables {
+            let shapes = match selection {
+                Some(sel) => {
+                    follow_schema(&tx, sel, watch, tables, captured_ms, sink, &mut out).await?
+                }
+                None => vec![None; tables.len()],
+            };
+            let mut found = Vec::with_capacity(tables.len());
+            for (spec, progress) in tables.iter() {
                 let prev = progress.watermark.as_ref();
                 found.push(capture_table(&tx, spec, prev, captured_ms, sink, &mut out).await?);
             }
-            Ok(found)
+            Ok((found, shapes))
         }
         .await;
-        let (found, durable) = commit_if_ok(sink, result)?;
+        if result.is_err() {
+            // What it saw is not written: look again next pass.
+            self.watch.forget();
+        }
+        let ((found, shapes), durable) = commit_if_ok(sink, result)?;
         let next_seq = durable.next_seq();
         out = PassOutcome {
             rows: out.rows,
             deletes: out.deletes,
+            schema_changes: out.schema_changes,
             snapshot,
             ..PassOutcome::written(&durable)
         };
@@ -197,7 +237,9 @@ impl ChangeSource for TimestampCapture {
 
         // Progress last, table by table.
         let bound_us = bound.timestamp_micros();
-        for ((spec, progress), Found { last, .. }) in self.tables.iter_mut().zip(found) {
+        for (((spec, progress), Found { last, .. }), shape) in
+            self.tables.iter_mut().zip(found).zip(shapes)
+        {
             let prev = progress.watermark.clone();
             let candidate = match last {
                 Some(w) if w.ts_us < bound_us => w,
@@ -210,7 +252,11 @@ impl ChangeSource for TimestampCapture {
                 Some(p) if candidate.cmp_pos(p) == std::cmp::Ordering::Less => p.clone(),
                 _ => candidate,
             };
-            if prev.as_ref() != Some(&new) || next_seq != progress.next_file_seq {
+            let reshaped = shape.is_some();
+            if let Some(shape) = shape {
+                progress.shapes.insert(spec.qualified(), shape);
+            }
+            if prev.as_ref() != Some(&new) || next_seq != progress.next_file_seq || reshaped {
                 progress.watermark = Some(new);
                 progress.next_file_seq = next_seq;
                 progress.save(&self.state_dir, &spec.qualified(), prev.as_ref(), &durable)?;
@@ -223,6 +269,69 @@ impl ChangeSource for TimestampCapture {
             .min_by(|a, b| a.cmp_pos(b));
         Ok(out)
     }
+}
+
+/// Describes again each table whose catalog changed and, when its shape differs from the one
+/// the change log last described, writes a schema event dated just before the watermark (so
+/// before every row this pass reads, which it reads in the new shape, and after every row
+/// an earlier pass read). Returns the shapes to record once the events are durable.
+async fn follow_schema(
+    tx: &tokio_postgres::Transaction<'_>,
+    selection: &TableSelection,
+    watch: &mut super::schema::Watch,
+    tables: &mut [(TableSpec, Progress)],
+    captured_ms: i64,
+    sink: &mut dyn ChangeSink,
+    out: &mut PassOutcome,
+) -> Result<Vec<Option<Shape>>> {
+    let specs: Vec<TableSpec> = tables.iter().map(|(s, _)| s.clone()).collect();
+    let changed = watch.changed(tx, selection, &specs).await?;
+    let mut shapes = vec![None; tables.len()];
+    for (i, ((spec, progress), now)) in tables.iter_mut().zip(changed).enumerate() {
+        let Some(mut now) = now else {
+            continue;
+        };
+        if let Some(w) = &progress.watermark {
+            let written = progress.shapes.get(&now.qualified());
+            super::schema::settle_existing(tx, &mut now, written, Some(w.ts_us)).await?;
+        }
+        let shape = shape_of(&now);
+        let written = progress.shapes.get(&now.qualified());
+        match (written, &progress.watermark) {
+            (Some(written), Some(w)) => {
+                if let Some(ev) = super::schema::event(written, &now) {
+                    let cols = ImageColumns::load(tx, &now).await?;
+                    let h = row_header(
+                        &cols,
+                        Op::Schema,
+                        CaptureMode::Timestamp,
+                        false,
+                        w.ts_us - 1,
+                        "",
+                        captured_ms,
+                    );
+                    let mut b = Vec::with_capacity(1024);
+                    write_schema(&mut b, &now, &h, &ev);
+                    sink.write(&b, &now, Op::Schema, false)?;
+                    out.schema_changes += ev.changes.len() as u64;
+                    tracing::info!(table = %now.qualified(), changes = %ev.changes.iter().map(|c| c.to_string()).collect::<Vec<_>>().join("; "), "schema change captured");
+                }
+                if *written != shape {
+                    shapes[i] = Some(shape);
+                }
+            }
+            // The first pass (the snapshot reads the rows in the shape they have), or a
+            // progress file from before shapes were recorded: the source's shape is the
+            // baseline.
+            (written, _) => {
+                if written != Some(&shape) {
+                    shapes[i] = Some(shape);
+                }
+            }
+        }
+        *spec = now;
+    }
+    Ok(shapes)
 }
 
 /// What a pass read of one table: the newest tombstone and truncation (what their removal may
@@ -397,15 +506,19 @@ async fn remove_captured(
 /// have seen, at its change time) and the delete itself, at the delete time. Columns: id,
 /// change time (µs), delete time (µs), op of the last state, the image columns. The
 /// deleted row is read back from its text form (`old_text`, each value exact); a tombstone
-/// left by an older trigger without it, from its JSON copy. (`OFFSET 0` keeps the row read
+/// left by an older trigger without it, or one of a row whose table has gained or lost columns
+/// since, from its JSON copy (by name). (`OFFSET 0` keeps the row read
 /// once: `(expr).*` alone would evaluate `expr` once for every column.)
 fn tombstone_copy_sql(spec: &TableSpec, cols: &ImageColumns, prev: Option<&Watermark>) -> String {
     let r = "r";
     format!(
         "COPY (SELECT tb.tombstone_id, {ts}, {deleted}, {op}, {list}
                FROM public.cdc_tombstones tb
-               CROSS JOIN LATERAL (SELECT (s.v).* FROM (SELECT coalesce(tb.old_text::{table},
-                                           jsonb_populate_record(NULL::{table}, tb.old_row)) AS v
+               CROSS JOIN LATERAL (SELECT (s.v).* FROM (SELECT CASE
+                                           WHEN tb.old_text IS NOT NULL AND
+                                                (SELECT count(*) FROM jsonb_object_keys(tb.old_row)) = {width}
+                                           THEN tb.old_text::{table}
+                                           ELSE jsonb_populate_record(NULL::{table}, tb.old_row) END AS v
                                    OFFSET 0) s) {r}
                WHERE tb.table_schema = {schema} AND tb.table_name = {name}
                ORDER BY tb.deleted_at, tb.tombstone_id) TO STDOUT",
@@ -416,5 +529,9 @@ fn tombstone_copy_sql(spec: &TableSpec, cols: &ImageColumns, prev: Option<&Water
         table = spec.qualified(),
         schema = sql_literal(&spec.schema),
         name = sql_literal(&spec.name),
+        width = format_args!(
+            "(SELECT count(*) FROM pg_attribute WHERE attrelid = '{}'::regclass AND attnum > 0 AND NOT attisdropped)",
+            spec.qualified()
+        ),
     )
 }

@@ -1,7 +1,7 @@
 //! Reading change events (the loader's side of the format) without building a
 //! `serde_json::Value` per row.
 
-use super::{Op, FORMAT_VERSION, TRUNCATE_FORMAT_VERSION};
+use super::{Op, FORMAT_VERSION, SCHEMA_FORMAT_VERSION, TRUNCATE_FORMAT_VERSION};
 use crate::table::TableSpec;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -16,6 +16,8 @@ struct Envelope<'a> {
     before: Option<&'a RawValue>,
     #[serde(borrow, default)]
     after: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    schema_change: Option<&'a RawValue>,
     #[serde(borrow)]
     source: Source<'a>,
     ts_ms: i64,
@@ -47,9 +49,11 @@ pub struct DecodedEvent {
     pub lsn: Option<i64>,
     pub tx_id: Option<i64>,
     pub captured_ms: i64,
-    /// Tracked column values (text form), `None` for SQL NULL. Empty for deletes and
-    /// truncates.
+    /// Tracked column values (text form), `None` for SQL NULL. Empty for deletes,
+    /// truncates and schema changes.
     pub values: Values,
+    /// A schema event's changes and the table's shape after them.
+    pub schema: Option<Box<crate::schema_change::SchemaEvent>>,
 }
 
 /// Column values in text form, kept compactly: one string and where each value ends.
@@ -189,6 +193,32 @@ pub fn decode_for(line: &str, specs: &[TableSpec]) -> Result<DecodedEvent, Decod
             tx_id: env.source.tx_id,
             captured_ms: env.ts_ms,
             values: Values::default(),
+            schema: None,
+        });
+    }
+    if env.op == Op::Schema {
+        let v = env.format_version.unwrap_or(1);
+        if v < SCHEMA_FORMAT_VERSION {
+            return Err(format!(
+                "a schema change (op s) needs format_version {SCHEMA_FORMAT_VERSION} or later; this event has {v}"
+            )
+            .into());
+        }
+        let raw = env
+            .schema_change
+            .ok_or("a schema change (op s) needs `schema_change`")?;
+        let change: crate::schema_change::SchemaEvent = serde_json::from_str(raw.get())
+            .map_err(|e| format!("schema_change is not a schema change: {e}"))?;
+        return Ok(DecodedEvent {
+            table,
+            op: Op::Schema,
+            key: String::new(),
+            ts_us: env.source.ts_us,
+            lsn,
+            tx_id: env.source.tx_id,
+            captured_ms: env.ts_ms,
+            values: Values::default(),
+            schema: Some(Box::new(change)),
         });
     }
     let image = match env.op {
@@ -232,8 +262,9 @@ pub fn decode_for(line: &str, specs: &[TableSpec]) -> Result<DecodedEvent, Decod
                     }
                     values.push(text.as_deref())
                 }
-                // Not sent by logical replication; the history table generates it.
-                None if c.generated.is_some() => values.push(None),
+                // Not sent by logical replication; the history table generates it. A column
+                // the source dropped holds NULL from then on.
+                None if c.generated.is_some() || c.dropped => values.push(None),
                 None => return Err(format!("row image has no column {}", c.name).into()),
             }
         }
@@ -247,6 +278,7 @@ pub fn decode_for(line: &str, specs: &[TableSpec]) -> Result<DecodedEvent, Decod
         tx_id: env.source.tx_id,
         captured_ms: env.ts_ms,
         values,
+        schema: None,
     })
 }
 
@@ -328,11 +360,7 @@ mod tests {
     #[test]
     fn json_columns_keep_their_json() {
         let mut spec = TableSpec::orders();
-        spec.columns.push(crate::table::Column {
-            name: "doc".into(),
-            sql_type: "jsonb".into(),
-            generated: None,
-        });
+        spec.columns.push(crate::table::Column::new("doc", "jsonb"));
         let with = |doc: &str| {
             UPDATE.replace(
                 "\"last_updated\"",
@@ -370,7 +398,10 @@ mod tests {
         assert!(decode(&old, &TableSpec::orders())
             .unwrap_err()
             .contains("needs format_version 3"));
-        let newer = line.replace("\"format_version\":3", "\"format_version\":4");
+        let newer = line.replace(
+            "\"format_version\":3",
+            &format!("\"format_version\":{}", super::FORMAT_VERSION + 1),
+        );
         assert!(decode(&newer, &TableSpec::orders())
             .unwrap_err()
             .contains("newer than this loader reads"));

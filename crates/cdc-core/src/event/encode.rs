@@ -55,6 +55,35 @@ pub fn write_event(
     before(b);
     b.extend_from_slice(b",\"after\":");
     after(b);
+    write_source(b, spec, h);
+}
+
+/// Writes a schema event (`op` `s`): no row images and no key; `h.ts_us` (and `h.lsn`) the
+/// position from which the table has the shape `change.columns`.
+pub fn write_schema(
+    b: &mut Vec<u8>,
+    spec: &TableSpec,
+    h: &Header<'_>,
+    change: &crate::schema_change::SchemaEvent,
+) {
+    b.extend_from_slice(
+        format!("{{\"format_version\":{FORMAT_VERSION},\"op\":\"s\",\"before\":null,\"after\":null,\"schema_change\":")
+            .as_bytes(),
+    );
+    // Plain data: serializing into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *b, change);
+    write_source(
+        b,
+        spec,
+        &Header {
+            op: Op::Schema,
+            ..*h
+        },
+    );
+}
+
+/// The `source` block and `ts_ms`, closing the event.
+fn write_source(b: &mut Vec<u8>, spec: &TableSpec, h: &Header<'_>) {
     b.extend_from_slice(
         format!(
             ",\"source\":{{\"version\":\"{}\",\"connector\":\"{CONNECTOR}\",",
@@ -74,8 +103,8 @@ pub fn write_event(
     b.extend_from_slice(b",\"capture_mode\":");
     json_str(b, h.mode.as_str());
     b.extend_from_slice(format!(",\"snapshot\":{},\"key\":", h.snapshot).as_bytes());
-    if h.op == Op::Truncate {
-        // A truncate is of the whole table: no key.
+    if matches!(h.op, Op::Truncate | Op::Schema) {
+        // A truncate or schema change is of the whole table: no key.
         b.extend_from_slice(b"null");
     } else {
         json_str(b, h.key);

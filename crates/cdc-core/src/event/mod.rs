@@ -19,7 +19,12 @@ use serde::Deserialize;
 /// Version 2 writes json and jsonb values as JSON strings of their text (as Debezium does):
 /// exact (whitespace and duplicate keys of `json` kept), one line, and a JSON `null` value
 /// apart from SQL NULL. Version 1 wrote them as raw JSON; the loader reads both.
-pub const FORMAT_VERSION: u32 = 3;
+/// Version 4 adds the schema event (`op` `s`: no row images, no key; a `schema_change` object
+/// with the table's changes and its columns after them); a loader that reads only version 3
+/// refuses version-4 files instead of applying changes of a shape it does not know.
+pub const FORMAT_VERSION: u32 = 4;
+/// The first format version with schema events.
+pub const SCHEMA_FORMAT_VERSION: u32 = 4;
 /// The first format version with truncate events.
 pub const TRUNCATE_FORMAT_VERSION: u32 = 3;
 /// `source.connector` of events written by this pipeline.
@@ -38,6 +43,9 @@ pub enum Op {
     /// A `TRUNCATE` of the whole table (Debezium's `t`).
     #[serde(rename = "t")]
     Truncate,
+    /// A change of the table's columns (`schema_change` says which).
+    #[serde(rename = "s")]
+    Schema,
 }
 
 impl Op {
@@ -48,10 +56,11 @@ impl Op {
             Op::Delete => 'd',
             Op::Read => 'r',
             Op::Truncate => 't',
+            Op::Schema => 's',
         }
     }
 
-    /// The code as it stands in an event (`"c"`, `"u"`, `"d"`, `"r"`, `"t"`).
+    /// The code as it stands in an event (`"c"`, `"u"`, `"d"`, `"r"`, `"t"`, `"s"`).
     pub fn as_str(self) -> &'static str {
         match self {
             Op::Create => "c",
@@ -59,6 +68,7 @@ impl Op {
             Op::Delete => "d",
             Op::Read => "r",
             Op::Truncate => "t",
+            Op::Schema => "s",
         }
     }
 
@@ -70,6 +80,7 @@ impl Op {
             "d" => Some(Op::Delete),
             "r" => Some(Op::Read),
             "t" => Some(Op::Truncate),
+            "s" => Some(Op::Schema),
             _ => None,
         }
     }

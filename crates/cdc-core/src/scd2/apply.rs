@@ -32,6 +32,8 @@ pub struct ApplyStats {
     pub versions_inserted: u64,
     pub versions_closed: u64,
     pub deletes: u64,
+    /// Schema changes followed.
+    pub schema_changes: u64,
     /// Where the time went, in milliseconds: waiting for decoded events (reading runs
     /// ahead on its own thread), reading the newest versions and computing the new ones,
     /// closing current rows, copying versions in.
@@ -62,6 +64,7 @@ impl ApplyStats {
         self.versions_inserted += s.versions_inserted;
         self.versions_closed += s.versions_closed;
         self.deletes += s.deletes;
+        self.schema_changes += s.schema_changes;
     }
 }
 
@@ -89,9 +92,13 @@ impl Applying {
 ///
 /// Reading, decoding and hashing run on a thread of their own, one chunk ahead of the
 /// store's work on the previous chunk.
+///
+/// A schema event is followed in the store between the chunks before and after it, and
+/// changes `how`'s description of its table: the caller keeps the changed `how` only once
+/// the store's transaction has committed.
 pub async fn apply_files(
     store: &mut impl HistoryStore,
-    how: &Applying,
+    how: &mut Applying,
     files: &[PathBuf],
     run_id: &str,
 ) -> Result<ApplyStats> {
@@ -120,7 +127,7 @@ pub async fn apply_files(
         let (how, files) = (how.clone(), files.to_vec());
         // If the applier fails first, it drops `recv` and the reader stops at its next send.
         tokio::task::spawn_blocking(move || {
-            read_chunks(&how.hashers, how.chunk_events, &how.specs, &files, &send)
+            read_chunks(how.hashers, how.chunk_events, how.specs, &files, &send)
         });
     }
     let mut clock = std::time::Instant::now();
@@ -136,6 +143,33 @@ pub async fn apply_files(
             Read::Chunk(mut chunk) => {
                 stats.events += chunk.len() as u64;
                 apply_chunk(store, &mut chunk, &mut facts, &mut stats, &mut clock).await?;
+            }
+            Read::Schema { file, ev } => {
+                stats.events += 1;
+                let t = ev.table;
+                let (Some(old), Some(change)) = (how.specs.get(t), ev.schema.as_deref()) else {
+                    continue;
+                };
+                let new = super::schema::follow(old, change).map_err(|m| Error::Parse {
+                    path: files[file].clone(),
+                    line: 0,
+                    message: format!("schema change of {}: {m}", old.qualified()),
+                })?;
+                let added = store
+                    .schema_change(t, old, &new, &ev, &facts[file].name)
+                    .await?;
+                how.hashers[t] = RowHasher::new(&new);
+                how.specs[t] = new;
+                stats.schema_changes += change.changes.len() as u64;
+                stats.versions_inserted += added;
+                stats.versions_closed += added;
+                facts[file].inserted += added as i64;
+                if let Some(s) = stats.tables.get_mut(t) {
+                    s.events += 1;
+                    s.inserted += added;
+                    s.closed += added;
+                }
+                stats.phases_ms[2] += lap(&mut clock);
             }
             Read::Done(read) => {
                 for (f, r) in facts.iter_mut().zip(read) {

@@ -76,8 +76,9 @@ impl Applier {
 
     /// Migrates the schema and takes the tables' locks.
     async fn prepare(mut client: Client, cfg: &LoaderConfig, specs: &[TableSpec]) -> Result<Self> {
+        let mut histories = Vec::with_capacity(specs.len());
         for spec in specs {
-            migrate::migrate(&mut client, spec).await?;
+            histories.push(migrate::migrate(&mut client, spec).await?);
             let locked: bool = client
                 .query_one(
                     "SELECT pg_try_advisory_lock(hashtext('cdc_loader:' || $1::text))",
@@ -93,6 +94,7 @@ impl Applier {
                 ));
             }
         }
+        let specs = &histories;
         Ok(Applier {
             client,
             sqls: specs.iter().map(HistorySql::new).collect(),
@@ -132,10 +134,13 @@ impl Applier {
             files = files.len(),
             first_file = %files.first().map(|f| file_name(f)).unwrap_or_default(),
         );
-        let mut store = PgHistory::new(&tx, &self.sqls);
-        let stats = apply_files(&mut store, &self.how, files, run_id)
+        // Schema changes the batch follows change these; kept once it has committed.
+        let mut how = self.how.clone();
+        let mut store = PgHistory::new(&tx, self.sqls.clone());
+        let stats = apply_files(&mut store, &mut how, files, run_id)
             .instrument(span)
             .await?;
+        let sqls = store.into_sqls();
         let record = RunRecord {
             pipeline_name: PIPELINE_NAME,
             run_id,
@@ -159,6 +164,7 @@ impl Applier {
         tx.commit()
             .await
             .map_err(ctx("committing the apply transaction"))?;
+        (self.how, self.sqls) = (how, sqls);
         metrics::batch_applied(&stats, (Utc::now() - started).to_std().unwrap_or_default());
         Ok(stats)
     }
@@ -216,6 +222,10 @@ pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<L
     let mut files_wait = wait(
         "files",
         format!("the change-log directory {}", cfg.log_dir.display()),
+    );
+    let mut schema_wait = wait(
+        "schema",
+        "the history to be able to hold a schema change of the source".to_owned(),
     );
     let specs = describe_tables(cfg, &shutdown, patience(once, &mut source_wait)).await?;
     drop(source_wait);
@@ -283,6 +293,16 @@ pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<L
             Ok(()) => {
                 backoff.reset();
                 warehouse_wait.resolved();
+                schema_wait.resolved();
+            }
+            // Someone must change the history (the error says how); until then nothing after
+            // the change is applied, and the loader checks again now and then.
+            Err(e @ Error::SchemaChange { .. }) if !once => {
+                metrics::error(&e);
+                schema_wait.fault(&e);
+                if shutdown.sleep(backoff.next_delay()).await {
+                    break;
+                }
             }
             // A file that vanished or could not be moved (a full disk, a permission being
             // fixed): nothing was lost (applied files are recorded), so wait and go on.

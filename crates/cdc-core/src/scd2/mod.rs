@@ -7,6 +7,7 @@ pub mod loader;
 pub mod plan;
 mod read;
 pub mod row_hash;
+pub mod schema;
 pub mod status;
 pub mod store;
 pub mod verify;

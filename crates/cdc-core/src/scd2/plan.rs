@@ -243,11 +243,7 @@ mod tests {
         let mut spec = TableSpec::orders();
         spec.columns = ["status", "qty"]
             .iter()
-            .map(|n| Column {
-                name: (*n).into(),
-                sql_type: "text".into(),
-                generated: None,
-            })
+            .map(|n| Column::new(n, "text"))
             .collect();
         spec
     }
@@ -370,6 +366,7 @@ mod tests {
                             tx_id: None,
                             captured_ms: 0,
                             values: Values::default(),
+                            schema: None,
                         });
                         continue;
                     }
@@ -400,6 +397,7 @@ mod tests {
                         tx_id: None,
                         captured_ms: 0,
                         values,
+                        schema: None,
                     });
                 }
             }

@@ -5,7 +5,7 @@
 use super::plan::Ev;
 use super::row_hash::RowHasher;
 use crate::error::{Error, Result};
-use crate::event::{decode_for, DecodeError};
+use crate::event::{decode_for, DecodeError, DecodedEvent};
 use crate::table::TableSpec;
 use chrono::{DateTime, Utc};
 use std::collections::BTreeSet;
@@ -16,6 +16,9 @@ use std::path::PathBuf;
 pub enum Read {
     /// The next chunk of decoded events.
     Chunk(Vec<Ev>),
+    /// A schema event (read from file `file` of the batch): the events before it are in
+    /// earlier chunks, those after it in later ones, decoded in the new shape.
+    Schema { file: usize, ev: DecodedEvent },
     /// All read: per file, its events and first and last change times.
     Done(Vec<FileRead>),
 }
@@ -32,11 +35,13 @@ pub struct FileRead {
 /// The reading thread: decodes and hashes the events of `files` and sends them in chunks of
 /// at most `chunk_events` (never splitting one change time: events at one instant, a
 /// transaction in logical mode, stay together, so a key never gets two versions at one
-/// instant), then the per-file facts. Stops when the applier has gone.
+/// instant; only a schema event ends a chunk wherever it stands), then the per-file facts.
+/// A schema event changes the description later events of its table are decoded by. Stops
+/// when the applier has gone.
 pub fn read_chunks(
-    hashers: &[RowHasher],
+    mut hashers: Vec<RowHasher>,
     chunk_events: usize,
-    specs: &[TableSpec],
+    mut specs: Vec<TableSpec>,
     files: &[PathBuf],
     send: &tokio::sync::mpsc::Sender<Result<Read>>,
 ) {
@@ -91,7 +96,7 @@ pub fn read_chunks(
                         line: i as u64 + 1,
                         message,
                     };
-                    let ev = decode_for(&line, specs).map_err(|e| match e {
+                    let ev = decode_for(&line, &specs).map_err(|e| match e {
                         // Not the file's fault: the loader was started with other tables than
                         // the extractor. Stop rather than quarantine the other tables' events.
                         DecodeError::UnknownTable(t) => Error::setup(
@@ -120,6 +125,35 @@ pub fn read_chunks(
             last = Some(last.map_or(ts, |x: DateTime<Utc>| x.max(ts)));
             events += 1;
             ord += 1;
+            if let Some(change) = ev.schema.as_deref() {
+                let t = ev.table;
+                match super::schema::follow(&specs[t], change) {
+                    Ok(next) => {
+                        hashers[t] = RowHasher::new(&next);
+                        specs[t] = next;
+                    }
+                    Err(m) => {
+                        result = Err(Error::Parse {
+                            path: path.clone(),
+                            line: i as u64 + 1,
+                            message: format!("schema change of {}: {m}", specs[t].qualified()),
+                        });
+                        break 'files;
+                    }
+                }
+                tables.insert(t);
+                // The chunk so far (a permit is held whenever it has events), then the event.
+                if let Some(p) = permit.take() {
+                    p.send(Ok(Read::Chunk(std::mem::take(&mut chunk))));
+                }
+                if send
+                    .blocking_send(Ok(Read::Schema { file: fi, ev }))
+                    .is_err()
+                {
+                    return;
+                }
+                continue;
+            }
             if chunk.len() >= chunk_events && chunk.last().is_some_and(|l| l.ev.ts_us != ev.ts_us) {
                 if let Some(p) = permit.take() {
                     p.send(Ok(Read::Chunk(std::mem::take(&mut chunk))));

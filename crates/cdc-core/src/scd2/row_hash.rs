@@ -71,6 +71,7 @@ mod tests {
             tx_id: None,
             captured_ms: 0,
             values: values.iter().copied().collect(),
+            schema: None,
         }
     }
 

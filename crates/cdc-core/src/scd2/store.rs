@@ -92,6 +92,17 @@ pub trait HistoryStore {
         versions: &[NewVersion<'_>],
     ) -> impl Future<Output = Result<u64>> + Send;
 
+    /// Follows a schema event of `table` (see `scd2::schema::apply`): its description was
+    /// `old` and is `new` from now on. Returns the versions it added.
+    fn schema_change(
+        &mut self,
+        table: usize,
+        old: &TableSpec,
+        new: &TableSpec,
+        ev: &DecodedEvent,
+        batch: &str,
+    ) -> impl Future<Output = Result<u64>> + Send;
+
     /// Records the batches as applied (re-applying one is then skipped).
     fn record_batches(
         &mut self,
@@ -248,15 +259,20 @@ const RECORD_BATCHES: &str = "INSERT INTO public.cdc_applied_batches
 /// transaction.
 pub struct PgHistory<'t> {
     tx: &'t Transaction<'t>,
-    sqls: &'t [HistorySql],
+    sqls: Vec<HistorySql>,
 }
 
 impl<'t> PgHistory<'t> {
-    pub fn new(tx: &'t Transaction<'t>, sqls: &'t [HistorySql]) -> Self {
+    pub fn new(tx: &'t Transaction<'t>, sqls: Vec<HistorySql>) -> Self {
         PgHistory { tx, sqls }
     }
 
-    fn sql(&self, table: usize) -> Result<&'t HistorySql> {
+    /// The SQL of each table, as schema changes this transaction followed left it.
+    pub fn into_sqls(self) -> Vec<HistorySql> {
+        self.sqls
+    }
+
+    fn sql(&self, table: usize) -> Result<&HistorySql> {
         self.sqls
             .get(table)
             .ok_or_else(|| Error::internal("the history store", format!("no table {table}")))
@@ -372,6 +388,21 @@ impl HistoryStore for PgHistory<'_> {
         sink.finish()
             .await
             .map_err(ctx(format!("copying versions into {hist}")))
+    }
+
+    async fn schema_change(
+        &mut self,
+        table: usize,
+        old: &TableSpec,
+        new: &TableSpec,
+        ev: &DecodedEvent,
+        batch: &str,
+    ) -> Result<u64> {
+        let added = super::schema::apply(self.tx, old, new, ev, batch).await?;
+        if let Some(sql) = self.sqls.get_mut(table) {
+            *sql = HistorySql::new(new);
+        }
+        Ok(added)
     }
 
     async fn record_batches(&mut self, batches: &[AppliedBatch], run_id: &str) -> Result<()> {

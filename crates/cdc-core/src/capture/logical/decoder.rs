@@ -2,18 +2,24 @@
 //! truncate event per captured table), transaction by transaction, written into the sink (a
 //! transaction is never split across files).
 
-use super::pgoutput::{Message, Relation, Value};
+use super::pgoutput::{Message, RelColumn, Relation, Value};
 use crate::capture::PassOutcome;
 use crate::error::{Error, Result};
-use crate::event::encode::{write_event, write_object, write_truncate, Header};
+use crate::event::encode::{write_event, write_object, write_schema, write_truncate, Header};
 use crate::event::{CaptureMode, Op};
+use crate::schema_change::{diff, shape_of, SchemaEvent, Shape, ShapeColumn};
 use crate::sink::ChangeSink;
 use crate::table::TableSpec;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// Turns pgoutput messages of our table into change events, transaction by transaction.
 pub(super) struct TxDecoder<'a> {
+    /// The tables' descriptions: the source's catalog now (a schema change the stream has
+    /// not reached yet included).
     specs: &'a [TableSpec],
+    /// The shape the change log describes each table in (`schema.table`): a relation message
+    /// in another shape is a schema change, written before the changes that follow it.
+    pub(super) written: BTreeMap<String, Shape>,
     /// The source database's name (`source.db`).
     db: &'a str,
     captured_ms: i64,
@@ -31,9 +37,15 @@ pub(super) struct TxDecoder<'a> {
 }
 
 impl<'a> TxDecoder<'a> {
-    pub(super) fn new(specs: &'a [TableSpec], db: &'a str, captured_ms: i64) -> Self {
+    pub(super) fn new(
+        specs: &'a [TableSpec],
+        written: BTreeMap<String, Shape>,
+        db: &'a str,
+        captured_ms: i64,
+    ) -> Self {
         TxDecoder {
             specs,
+            written,
             db,
             captured_ms,
             relations: HashMap::new(),
@@ -61,6 +73,9 @@ impl<'a> TxDecoder<'a> {
                 self.tx_first = true;
             }
             Message::Relation(r) => {
+                // Also in a transaction the initial copy shows: the relation is not sent
+                // again before the changes after it.
+                out.schema_changes += self.schema_change(&r, sink)?;
                 self.relations.insert(r.oid, r);
             }
             Message::Insert { rel, new } if !self.skip => {
@@ -135,6 +150,95 @@ impl<'a> TxDecoder<'a> {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Writes a schema event when relation `r` (one of ours) has another shape than the one
+    /// the change log describes. Returns the changes written.
+    fn schema_change(&mut self, r: &Relation, sink: &mut dyn ChangeSink) -> Result<u64> {
+        let Some(spec) = self.spec_of(r) else {
+            return Ok(0);
+        };
+        let q = spec.qualified();
+        let Some(written) = self.written.get(&q) else {
+            return Ok(0);
+        };
+        let cols: Vec<&RelColumn> = r
+            .columns
+            .iter()
+            .filter(|c| !spec.ignored.contains(&c.name))
+            .collect();
+        if sends_shape(written, &cols) {
+            return Ok(0);
+        }
+        let now = shape_of(spec);
+        let ev = if sends_shape(&now, &cols) {
+            crate::capture::schema::event(written, spec)
+        } else {
+            // A shape between the one written and the catalog's (several changes since):
+            // types as either names them, else by OID; positions as the catalog or the
+            // written shape has the column's name (matched by name when one is unknown).
+            // Key columns as the catalog or the written shape has them (pgoutput flags the
+            // replica identity's, every column under REPLICA IDENTITY FULL).
+            let named = |name: &str| now.iter().chain(written).find(|k| k.name == name);
+            let position = |name: &str| named(name).map_or(0, |k| k.attnum);
+            let is_key = |name: &str| named(name).is_some_and(|k| k.key);
+            let known = |c: &RelColumn| {
+                now.iter()
+                    .chain(written)
+                    .find(|k| k.type_oid == c.type_oid && k.type_mod == c.type_mod)
+                    .map(|k| k.sql_type.clone())
+                    .unwrap_or_else(|| {
+                        format!("unknown type (OID {}, modifier {})", c.type_oid, c.type_mod)
+                    })
+            };
+            let mut between: Shape = cols
+                .iter()
+                .map(|c| ShapeColumn {
+                    name: c.name.clone(),
+                    sql_type: known(c),
+                    generated: None,
+                    key: is_key(&c.name),
+                    attnum: position(&c.name),
+                    type_oid: c.type_oid,
+                    type_mod: c.type_mod,
+                })
+                .collect();
+            // Generated columns are not sent: as written.
+            between.extend(written.iter().filter(|c| c.generated.is_some()).cloned());
+            let changes = diff(written, &between, |name| {
+                spec.columns
+                    .iter()
+                    .find(|c| c.name == name)
+                    .map(|c| c.existing.clone())
+                    .unwrap_or_default()
+            });
+            (!changes.is_empty()).then(|| SchemaEvent {
+                changes,
+                columns: between,
+                types: spec.types.clone(),
+            })
+        };
+        let Some(ev) = ev else {
+            return Ok(0);
+        };
+        let mut b = std::mem::take(&mut self.buf);
+        b.clear();
+        // Dated just before the change it precedes (its transaction's commit time and LSN):
+        // the versions a filled column adds come before that change's.
+        let h = Header {
+            ts_us: self.commit_ts_us - 1,
+            lsn: Some(self.change_lsn.saturating_sub(1)),
+            ..self.header(Op::Schema, "")
+        };
+        write_schema(&mut b, spec, &h, &ev);
+        let keep_together = !std::mem::replace(&mut self.tx_first, false);
+        let written = sink.write(&b, spec, Op::Schema, keep_together);
+        self.buf = b;
+        written?;
+        tracing::info!(table = %q, changes = %ev.changes.iter().map(|c| c.to_string()).collect::<Vec<_>>().join("; "), "schema change captured");
+        let n = ev.changes.len() as u64;
+        self.written.insert(q, ev.columns);
+        Ok(n)
     }
 
     /// The description of a relation's table, if it is one of ours.
@@ -247,6 +351,17 @@ impl<'a> TxDecoder<'a> {
         );
         Ok(Some(spec))
     }
+}
+
+/// Whether a relation message's columns (the tracked ones, in order) are those of `shape`
+/// (generated columns are not sent), with the same types.
+fn sends_shape(shape: &Shape, cols: &[&RelColumn]) -> bool {
+    let sent: Vec<&ShapeColumn> = shape.iter().filter(|c| c.generated.is_none()).collect();
+    sent.len() == cols.len()
+        && sent.iter().zip(cols).all(|(s, c)| {
+            s.name == c.name
+                && (s.type_oid == 0 || (s.type_oid == c.type_oid && s.type_mod == c.type_mod))
+        })
 }
 
 /// A row image as a JSON object, each value typed by its column's type.

@@ -16,11 +16,13 @@ pub mod pgoutput;
 
 use super::rows::{check_source_table, read_rows, snapshot_copy_sql, ImageColumns};
 use super::{ChangeSource, PassOutcome};
+use crate::catalog::TableSelection;
 use crate::db::ctx;
 use crate::error::{Error, Result};
 use crate::event::encode::TEXT_OUTPUT_SETTINGS;
 use crate::event::CaptureMode;
 use crate::progress::{LogicalState, Progress, SnapshotFilter};
+use crate::schema_change::shape_of;
 use crate::sink::{commit_if_ok, ChangeSink};
 use crate::slot::{self, SlotSettings};
 use crate::table::TableSpec;
@@ -41,6 +43,9 @@ pub struct LogicalCapture {
     progress: Progress,
     /// The source database's name (`source.db`), read once.
     db: String,
+    /// Given, schema changes are followed (see `TimestampCapture::following`).
+    selection: Option<TableSelection>,
+    watch: super::schema::Watch,
 }
 
 impl LogicalCapture {
@@ -58,7 +63,16 @@ impl LogicalCapture {
             progress_name,
             progress,
             db: String::new(),
+            selection: None,
+            watch: Default::default(),
         })
+    }
+
+    /// Follows the tables' schema changes: the catalog is read at the start of each pass
+    /// (the descriptions the decoder compares relation messages with).
+    pub fn following(mut self, selection: TableSelection) -> Self {
+        self.selection = Some(selection);
+        self
     }
 
     pub fn progress(&self) -> &Progress {
@@ -149,6 +163,14 @@ impl LogicalCapture {
             .await
             .map_err(ctx("ending the snapshot transaction"))?;
         self.progress.next_file_seq = durable.next_seq();
+        if self.selection.is_some() {
+            // The copy read the tables in the shape they have under its locks.
+            self.progress.shapes = self
+                .specs
+                .iter()
+                .map(|s| (s.qualified(), shape_of(s)))
+                .collect();
+        }
         self.progress.logical = Some(LogicalState {
             snapshot_done: true,
             filter: Some(filter),
@@ -176,6 +198,23 @@ impl LogicalCapture {
                 .await
                 .map_err(ctx("reading the database name"))?
                 .get(0);
+        }
+        if let Some(sel) = &self.selection {
+            let changed = self.watch.changed(client, sel, &self.specs).await?;
+            for (spec, now) in self.specs.iter_mut().zip(changed) {
+                if let Some(mut now) = now {
+                    let written = self.progress.shapes.get(&now.qualified());
+                    super::schema::settle_existing(client, &mut now, written, None).await?;
+                    *spec = now;
+                }
+            }
+            // A table the change log has no shape of yet: its shape now is the baseline.
+            for spec in &self.specs {
+                self.progress
+                    .shapes
+                    .entry(spec.qualified())
+                    .or_insert_with(|| shape_of(spec));
+            }
         }
         let now = Utc::now();
         // The slot is confirmed only at the end of a commit this pass decoded: a position
@@ -213,7 +252,12 @@ impl LogicalCapture {
             .as_ref()
             .and_then(|l| l.filter.clone());
         sink.begin(now, self.progress.next_file_seq);
-        let mut dec = TxDecoder::new(&self.specs, &self.db, now.timestamp_millis());
+        let written = if self.selection.is_some() {
+            self.progress.shapes.clone()
+        } else {
+            Default::default()
+        };
+        let mut dec = TxDecoder::new(&self.specs, written, &self.db, now.timestamp_millis());
         let mut out = PassOutcome::default();
         let mut last_end: Option<u64> = None;
         let mut last_commit_us: Option<i64> = None;
@@ -244,10 +288,17 @@ impl LogicalCapture {
             Ok(())
         }
         .await;
+        let written = std::mem::take(&mut dec.written);
+        drop(dec);
         let ((), durable) = commit_if_ok(sink, result)?;
+        // The schema events are durable: the change log describes the tables so from now on.
+        if self.selection.is_some() {
+            self.progress.shapes = written;
+        }
         let mut out = PassOutcome {
             rows: out.rows,
             deletes: out.deletes,
+            schema_changes: out.schema_changes,
             through_us: last_commit_us,
             ..PassOutcome::written(&durable)
         };

@@ -11,6 +11,7 @@ pub struct RelColumn {
     pub is_key: bool,
     pub name: String,
     pub type_oid: u32,
+    pub type_mod: i32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -166,11 +167,12 @@ pub fn decode(buf: &[u8]) -> Result<Message, String> {
                 let flags = r.u8()?;
                 let name = r.cstr()?;
                 let type_oid = r.u32()?;
-                let _typmod = r.i32()?;
+                let type_mod = r.i32()?;
                 columns.push(RelColumn {
                     is_key: flags & 1 == 1,
                     name,
                     type_oid,
+                    type_mod,
                 });
             }
             Message::Relation(Relation {
