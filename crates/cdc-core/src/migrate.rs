@@ -31,6 +31,35 @@ pub async fn migrate(client: &mut Client, spec: &TableSpec) -> Result<TableSpec>
         .transaction()
         .await
         .map_err(ctx("starting the migration transaction"))?;
+    apply_migrations(&tx).await?;
+    let spec = &crate::scd2::schema::current(&tx, spec).await?;
+    create_types(&tx, &spec.types).await?;
+    tx.batch_execute(&history_ddl(spec))
+        .await
+        .map_err(ctx(format!(
+            "creating history table {}",
+            spec.history_qualified()
+        )))?;
+    check_history_columns(&tx, spec).await?;
+    make_generated_columns(&tx, spec).await?;
+    add_truncated_column(&tx, spec).await?;
+    tx.commit().await.map_err(ctx("committing migrations"))?;
+    Ok(spec.clone())
+}
+
+/// Brings the warehouse's own tables up to date (no history table).
+pub async fn migrations(client: &mut Client) -> Result<()> {
+    let tx = client
+        .transaction()
+        .await
+        .map_err(ctx("starting the migration transaction"))?;
+    apply_migrations(&tx).await?;
+    tx.commit().await.map_err(ctx("committing migrations"))
+}
+
+/// The numbered migrations not applied yet, under the migration lock (held to the end of
+/// the transaction).
+async fn apply_migrations(tx: &tokio_postgres::Transaction<'_>) -> Result<()> {
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])
         .await
         .map_err(ctx("taking the migration lock"))?;
@@ -66,19 +95,59 @@ pub async fn migrate(client: &mut Client, spec: &TableSpec) -> Result<TableSpec>
         .map_err(ctx("recording a migration"))?;
         tracing::info!(version, name, "applied warehouse migration");
     }
-    let spec = &crate::scd2::schema::current(&tx, spec).await?;
-    create_types(&tx, &spec.types).await?;
-    tx.batch_execute(&history_ddl(spec))
+    Ok(())
+}
+
+/// Refuses a history table that is missing or empty while `cdc_applied_batches` records
+/// files that added versions to it (dropped or emptied by hand): creating it again empty
+/// would leave it without those changes for good.
+pub async fn refuse_lost_history(client: &Client, spec: &TableSpec) -> Result<()> {
+    let h = spec.history_qualified();
+    let row = client
+        .query_one(
+            "SELECT to_regclass($1) IS NOT NULL, to_regclass('public.cdc_applied_batches') IS NOT NULL",
+            &[&h],
+        )
         .await
-        .map_err(ctx(format!(
-            "creating history table {}",
-            spec.history_qualified()
-        )))?;
-    check_history_columns(&tx, spec).await?;
-    make_generated_columns(&tx, spec).await?;
-    add_truncated_column(&tx, spec).await?;
-    tx.commit().await.map_err(ctx("committing migrations"))?;
-    Ok(spec.clone())
+        .map_err(ctx(format!("looking up {h}")))?;
+    let (exists, recorded): (bool, bool) = (row.get(0), row.get(1));
+    if !recorded {
+        return Ok(());
+    }
+    let applied: i64 = client
+        .query_one(
+            "SELECT count(*) FROM public.cdc_applied_batches
+             WHERE $1 = ANY(string_to_array(history_table, ', ')) AND versions_inserted > 0",
+            &[&h],
+        )
+        .await
+        .map_err(ctx("reading cdc_applied_batches"))?
+        .get(0);
+    if applied == 0 {
+        return Ok(());
+    }
+    let state = if !exists {
+        "is missing"
+    } else {
+        let empty: bool = client
+            .query_one(&format!("SELECT NOT EXISTS (SELECT 1 FROM {h})"), &[])
+            .await
+            .map_err(ctx(format!("reading {h}")))?
+            .get(0);
+        if !empty {
+            return Ok(());
+        }
+        "is empty"
+    };
+    Err(Error::setup(
+        format!("history table {h}"),
+        format!(
+            "{state} while cdc_applied_batches records {applied} change-log file(s) that added versions to it; \
+             applying on would leave it without them for good. Rebuild it from the kept change logs: \
+             `scd2-loader rebuild {} --replace`",
+            spec.qualified()
+        ),
+    ))
 }
 
 /// Creates in the warehouse each user-defined type the table's columns need that it lacks,

@@ -39,6 +39,15 @@ enum Command {
     },
     /// Show what has been captured and applied, what is pending, and the lag
     Status,
+    /// Replay the kept change logs (processed/) of one table into <history>_rebuild and
+    /// compare it with the live history; exit 0 when equal, 3 when not
+    Rebuild {
+        /// The table (schema.table) of the configured ones
+        table: String,
+        /// Make the rebuild the live history (the old one is kept as <history>_before_rebuild)
+        #[arg(long)]
+        replace: bool,
+    },
 }
 
 fn main() {
@@ -91,6 +100,11 @@ fn main() {
                 let report = cdc_core::scd2::status::run(&cfg, &shutdown).await?;
                 print!("{}", report.render());
                 violated = !report.problems.is_empty();
+            }
+            Command::Rebuild { ref table, replace } => {
+                let out = cdc_core::scd2::rebuild::run(&cfg, table, replace, &shutdown).await?;
+                print!("{}", out.render());
+                violated = !out.agrees();
             }
         }
         Ok(())

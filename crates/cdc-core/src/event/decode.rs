@@ -151,6 +151,17 @@ impl From<&str> for DecodeError {
 /// Decodes one line for whichever of `specs` it is about (`DecodedEvent::table` is its
 /// index); an event of any other table is `DecodeError::UnknownTable`.
 pub fn decode_for(line: &str, specs: &[TableSpec]) -> Result<DecodedEvent, DecodeError> {
+    decode_where(line, specs, &|_| true)?
+        .ok_or_else(|| DecodeError::Invalid("event left out".into()))
+}
+
+/// `decode_for`, except that an event of a table (index) `keep` refuses is `None`, its row
+/// left undecoded (a rebuild of one table skips the others' events, whatever their shape).
+pub fn decode_where(
+    line: &str,
+    specs: &[TableSpec],
+    keep: &dyn Fn(usize) -> bool,
+) -> Result<Option<DecodedEvent>, DecodeError> {
     let env: Envelope<'_> =
         serde_json::from_str(line).map_err(|e| format!("not a change event: {e}"))?;
     if let Some(v) = env.format_version {
@@ -170,6 +181,9 @@ pub fn decode_for(line: &str, specs: &[TableSpec]) -> Result<DecodedEvent, Decod
             env.source.schema, env.source.table
         )));
     };
+    if !keep(table) {
+        return Ok(None);
+    }
     let spec = &specs[table];
     let lsn = match env.source.lsn {
         Some(l) => Some(i64::try_from(l).map_err(|_| format!("source.lsn {l} is out of range"))?),
@@ -184,7 +198,7 @@ pub fn decode_for(line: &str, specs: &[TableSpec]) -> Result<DecodedEvent, Decod
             )
             .into());
         }
-        return Ok(DecodedEvent {
+        return Ok(Some(DecodedEvent {
             table,
             op: Op::Truncate,
             key: String::new(),
@@ -194,7 +208,7 @@ pub fn decode_for(line: &str, specs: &[TableSpec]) -> Result<DecodedEvent, Decod
             captured_ms: env.ts_ms,
             values: Values::default(),
             schema: None,
-        });
+        }));
     }
     if env.op == Op::Schema {
         let v = env.format_version.unwrap_or(1);
@@ -209,7 +223,7 @@ pub fn decode_for(line: &str, specs: &[TableSpec]) -> Result<DecodedEvent, Decod
             .ok_or("a schema change (op s) needs `schema_change`")?;
         let change: crate::schema_change::SchemaEvent = serde_json::from_str(raw.get())
             .map_err(|e| format!("schema_change is not a schema change: {e}"))?;
-        return Ok(DecodedEvent {
+        return Ok(Some(DecodedEvent {
             table,
             op: Op::Schema,
             key: String::new(),
@@ -219,7 +233,7 @@ pub fn decode_for(line: &str, specs: &[TableSpec]) -> Result<DecodedEvent, Decod
             captured_ms: env.ts_ms,
             values: Values::default(),
             schema: Some(Box::new(change)),
-        });
+        }));
     }
     let image = match env.op {
         Op::Delete => env.before.ok_or("a delete (op d) needs `before`")?,
@@ -269,7 +283,7 @@ pub fn decode_for(line: &str, specs: &[TableSpec]) -> Result<DecodedEvent, Decod
             }
         }
     }
-    Ok(DecodedEvent {
+    Ok(Some(DecodedEvent {
         table,
         op: env.op,
         key,
@@ -279,7 +293,7 @@ pub fn decode_for(line: &str, specs: &[TableSpec]) -> Result<DecodedEvent, Decod
         captured_ms: env.ts_ms,
         values,
         schema: None,
-    })
+    }))
 }
 
 /// A row image's fields in the order written (a handful: a linear search beats hashing).

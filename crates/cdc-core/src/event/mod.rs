@@ -8,7 +8,7 @@ pub mod decode;
 pub mod encode;
 mod exact;
 
-pub use decode::{decode, decode_for, DecodeError, DecodedEvent, Values};
+pub use decode::{decode, decode_for, decode_where, DecodeError, DecodedEvent, Values};
 
 use serde::Deserialize;
 

@@ -75,6 +75,8 @@ pub struct Applying {
     specs: Vec<TableSpec>,
     hashers: Vec<RowHasher>,
     chunk_events: usize,
+    /// Apply only this table's events (a rebuild), skipping the others'.
+    only: Option<usize>,
 }
 
 impl Applying {
@@ -83,7 +85,14 @@ impl Applying {
             specs: specs.to_vec(),
             hashers: specs.iter().map(RowHasher::new).collect(),
             chunk_events: chunk_events.max(1),
+            only: None,
         }
+    }
+
+    /// Applies only the events of table `t` (an index in the descriptions).
+    pub fn only(mut self, t: usize) -> Self {
+        self.only = Some(t);
+        self
     }
 }
 
@@ -127,7 +136,14 @@ pub async fn apply_files(
         let (how, files) = (how.clone(), files.to_vec());
         // If the applier fails first, it drops `recv` and the reader stops at its next send.
         tokio::task::spawn_blocking(move || {
-            read_chunks(how.hashers, how.chunk_events, how.specs, &files, &send)
+            read_chunks(
+                how.hashers,
+                how.chunk_events,
+                how.specs,
+                how.only,
+                &files,
+                &send,
+            )
         });
     }
     let mut clock = std::time::Instant::now();

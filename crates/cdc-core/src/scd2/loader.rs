@@ -78,6 +78,7 @@ impl Applier {
     async fn prepare(mut client: Client, cfg: &LoaderConfig, specs: &[TableSpec]) -> Result<Self> {
         let mut histories = Vec::with_capacity(specs.len());
         for spec in specs {
+            migrate::refuse_lost_history(&client, spec).await?;
             histories.push(migrate::migrate(&mut client, spec).await?);
             let locked: bool = client
                 .query_one(

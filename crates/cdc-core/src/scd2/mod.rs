@@ -6,6 +6,7 @@ pub mod apply;
 pub mod loader;
 pub mod plan;
 mod read;
+pub mod rebuild;
 pub mod row_hash;
 pub mod schema;
 pub mod status;

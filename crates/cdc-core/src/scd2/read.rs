@@ -5,7 +5,7 @@
 use super::plan::Ev;
 use super::row_hash::RowHasher;
 use crate::error::{Error, Result};
-use crate::event::{decode_for, DecodeError, DecodedEvent};
+use crate::event::{decode_where, DecodeError, DecodedEvent};
 use crate::table::TableSpec;
 use chrono::{DateTime, Utc};
 use std::collections::BTreeSet;
@@ -38,13 +38,16 @@ pub struct FileRead {
 /// instant; only a schema event ends a chunk wherever it stands), then the per-file facts.
 /// A schema event changes the description later events of its table are decoded by. Stops
 /// when the applier has gone.
+/// With `only`, the events of every other table are skipped undecoded.
 pub fn read_chunks(
     mut hashers: Vec<RowHasher>,
     chunk_events: usize,
     mut specs: Vec<TableSpec>,
+    only: Option<usize>,
     files: &[PathBuf],
     send: &tokio::sync::mpsc::Sender<Result<Read>>,
 ) {
+    let keep = move |t: usize| only.is_none_or(|o| o == t);
     // A chunk is started only once the channel has room for it, that is once the applier has
     // taken the previous one: at most two chunks live (one applied, one being read).
     let rt = tokio::runtime::Handle::current();
@@ -96,7 +99,7 @@ pub fn read_chunks(
                         line: i as u64 + 1,
                         message,
                     };
-                    let ev = decode_for(&line, &specs).map_err(|e| match e {
+                    let ev = decode_where(&line, &specs, &keep).map_err(|e| match e {
                         // Not the file's fault: the loader was started with other tables than
                         // the extractor. Stop rather than quarantine the other tables' events.
                         DecodeError::UnknownTable(t) => Error::setup(
@@ -109,6 +112,9 @@ pub fn read_chunks(
                         ),
                         DecodeError::Invalid(m) => bad(m),
                     })?;
+                    let Some(ev) = ev else {
+                        return Ok(None);
+                    };
                     let ts = timestamp(ev.ts_us).map_err(bad)?;
                     timestamp(ev.captured_ms.saturating_mul(1000)).map_err(bad)?;
                     Ok(Some((ev, ts)))

@@ -66,13 +66,34 @@ pub async fn current(tx: &Transaction<'_>, source: &TableSpec) -> Result<TableSp
         .map_err(ctx("recording the history's baseline in cdc_schema_changes"))?;
         return Ok(source.clone());
     };
-    let cols: Vec<Recorded> =
-        serde_json::from_value(row.get::<_, serde_json::Value>(0)).map_err(|e| {
-            Error::setup(
-                format!("cdc_schema_changes of {h}"),
-                format!("its newest columns_after cannot be read: {e}"),
-            )
-        })?;
+    from_recorded(source, row.get(0))
+}
+
+/// The description the history of `source` started with (its `baseline` row), if recorded.
+pub async fn baseline(
+    client: &impl tokio_postgres::GenericClient,
+    source: &TableSpec,
+) -> Result<Option<TableSpec>> {
+    let row = client
+        .query_opt(
+            "SELECT columns_after FROM public.cdc_schema_changes
+             WHERE history_table = $1 AND kind = 'baseline' ORDER BY id LIMIT 1",
+            &[&source.history_qualified()],
+        )
+        .await
+        .map_err(ctx("reading cdc_schema_changes"))?;
+    row.map(|r| from_recorded(source, r.get(0))).transpose()
+}
+
+/// `source` with the columns of a `columns_after` record.
+fn from_recorded(source: &TableSpec, json: serde_json::Value) -> Result<TableSpec> {
+    let h = source.history_qualified();
+    let cols: Vec<Recorded> = serde_json::from_value(json).map_err(|e| {
+        Error::setup(
+            format!("cdc_schema_changes of {h}"),
+            format!("its columns_after cannot be read: {e}"),
+        )
+    })?;
     let mut spec = source.clone();
     let to_column = |r: &Recorded| {
         // Positions and type OIDs are the source's, which the history does not need.

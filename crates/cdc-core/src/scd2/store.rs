@@ -260,11 +260,23 @@ const RECORD_BATCHES: &str = "INSERT INTO public.cdc_applied_batches
 pub struct PgHistory<'t> {
     tx: &'t Transaction<'t>,
     sqls: Vec<HistorySql>,
+    /// Whether applied batches are recorded (not by a rebuild, which replays them).
+    record: bool,
 }
 
 impl<'t> PgHistory<'t> {
     pub fn new(tx: &'t Transaction<'t>, sqls: Vec<HistorySql>) -> Self {
-        PgHistory { tx, sqls }
+        PgHistory {
+            tx,
+            sqls,
+            record: true,
+        }
+    }
+
+    /// Replays batches already recorded as applied (a rebuild): records none.
+    pub fn replaying(mut self) -> Self {
+        self.record = false;
+        self
     }
 
     /// The SQL of each table, as schema changes this transaction followed left it.
@@ -406,6 +418,9 @@ impl HistoryStore for PgHistory<'_> {
     }
 
     async fn record_batches(&mut self, batches: &[AppliedBatch], run_id: &str) -> Result<()> {
+        if !self.record {
+            return Ok(());
+        }
         let names: Vec<&str> = batches.iter().map(|f| f.name.as_str()).collect();
         let tables: Vec<&str> = batches.iter().map(|f| f.history_tables.as_str()).collect();
         let col = |g: fn(&AppliedBatch) -> i64| batches.iter().map(g).collect::<Vec<i64>>();
