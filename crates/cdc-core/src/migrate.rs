@@ -20,6 +20,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "schema_changes",
         include_str!("../migrations/0002_schema_changes.sql"),
     ),
+    (
+        3,
+        "pending_deletes",
+        include_str!("../migrations/0003_pending_deletes.sql"),
+    ),
 ];
 
 /// Brings the warehouse schema up to date for `spec` (the source's description of a table).

@@ -312,6 +312,26 @@ async fn apply_table(
         stats.versions_closed += n;
         facts[t.file].deletes += n as i64;
     }
+    // Late events (a file put back, applied again), deletes of keys the history holds
+    // nothing of, and remembered deletes that end the versions just written.
+    let late: Vec<(&crate::event::DecodedEvent, [u8; 16], &str)> = plan
+        .late
+        .iter()
+        .map(|&i| {
+            let e = &events[i];
+            (&e.ev, e.hash, facts[e.file].name.as_str())
+        })
+        .collect();
+    let orphans: Vec<(&crate::event::DecodedEvent, &str)> = plan
+        .orphan_deletes
+        .iter()
+        .map(|&i| (&events[i].ev, facts[events[i].file].name.as_str()))
+        .collect();
+    let placed = store.late(table, &late, &orphans, &keys).await?;
+    counts.inserted += placed.inserted;
+    counts.closed += placed.closed;
+    counts.deletes += placed.deletes;
+    stats.versions_closed += placed.closed;
     stats.phases_ms[2] += lap(clock);
     stats.deletes += counts.deletes;
     stats.versions_inserted += counts.inserted;

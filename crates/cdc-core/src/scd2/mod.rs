@@ -3,6 +3,7 @@
 //! implementation in `store`), the loader loop, `verify` and `status`.
 
 pub mod apply;
+pub mod late;
 pub mod loader;
 pub mod plan;
 mod read;

@@ -3,8 +3,9 @@
 //! and the versions to insert. The rules live here and nowhere else (README, "The history table"):
 //!
 //! - one version per distinct committed state of a key, `valid_from` = its change time;
-//! - events at or before the newest position the history holds for a key are duplicates
-//!   (a file applied again, the same change in two files) and are dropped;
+//! - events at or before the newest position the history holds for a key are late (a file
+//!   applied again, the same change in two files, a quarantined file put back): the store
+//!   drops those it holds already and places the others in the key's chain (`Plan::late`);
 //! - of several events of one key at one instant the last (by LSN, then read order) wins;
 //! - an event equal to the state before it adds nothing;
 //! - a delete closes the chain; a later insert starts a new one;
@@ -68,6 +69,13 @@ pub struct Plan {
     pub kept: Vec<Kept>,
     /// Keys that have a current version in the history, and the events that close them.
     pub closes: Vec<Closing>,
+    /// Events at or before the newest position the history holds of their key (a late
+    /// file, a file applied again): the store places each in the key's chain, or finds it
+    /// there already (`HistoryStore::late`). Truncates are not among them.
+    pub late: Vec<usize>,
+    /// Deletes of a key the history holds nothing of before them: remembered, so that an
+    /// older version arriving later ends there.
+    pub orphan_deletes: Vec<usize>,
 }
 
 /// Puts a chunk in the order `plan` needs: by table, its truncates first, then key, change
@@ -148,6 +156,13 @@ pub fn plan(chunk: &[Ev], newest: &HashMap<String, Newest>) -> Plan {
         }
         let lat = newest.get(key);
         let fresh = |i: usize| lat.is_none_or(|l| pos(&chunk[i].ev) > (l.ts_us, l.pos));
+        // Late: before the newest position, at another instant (one at the newest's instant is
+        // that change again, or superseded by it).
+        out.late.extend((start..end).filter(|&i| {
+            lat.is_some_and(|l| {
+                pos(&chunk[i].ev) < (l.ts_us, l.pos) && chunk[i].ev.ts_us != l.ts_us
+            })
+        }));
         // The key's events and the table's truncates, in position order (then read order).
         merged.clear();
         if n_truncates == 0 {
@@ -198,7 +213,12 @@ pub fn plan(chunk: &[Ev], newest: &HashMap<String, Newest>) -> Plan {
             let e = &chunk[i];
             let delete = e.ev.op == Op::Delete;
             let kept = match prev {
-                None => !delete,
+                None => {
+                    if delete {
+                        out.orphan_deletes.push(i);
+                    }
+                    !delete
+                }
                 Some((prev_ended, prev_hash)) => {
                     if delete {
                         !prev_ended

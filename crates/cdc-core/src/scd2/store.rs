@@ -92,6 +92,17 @@ pub trait HistoryStore {
         versions: &[NewVersion<'_>],
     ) -> impl Future<Output = Result<u64>> + Send;
 
+    /// Places late events of `table` in their keys' chains, remembers the deletes of keys it
+    /// holds nothing of, and ends the versions of `touched` keys at remembered deletes (see
+    /// `scd2::late`).
+    fn late(
+        &mut self,
+        table: usize,
+        late: &[(&DecodedEvent, [u8; 16], &str)],
+        orphans: &[(&DecodedEvent, &str)],
+        touched: &[&str],
+    ) -> impl Future<Output = Result<super::late::Placed>> + Send;
+
     /// Follows a schema event of `table` (see `scd2::schema::apply`): its description was
     /// `old` and is `new` from now on. Returns the versions it added.
     fn schema_change(
@@ -125,9 +136,49 @@ pub struct HistorySql {
     key_len: usize,
     /// Whether `newest` returns keys as their text (else as their position in the query).
     key_by_text: bool,
+    /// A key's version that starts at or before a position, and the start of its first
+    /// version after one (late events).
+    late_prev: String,
+    late_next: String,
+    /// Which of a list of (key, time) the history has a change at already.
+    late_dups: String,
 }
 
 impl HistorySql {
+    pub fn history(&self) -> &str {
+        &self.history
+    }
+
+    pub fn late_prev(&self) -> &str {
+        &self.late_prev
+    }
+
+    pub fn late_next(&self) -> &str {
+        &self.late_next
+    }
+
+    pub fn late_dups(&self) -> &str {
+        &self.late_dups
+    }
+
+    /// `key_arrays` of owned texts (for parameters).
+    pub fn key_columns<'k>(&self, keys: impl Iterator<Item = &'k str>) -> Result<Vec<Vec<String>>> {
+        Ok(self
+            .key_arrays(keys)?
+            .into_iter()
+            .map(|a| a.into_iter().map(|p| p.into_owned()).collect())
+            .collect())
+    }
+
+    /// The texts of one key's columns.
+    pub fn key_texts(&self, key: &str) -> Result<Vec<String>> {
+        Ok(split_key(key, self.key_len)
+            .map_err(|m| Error::internal(format!("applying to {}", self.history), m))?
+            .into_iter()
+            .map(|p| p.into_owned())
+            .collect())
+    }
+
     /// The key texts of `keys`, one array per key column.
     fn key_arrays<'k>(
         &self,
@@ -236,6 +287,39 @@ impl HistorySql {
             "COPY {h} ({hk}, {cols}valid_from, valid_to, is_current, is_deleted, is_truncated, cdc_operation,
                        cdc_timestamp, batch_id, source_lsn, source_txid, end_lsn, row_hash) FROM STDIN"
         );
+        // Key column j of the history matched with parameter j + 1; then the position.
+        let key_params = spec
+            .key
+            .iter()
+            .zip(&spec.history_key_columns)
+            .enumerate()
+            .map(|(j, (k, hk))| format!("x.{hk} = ${}::text::{}", j + 1, k.sql_type))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        let at = format!(
+            "(${}::timestamptz, '0/0'::pg_lsn + ${}::int8::numeric)",
+            n + 1,
+            n + 2
+        );
+        let late_prev = format!(
+            "SELECT x.surrogate_key, x.valid_from, (coalesce(x.source_lsn, '0/0') - '0/0'::pg_lsn)::int8,
+                    x.valid_to, CASE WHEN x.end_lsn IS NULL THEN NULL ELSE (x.end_lsn - '0/0'::pg_lsn)::int8 END,
+                    x.is_current, x.is_deleted, x.is_truncated, decode(replace(x.row_hash::text, '-', ''), 'hex')
+             FROM {h} x WHERE {key_params} AND (x.valid_from, coalesce(x.source_lsn, '0/0')) <= {at}
+             ORDER BY x.valid_from DESC, x.source_lsn DESC NULLS LAST LIMIT 1"
+        );
+        let late_next = format!(
+            "SELECT x.valid_from, (coalesce(x.source_lsn, '0/0') - '0/0'::pg_lsn)::int8
+             FROM {h} x WHERE {key_params} AND (x.valid_from, coalesce(x.source_lsn, '0/0')) > {at}
+             ORDER BY x.valid_from, x.source_lsn NULLS FIRST LIMIT 1"
+        );
+        let late_dups = format!(
+            "SELECT f.i::int8 FROM unnest({arrays}, ${ts}::timestamptz[]) WITH ORDINALITY AS f({key_names}ts, i)
+             WHERE EXISTS (SELECT 1 FROM {h} x WHERE {matched} AND (x.valid_from = f.ts OR x.valid_to = f.ts))",
+            arrays = key_arrays(1),
+            ts = n + 1,
+            matched = key_match("f"),
+        );
         HistorySql {
             history: h,
             newest,
@@ -245,6 +329,9 @@ impl HistorySql {
             written,
             key_len: n,
             key_by_text,
+            late_prev,
+            late_next,
+            late_dups,
         }
     }
 }
@@ -260,6 +347,7 @@ const RECORD_BATCHES: &str = "INSERT INTO public.cdc_applied_batches
 pub struct PgHistory<'t> {
     tx: &'t Transaction<'t>,
     sqls: Vec<HistorySql>,
+    remembered: super::late::Remembered,
     /// Whether applied batches are recorded (not by a rebuild, which replays them).
     record: bool,
 }
@@ -269,6 +357,7 @@ impl<'t> PgHistory<'t> {
         PgHistory {
             tx,
             sqls,
+            remembered: Default::default(),
             record: true,
         }
     }
@@ -374,32 +463,21 @@ impl HistoryStore for PgHistory<'_> {
 
     async fn insert(&mut self, table: usize, versions: &[NewVersion<'_>]) -> Result<u64> {
         let sql = self.sql(table)?;
-        let hist = &sql.history;
-        let sink = self
-            .tx
-            .copy_in(sql.copy_in.as_str())
-            .await
-            .map_err(ctx(format!("starting the COPY into {hist}")))?;
-        pin_mut!(sink);
-        let mut buf = String::with_capacity(COPY_FLUSH_BYTES + 4096);
-        for v in versions {
-            let key = split_key(&v.event.key, sql.key_len)
-                .map_err(|m| Error::internal(format!("applying to {hist}"), m))?;
-            copy_row(&mut buf, &key, &sql.written, v);
-            if buf.len() >= COPY_FLUSH_BYTES {
-                sink.send(Bytes::from(std::mem::take(&mut buf)))
-                    .await
-                    .map_err(ctx(format!("copying versions into {hist}")))?;
-            }
-        }
-        if !buf.is_empty() {
-            sink.send(Bytes::from(buf))
-                .await
-                .map_err(ctx(format!("copying versions into {hist}")))?;
-        }
-        sink.finish()
-            .await
-            .map_err(ctx(format!("copying versions into {hist}")))
+        copy_versions(self.tx, sql, versions).await
+    }
+
+    async fn late(
+        &mut self,
+        table: usize,
+        late: &[(&DecodedEvent, [u8; 16], &str)],
+        orphans: &[(&DecodedEvent, &str)],
+        touched: &[&str],
+    ) -> Result<super::late::Placed> {
+        let sql = self
+            .sqls
+            .get(table)
+            .ok_or_else(|| Error::internal("the history store", format!("no table {table}")))?;
+        super::late::place(self.tx, sql, &mut self.remembered, late, orphans, touched).await
     }
 
     async fn schema_change(
@@ -444,6 +522,39 @@ impl HistoryStore for PgHistory<'_> {
             .map_err(ctx("recording applied batches"))?;
         Ok(())
     }
+}
+
+/// Writes versions with one text `COPY` straight into the history table.
+pub(super) async fn copy_versions(
+    tx: &Transaction<'_>,
+    sql: &HistorySql,
+    versions: &[NewVersion<'_>],
+) -> Result<u64> {
+    let hist = &sql.history;
+    let sink = tx
+        .copy_in(sql.copy_in.as_str())
+        .await
+        .map_err(ctx(format!("starting the COPY into {hist}")))?;
+    pin_mut!(sink);
+    let mut buf = String::with_capacity(COPY_FLUSH_BYTES + 4096);
+    for v in versions {
+        let key = split_key(&v.event.key, sql.key_len)
+            .map_err(|m| Error::internal(format!("applying to {hist}"), m))?;
+        copy_row(&mut buf, &key, &sql.written, v);
+        if buf.len() >= COPY_FLUSH_BYTES {
+            sink.send(Bytes::from(std::mem::take(&mut buf)))
+                .await
+                .map_err(ctx(format!("copying versions into {hist}")))?;
+        }
+    }
+    if !buf.is_empty() {
+        sink.send(Bytes::from(buf))
+            .await
+            .map_err(ctx(format!("copying versions into {hist}")))?;
+    }
+    sink.finish()
+        .await
+        .map_err(ctx(format!("copying versions into {hist}")))
 }
 
 fn hash16(b: &[u8]) -> [u8; 16] {
