@@ -11,7 +11,7 @@
 
 use super::rows::{
     change_time_expr, check_source_table, copy_rows, image_values, micros, null, op_expr,
-    read_rows, required_i64, required_op, row_header, rows_copy_sql, ImageColumns,
+    read_rows, required, required_i64, required_op, row_header, rows_copy_sql, ImageColumns,
 };
 use super::{ChangeSource, PassOutcome};
 use crate::catalog::TableSelection;
@@ -407,7 +407,8 @@ async fn capture_table(
         let id = required_i64(row, 0, &what)?;
         max_tomb = Some(max_tomb.map_or(id, |m: i64| m.max(id)));
         let op = required_op(row, 3, &what)?;
-        let values = image_values(row, 4);
+        let written_by_deleter = required(row, 4, &what)? == "t";
+        let values = image_values(row, 5);
         let key = cols.key(spec, &values, &what)?;
         let ts_us = required_i64(row, 1, &what)?;
         let deleted_us = required_i64(row, 2, &what)?;
@@ -422,12 +423,15 @@ async fn capture_table(
             captured_ms,
         );
         // The deleted row's last state (a version this pass may not have seen), then the
-        // delete.
-        buf.clear();
-        write_event(&mut buf, spec, &h, null, |b| {
-            cols.write_image(b, Some(&values))
-        });
-        sink.write(&buf, spec, op, false)?;
+        // delete. A state the deleting transaction wrote itself never committed: the delete
+        // alone (it closes the key's committed version, if there is one).
+        if !written_by_deleter {
+            buf.clear();
+            write_event(&mut buf, spec, &h, null, |b| {
+                cols.write_image(b, Some(&values))
+            });
+            sink.write(&buf, spec, op, false)?;
+        }
         (h.op, h.ts_us) = (Op::Delete, deleted_us);
         buf.clear();
         write_event(
@@ -503,8 +507,10 @@ async fn remove_captured(
 }
 
 /// Each tombstone gives two events: the deleted row's last state (a version the pass may not
-/// have seen, at its change time) and the delete itself, at the delete time. Columns: id,
-/// change time (µs), delete time (µs), op of the last state, the image columns. The
+/// have seen, at its change time) and the delete itself, at the delete time; a tombstone whose
+/// state the deleting transaction wrote itself gives the delete alone. Columns: id, change
+/// time (µs), delete time (µs), op of the last state, whether the deleter wrote that state,
+/// the image columns. The
 /// deleted row is read back from its text form (`old_text`, each value exact); a tombstone
 /// left by an older trigger without it, or one of a row whose table has gained or lost columns
 /// since, from its JSON copy (by name). (`OFFSET 0` keeps the row read
@@ -512,7 +518,7 @@ async fn remove_captured(
 fn tombstone_copy_sql(spec: &TableSpec, cols: &ImageColumns, prev: Option<&Watermark>) -> String {
     let r = "r";
     format!(
-        "COPY (SELECT tb.tombstone_id, {ts}, {deleted}, {op}, {list}
+        "COPY (SELECT tb.tombstone_id, {ts}, {deleted}, {op}, tb.written_by_deleter, {list}
                FROM public.cdc_tombstones tb
                CROSS JOIN LATERAL (SELECT (s.v).* FROM (SELECT CASE
                                            WHEN tb.old_text IS NOT NULL AND
