@@ -1,9 +1,15 @@
 //! Timestamp capture and the shape of source transactions: a row that a transaction writes
-//! and deletes again never committed and leaves no version. Each compared with the
-//! trigger-fed ground truth, and `verify` holds.
+//! and deletes again never committed and leaves no version; a prepared transaction
+//! (`PREPARE TRANSACTION` … `COMMIT PREPARED`) holds the watermark until it commits or rolls
+//! back, however many passes run meanwhile. Each compared with the trigger-fed ground truth,
+//! and `verify` holds.
 
 use crate::common::{assert_history_exact, capture, load};
-use cdc_core::test_utils::{install_audit, TestDb};
+use cdc_core::capture::timestamp::TimestampCapture;
+use cdc_core::capture::{ChangeSource, PassOutcome};
+use cdc_core::changelog::ChangeLogSink;
+use cdc_core::scd2::status;
+use cdc_core::test_utils::{connect, install_audit, TestDb};
 use tokio_postgres::Client;
 
 /// The versions of one key: (order_status, is_current, is_deleted, valid_to in µs).
@@ -133,5 +139,196 @@ async fn a_delete_in_a_transaction_older_than_the_rows_writer_keeps_its_last_sta
     assert_eq!(five.len(), 2, "{five:?}");
     assert_eq!(five[1].0, "committed");
     assert!(five[1].2, "closed by the delete");
+    db.cleanup().await;
+}
+
+/// Fails the test with the fix when the source cluster does not allow prepared transactions.
+async fn require_prepared_transactions(source: &Client) {
+    let n: String = source
+        .query_one("SHOW max_prepared_transactions", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(
+        n, "0",
+        "the source test cluster needs max_prepared_transactions > 0: scripts/local-db.sh sets it \
+         at start (restart the cluster: scripts/local-db.sh stop && scripts/local-db.sh start)"
+    );
+}
+
+/// What the prepared transaction does: it updates key 5, inserts key 950 and deletes key 6.
+const PREPARED: &str = "
+    UPDATE orders SET order_status = 'prepared' WHERE id = 5;
+    INSERT INTO orders (id, customer_id, product_id, quantity, unit_price) VALUES (950, 9, 9, 9, 9.99);
+    DELETE FROM orders WHERE id = 6;";
+
+/// Prepares a transaction named `gid` that runs `sql`.
+async fn prepare(db: &TestDb, gid: &str, sql: &str) {
+    let client = db.source_client().await;
+    client
+        .batch_execute(&format!("BEGIN; {sql} PREPARE TRANSACTION '{gid}';"))
+        .await
+        .unwrap();
+}
+
+/// Committed traffic while the prepared transaction waits: each statement stamps its rows
+/// later than the prepared transaction's.
+const TRAFFIC: &[&str] = &[
+    "UPDATE orders SET order_status = 'a' WHERE id = 7",
+    "INSERT INTO orders (id, customer_id, product_id, quantity, unit_price) VALUES (960, 1, 2, 3, 4.00)",
+    "UPDATE orders SET quantity = quantity + 1 WHERE id IN (8, 960)",
+    "DELETE FROM orders WHERE id = 9",
+];
+
+/// The extractor's loop: one capture object, one sink, one connection across passes.
+struct Extractor {
+    capture: TimestampCapture,
+    sink: ChangeLogSink,
+    client: Client,
+}
+
+impl Extractor {
+    async fn new(db: &TestDb) -> Self {
+        let cfg = db.extractor_config();
+        let spec = db.described().await;
+        Extractor {
+            capture: TimestampCapture::new(vec![spec.clone()], cfg.state_dir.clone()).unwrap(),
+            sink: ChangeLogSink::new(&cfg.log_dir, &spec.name, 50_000),
+            client: connect(&cfg.source).await,
+        }
+    }
+
+    async fn pass(&mut self) -> PassOutcome {
+        self.capture
+            .pass(&mut self.client, &mut self.sink)
+            .await
+            .expect("capture pass")
+    }
+}
+
+/// Prepares a transaction, runs passes (each in a new process when `restarts`, else in one)
+/// and loads while other traffic commits, then finishes it with `finish` and checks the history.
+async fn prepared_transaction_case(test: &str, finish: &str, restarts: bool) {
+    let db = TestDb::new(test).await;
+    let source = db.source_client().await;
+    require_prepared_transactions(&source).await;
+    install_audit(&source).await;
+    let gid = format!("gid_{}", db.name);
+    let mut extractor = Extractor::new(&db).await;
+    extractor.pass().await;
+    load(&db).await;
+
+    prepare(&db, &gid, PREPARED).await;
+    for sql in TRAFFIC {
+        source.batch_execute(sql).await.unwrap();
+        if restarts {
+            capture(&db).await;
+        } else {
+            extractor.pass().await;
+        }
+        load(&db).await;
+    }
+    // `status` names the prepared transaction that holds the watermark.
+    let warehouse = db.warehouse_client().await;
+    let report = status::status(&db.loader_config(), Some(&warehouse), Some(&source))
+        .await
+        .unwrap();
+    let text = report.render();
+    assert!(
+        text.contains(&format!("held by prepared transaction '{gid}'")),
+        "{text}"
+    );
+
+    source
+        .batch_execute(&format!("{finish} '{gid}'"))
+        .await
+        .unwrap();
+    if restarts {
+        capture(&db).await;
+    } else {
+        extractor.pass().await;
+    }
+    load(&db).await;
+    assert_history_exact(&db).await;
+    let wh = db.warehouse_client().await;
+    let five = versions(&wh, 5).await;
+    let six = versions(&wh, 6).await;
+    let added = versions(&wh, 950).await;
+    if finish == "COMMIT PREPARED" {
+        assert_eq!(five.last().unwrap().0, "prepared", "{five:?}");
+        assert!(six.last().unwrap().2, "the prepared delete is captured");
+        assert_eq!(added.len(), 1, "the prepared insert is captured");
+    } else {
+        assert_eq!(five.len(), 1, "{five:?}");
+        assert!(!six.last().unwrap().2);
+        assert!(added.is_empty());
+    }
+    // Once it is gone, the watermark moves on with the traffic again.
+    source
+        .batch_execute("UPDATE orders SET order_status = 'after' WHERE id = 10")
+        .await
+        .unwrap();
+    let after = if restarts {
+        capture(&db).await
+    } else {
+        extractor.pass().await
+    };
+    assert_eq!(after.rows, 1, "only the new change is read: {after:?}");
+    load(&db).await;
+    assert_history_exact(&db).await;
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_prepared_transaction_committed_after_many_passes_is_captured() {
+    prepared_transaction_case("prepared_commit", "COMMIT PREPARED", false).await;
+}
+
+#[tokio::test]
+async fn a_prepared_transaction_committed_after_extractor_restarts_is_captured() {
+    prepared_transaction_case("prepared_commit_restarts", "COMMIT PREPARED", true).await;
+}
+
+#[tokio::test]
+async fn a_prepared_transaction_rolled_back_after_many_passes_leaves_nothing() {
+    prepared_transaction_case("prepared_rollback", "ROLLBACK PREPARED", false).await;
+}
+
+#[tokio::test]
+async fn the_initial_copy_waits_for_a_transaction_prepared_before_it() {
+    let db = TestDb::new("prepared_before_copy").await;
+    let source = db.source_client().await;
+    require_prepared_transactions(&source).await;
+    install_audit(&source).await;
+    let gid = format!("gid_{}", db.name);
+    // (No update of a key that exists: the copy shows each row's state when it is taken, not
+    // the states before it, which the ground truth holds.)
+    prepare(
+        &db,
+        &gid,
+        "INSERT INTO orders (id, customer_id, product_id, quantity, unit_price) VALUES (950, 9, 9, 9, 9.99);
+         DELETE FROM orders WHERE id = 6;",
+    )
+    .await;
+    let mut extractor = Extractor::new(&db).await;
+    for _ in 0..2 {
+        let out = extractor.pass().await;
+        assert_eq!(
+            out.events, 0,
+            "no copy while a prepared transaction may commit older rows"
+        );
+    }
+    assert!(
+        std::fs::read_dir(db.state_dir()).map_or(true, |mut d| d.next().is_none()),
+        "no progress saved"
+    );
+    source
+        .batch_execute(&format!("COMMIT PREPARED '{gid}'"))
+        .await
+        .unwrap();
+    let copy = extractor.pass().await;
+    assert!(copy.snapshot && copy.rows > 0, "{copy:?}");
+    load(&db).await;
+    assert_history_exact(&db).await;
     db.cleanup().await;
 }
