@@ -37,15 +37,12 @@ ALTER TABLE public.cdc_tombstones ADD COLUMN IF NOT EXISTS written_by_deleter BO
 CREATE INDEX IF NOT EXISTS idx_cdc_tombstones_table
     ON public.cdc_tombstones (table_schema, table_name, deleted_at, tombstone_id);
 
--- Whether a row whose `xmin` is `row_xmin` was written by the current transaction (or one
--- of its subtransactions), for the delete triggers' WHEN conditions (a trigger function cannot
--- read OLD.xmin, a WHEN condition can). The common cases cost an integer comparison: the
--- transaction's own xid, or an older one (a subtransaction's xid is always newer than its
--- transaction's). A newer xid is this transaction's when its writer has not finished: a row
--- is visible to the delete only if its writer committed or is this transaction, and a
+-- For `cdc_written_here` below: a row whose `xmin` is newer than the current transaction's
+-- id was written by it (by a subtransaction) when its writer has not finished: a
+-- row is visible to the delete only if its writer committed or is this transaction, and a
 -- committed writer is older than the snapshot's xmax (`pg_xact_status` is asked only below
 -- it, where it cannot fail). Volatile, so that the snapshot is taken now, after the delete.
-CREATE OR REPLACE FUNCTION public.cdc_written_here(row_xmin xid) RETURNS boolean
+CREATE OR REPLACE FUNCTION public.cdc_written_in_subtransaction(row_xmin xid) RETURNS boolean
 LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     top int8 := pg_current_xact_id()::text::int8;
@@ -63,6 +60,18 @@ BEGIN
     END IF;
     RETURN coalesce(pg_xact_status(full_xid) = 'in progress', false);
 END;
+$$;
+
+-- Whether a row whose `xmin` is `row_xmin` was written by the current transaction (or one
+-- of its subtransactions), for the delete triggers' WHEN conditions (a trigger function cannot
+-- read OLD.xmin, a WHEN condition can). A plain SQL expression, which PostgreSQL inlines into
+-- the WHEN condition, answers the common cases: `age()` > 0 is a writer older than this
+-- transaction (so not this transaction: its subtransactions' ids are newer than its own), the
+-- transaction's own id is this transaction. Only a newer id asks the function above.
+CREATE OR REPLACE FUNCTION public.cdc_written_here(row_xmin xid) RETURNS boolean
+LANGUAGE sql VOLATILE AS $$
+    SELECT age(row_xmin) <= 0
+       AND (row_xmin = pg_current_xact_id()::xid OR public.cdc_written_in_subtransaction(row_xmin))
 $$;
 
 -- The text form is written with the extractor's date and interval styles, whatever the
