@@ -10,6 +10,9 @@ use cdc_core::capture::{ChangeSource, PassOutcome};
 use cdc_core::changelog::ChangeLogSink;
 use cdc_core::scd2::status;
 use cdc_core::test_utils::{connect, install_audit, TestDb};
+use fake::rand::rngs::StdRng;
+use fake::rand::{RngExt, SeedableRng};
+use std::collections::BTreeSet;
 use tokio_postgres::Client;
 
 /// The versions of one key: (order_status, is_current, is_deleted, valid_to in µs).
@@ -331,4 +334,150 @@ async fn the_initial_copy_waits_for_a_transaction_prepared_before_it() {
     load(&db).await;
     assert_history_exact(&db).await;
     db.cleanup().await;
+}
+
+/// Randomized rounds of traffic with the transaction shapes above mixed in: ordinary
+/// changes, rows written and deleted in one transaction, committed rows updated and deleted
+/// in one transaction, and prepared transactions left open across rounds, then committed or
+/// rolled back; passes by one long-running extractor or by restarted ones.
+#[tokio::test]
+async fn randomized_transaction_shapes_match_the_ground_truth() {
+    for seed in [3_u64, 41] {
+        let db = TestDb::new(&format!("tx_randomized_{seed}")).await;
+        let source = db.source_client().await;
+        require_prepared_transactions(&source).await;
+        install_audit(&source).await;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut extractor = Extractor::new(&db).await;
+        extractor.pass().await;
+        let mut next_id = 100_000;
+        // The open prepared transaction: its gid and the keys it holds locked.
+        let mut open: Option<(String, Vec<i32>)> = None;
+        for round in 0..14 {
+            let live: Vec<i32> = source
+                .query("SELECT id FROM orders ORDER BY id", &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            // Keys changed this round (each once, so that the previous state was captured)
+            // and keys a prepared transaction holds.
+            let mut touched: BTreeSet<i32> = open.iter().flat_map(|(_, k)| k.clone()).collect();
+            let pick = |rng: &mut StdRng, touched: &mut BTreeSet<i32>| {
+                let free: Vec<i32> = live
+                    .iter()
+                    .copied()
+                    .filter(|k| !touched.contains(k))
+                    .collect();
+                (!free.is_empty()).then(|| {
+                    let k = free[rng.random_range(0..free.len())];
+                    touched.insert(k);
+                    k
+                })
+            };
+            for _ in 0..rng.random_range(2..10) {
+                let insert = |id: i32, rng: &mut StdRng| {
+                    format!(
+                        "INSERT INTO orders (id, customer_id, product_id, quantity, unit_price) VALUES ({id}, {}, 1, {}, 1.00)",
+                        rng.random_range(1..50),
+                        rng.random_range(1..9)
+                    )
+                };
+                let sql = match rng.random_range(0..7) {
+                    0 => {
+                        next_id += 1;
+                        insert(next_id, &mut rng)
+                    }
+                    1 => {
+                        next_id += 1;
+                        let id = next_id;
+                        let middle = if rng.random_bool(0.5) {
+                            format!("UPDATE orders SET order_status = 'never' WHERE id = {id};")
+                        } else {
+                            String::new()
+                        };
+                        format!(
+                            "BEGIN; {}; {middle} DELETE FROM orders WHERE id = {id}; COMMIT",
+                            insert(id, &mut rng)
+                        )
+                    }
+                    2 => match pick(&mut rng, &mut touched) {
+                        Some(k) => format!(
+                            "BEGIN; UPDATE orders SET order_status = 'never' WHERE id = {k}; DELETE FROM orders WHERE id = {k}; COMMIT"
+                        ),
+                        None => continue,
+                    },
+                    3 => match pick(&mut rng, &mut touched) {
+                        Some(k) => format!("DELETE FROM orders WHERE id = {k}"),
+                        None => continue,
+                    },
+                    _ => match pick(&mut rng, &mut touched) {
+                        Some(k) => format!(
+                            "UPDATE orders SET order_status = 's{}', quantity = {} WHERE id = {k}",
+                            rng.random_range(0..5),
+                            rng.random_range(1..9)
+                        ),
+                        None => continue,
+                    },
+                };
+                source.batch_execute(&sql).await.unwrap();
+            }
+            match open.take() {
+                None if rng.random_bool(0.5) => {
+                    let mut keys = Vec::new();
+                    let mut sql = String::new();
+                    for _ in 0..2 {
+                        if let Some(k) = pick(&mut rng, &mut touched) {
+                            keys.push(k);
+                            sql.push_str(&format!(
+                                "UPDATE orders SET order_status = 'prepared {round}' WHERE id = {k};"
+                            ));
+                        }
+                    }
+                    next_id += 1;
+                    sql.push_str(&format!(
+                        "INSERT INTO orders (id, customer_id, product_id, quantity, unit_price) VALUES ({next_id}, 1, 1, 1, 1.00);"
+                    ));
+                    let gid = format!("gid_{}_{round}", db.name);
+                    prepare(&db, &gid, &sql).await;
+                    open = Some((gid, keys));
+                }
+                None => {}
+                Some((gid, keys)) => {
+                    if rng.random_bool(0.4) {
+                        let finish = if rng.random_bool(0.7) {
+                            "COMMIT PREPARED"
+                        } else {
+                            "ROLLBACK PREPARED"
+                        };
+                        source
+                            .batch_execute(&format!("{finish} '{gid}'"))
+                            .await
+                            .unwrap();
+                    } else {
+                        open = Some((gid, keys));
+                    }
+                }
+            }
+            if rng.random_bool(0.3) {
+                capture(&db).await;
+            } else {
+                extractor.pass().await;
+            }
+            if rng.random_bool(0.5) {
+                load(&db).await;
+            }
+        }
+        if let Some((gid, _)) = open.take() {
+            source
+                .batch_execute(&format!("COMMIT PREPARED '{gid}'"))
+                .await
+                .unwrap();
+        }
+        extractor.pass().await;
+        load(&db).await;
+        assert_history_exact(&db).await;
+        db.cleanup().await;
+    }
 }
