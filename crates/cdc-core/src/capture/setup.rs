@@ -128,9 +128,12 @@ pub async fn check_timestamp_table(client: &Client, spec: &TableSpec) -> Result<
         .map_err(ctx(format!("reading the triggers of {}", spec.qualified())))?;
     let (touch, delete, truncate): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
     let missing: Vec<&str> = [
-        (touch, "change-time"),
-        (delete, "delete"),
-        (truncate, "truncate"),
+        (touch, "its change-time trigger"),
+        (
+            delete,
+            "its pair of delete triggers (one for rows the deleting transaction wrote itself)",
+        ),
+        (truncate, "its truncate trigger"),
     ]
     .into_iter()
     .filter(|(n, _)| *n == 0)
@@ -140,7 +143,7 @@ pub async fn check_timestamp_table(client: &Client, spec: &TableSpec) -> Result<
         return Err(Error::setup(
             format!("source table {}", spec.qualified()),
             format!(
-                "is not prepared for timestamp capture (missing: its {} trigger): run `extractor setup`",
+                "is not prepared for timestamp capture (missing: {}): run `extractor setup`",
                 missing.join(", ")
             ),
         ));
