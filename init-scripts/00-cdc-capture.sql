@@ -29,17 +29,62 @@ CREATE TABLE IF NOT EXISTS public.cdc_tombstones (
     old_row       JSONB       NOT NULL
 );
 ALTER TABLE public.cdc_tombstones ADD COLUMN IF NOT EXISTS old_text TEXT;
+-- Whether the deleted row's state was written by the deleting transaction itself (it never
+-- committed): the extractor then emits the delete alone, with no version for that state, so a
+-- row inserted and deleted in one transaction leaves nothing, and a row that existed before,
+-- was updated and deleted in one transaction keeps its old version, closed at the delete.
+ALTER TABLE public.cdc_tombstones ADD COLUMN IF NOT EXISTS written_by_deleter BOOLEAN NOT NULL DEFAULT false;
 CREATE INDEX IF NOT EXISTS idx_cdc_tombstones_table
     ON public.cdc_tombstones (table_schema, table_name, deleted_at, tombstone_id);
 
+-- For `cdc_written_here` below: a row whose `xmin` is newer than the current transaction's
+-- id was written by it (by a subtransaction) when its writer has not finished: a
+-- row is visible to the delete only if its writer committed or is this transaction, and a
+-- committed writer is older than the snapshot's xmax (`pg_xact_status` is asked only below
+-- it, where it cannot fail). Volatile, so that the snapshot is taken now, after the delete.
+CREATE OR REPLACE FUNCTION public.cdc_written_in_subtransaction(row_xmin xid) RETURNS boolean
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    top int8 := pg_current_xact_id()::text::int8;
+    ahead int8 := (row_xmin::text::int8 - top % 4294967296 + 4294967296) % 4294967296;
+    full_xid xid8;
+BEGIN
+    IF ahead = 0 THEN
+        RETURN true;
+    ELSIF ahead >= 2147483648 THEN
+        RETURN false;
+    END IF;
+    full_xid := (top + ahead)::text::xid8;
+    IF full_xid >= pg_snapshot_xmax(pg_current_snapshot()) THEN
+        RETURN true;
+    END IF;
+    RETURN coalesce(pg_xact_status(full_xid) = 'in progress', false);
+END;
+$$;
+
+-- Whether a row whose `xmin` is `row_xmin` was written by the current transaction (or one
+-- of its subtransactions), for the delete triggers' WHEN conditions (a trigger function cannot
+-- read OLD.xmin, a WHEN condition can). A plain SQL expression, which PostgreSQL inlines into
+-- the WHEN condition, answers the common cases: `age()` > 0 is a writer older than this
+-- transaction (so not this transaction: its subtransactions' ids are newer than its own), the
+-- transaction's own id is this transaction. Only a newer id asks the function above.
+CREATE OR REPLACE FUNCTION public.cdc_written_here(row_xmin xid) RETURNS boolean
+LANGUAGE sql VOLATILE AS $$
+    SELECT age(row_xmin) <= 0
+       AND (row_xmin = pg_current_xact_id()::xid OR public.cdc_written_in_subtransaction(row_xmin))
+$$;
+
 -- The text form is written with the extractor's date and interval styles, whatever the
 -- deleting session uses, so that it reads back to the same values (restored on return).
+-- The trigger's argument `written_by_deleter` says the deleted state is the deleting
+-- transaction's own (`extractor setup` installs one trigger for each case).
 CREATE OR REPLACE FUNCTION public.cdc_record_delete() RETURNS trigger
 LANGUAGE plpgsql SET datestyle = 'ISO, MDY' SET intervalstyle = 'postgres'
     SET extra_float_digits = 3 AS $$
 BEGIN
-    INSERT INTO public.cdc_tombstones (table_schema, table_name, old_row, old_text)
-    VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, to_jsonb(OLD), OLD::text);
+    INSERT INTO public.cdc_tombstones (table_schema, table_name, old_row, old_text, written_by_deleter)
+    VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, to_jsonb(OLD), OLD::text,
+            TG_NARGS > 0 AND TG_ARGV[0] = 'written_by_deleter');
     RETURN OLD;
 END;
 $$;

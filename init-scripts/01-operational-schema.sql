@@ -28,17 +28,28 @@ CREATE TRIGGER trg_orders_last_updated
     BEFORE INSERT OR UPDATE ON public.orders
     FOR EACH ROW EXECUTE FUNCTION public.cdc_touch_last_updated();
 
+-- A delete leaves a tombstone; one pair of triggers, so that the tombstone says whether the
+-- deleted state was the deleting transaction's own (it never committed: no version for it).
 DROP TRIGGER IF EXISTS trg_orders_tombstone ON public.orders;
 CREATE TRIGGER trg_orders_tombstone
     AFTER DELETE ON public.orders
-    FOR EACH ROW EXECUTE FUNCTION public.cdc_record_delete();
+    FOR EACH ROW WHEN (NOT public.cdc_written_here(OLD.xmin))
+    EXECUTE FUNCTION public.cdc_record_delete();
+CREATE OR REPLACE TRIGGER trg_orders_tombstone_own
+    AFTER DELETE ON public.orders
+    FOR EACH ROW WHEN (public.cdc_written_here(OLD.xmin))
+    EXECUTE FUNCTION public.cdc_record_delete('written_by_deleter');
 
 -- A primary-key change ends the old key: it leaves a tombstone like a delete.
 DROP TRIGGER IF EXISTS trg_orders_key_change ON public.orders;
 CREATE TRIGGER trg_orders_key_change
     AFTER UPDATE OF id ON public.orders
-    FOR EACH ROW WHEN (OLD.id IS DISTINCT FROM NEW.id)
+    FOR EACH ROW WHEN (OLD.id IS DISTINCT FROM NEW.id AND NOT public.cdc_written_here(OLD.xmin))
     EXECUTE FUNCTION public.cdc_record_delete();
+CREATE OR REPLACE TRIGGER trg_orders_key_change_own
+    AFTER UPDATE OF id ON public.orders
+    FOR EACH ROW WHEN (OLD.id IS DISTINCT FROM NEW.id AND public.cdc_written_here(OLD.xmin))
+    EXECUTE FUNCTION public.cdc_record_delete('written_by_deleter');
 
 -- A TRUNCATE is recorded once per statement (row triggers do not fire for it).
 DROP TRIGGER IF EXISTS trg_orders_truncate ON public.orders;
@@ -75,17 +86,31 @@ ALTER TABLE public.order_items REPLICA IDENTITY FULL;
 CREATE OR REPLACE TRIGGER trg_customers_last_updated BEFORE INSERT OR UPDATE ON public.customers
     FOR EACH ROW EXECUTE FUNCTION public.cdc_touch_last_updated();
 CREATE OR REPLACE TRIGGER trg_customers_tombstone AFTER DELETE ON public.customers
-    FOR EACH ROW EXECUTE FUNCTION public.cdc_record_delete();
-CREATE OR REPLACE TRIGGER trg_customers_key_change AFTER UPDATE OF id ON public.customers
-    FOR EACH ROW WHEN ((OLD.id) IS DISTINCT FROM (NEW.id))
+    FOR EACH ROW WHEN (NOT public.cdc_written_here(OLD.xmin))
     EXECUTE FUNCTION public.cdc_record_delete();
+CREATE OR REPLACE TRIGGER trg_customers_tombstone_own AFTER DELETE ON public.customers
+    FOR EACH ROW WHEN (public.cdc_written_here(OLD.xmin))
+    EXECUTE FUNCTION public.cdc_record_delete('written_by_deleter');
+CREATE OR REPLACE TRIGGER trg_customers_key_change AFTER UPDATE OF id ON public.customers
+    FOR EACH ROW WHEN ((OLD.id) IS DISTINCT FROM (NEW.id) AND NOT public.cdc_written_here(OLD.xmin))
+    EXECUTE FUNCTION public.cdc_record_delete();
+CREATE OR REPLACE TRIGGER trg_customers_key_change_own AFTER UPDATE OF id ON public.customers
+    FOR EACH ROW WHEN ((OLD.id) IS DISTINCT FROM (NEW.id) AND public.cdc_written_here(OLD.xmin))
+    EXECUTE FUNCTION public.cdc_record_delete('written_by_deleter');
 CREATE OR REPLACE TRIGGER trg_order_items_last_updated BEFORE INSERT OR UPDATE ON public.order_items
     FOR EACH ROW EXECUTE FUNCTION public.cdc_touch_last_updated();
 CREATE OR REPLACE TRIGGER trg_order_items_tombstone AFTER DELETE ON public.order_items
-    FOR EACH ROW EXECUTE FUNCTION public.cdc_record_delete();
-CREATE OR REPLACE TRIGGER trg_order_items_key_change AFTER UPDATE OF order_id, line_no ON public.order_items
-    FOR EACH ROW WHEN ((OLD.order_id, OLD.line_no) IS DISTINCT FROM (NEW.order_id, NEW.line_no))
+    FOR EACH ROW WHEN (NOT public.cdc_written_here(OLD.xmin))
     EXECUTE FUNCTION public.cdc_record_delete();
+CREATE OR REPLACE TRIGGER trg_order_items_tombstone_own AFTER DELETE ON public.order_items
+    FOR EACH ROW WHEN (public.cdc_written_here(OLD.xmin))
+    EXECUTE FUNCTION public.cdc_record_delete('written_by_deleter');
+CREATE OR REPLACE TRIGGER trg_order_items_key_change AFTER UPDATE OF order_id, line_no ON public.order_items
+    FOR EACH ROW WHEN ((OLD.order_id, OLD.line_no) IS DISTINCT FROM (NEW.order_id, NEW.line_no) AND NOT public.cdc_written_here(OLD.xmin))
+    EXECUTE FUNCTION public.cdc_record_delete();
+CREATE OR REPLACE TRIGGER trg_order_items_key_change_own AFTER UPDATE OF order_id, line_no ON public.order_items
+    FOR EACH ROW WHEN ((OLD.order_id, OLD.line_no) IS DISTINCT FROM (NEW.order_id, NEW.line_no) AND public.cdc_written_here(OLD.xmin))
+    EXECUTE FUNCTION public.cdc_record_delete('written_by_deleter');
 CREATE OR REPLACE TRIGGER trg_customers_truncate AFTER TRUNCATE ON public.customers
     FOR EACH STATEMENT EXECUTE FUNCTION public.cdc_record_truncate();
 CREATE OR REPLACE TRIGGER trg_order_items_truncate AFTER TRUNCATE ON public.order_items

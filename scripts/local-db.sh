@@ -110,7 +110,11 @@ start_cluster() {
   if port_busy "$port"; then
     die "port $port is taken by another server; set $( [[ $name == source ]] && echo DB_PORT || echo WAREHOUSE_DB_PORT ) to a free port"
   fi
-  as_owner "$BIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 -o "-p $port" start >/dev/null \
+  # The source allows prepared transactions (PREPARE TRANSACTION), which the tests of timestamp
+  # capture use; given at start so that a cluster made by an older version of this script has it.
+  local opts="-p $port"
+  [[ $name == source ]] && opts+=" -c max_prepared_transactions=10"
+  as_owner "$BIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 -o "$opts" start >/dev/null \
     || { tail -n 20 "$dir/server.log" >&2; die "$name cluster failed to start (log: $dir/server.log)"; }
   echo "local-db: $name running on 127.0.0.1:$port"
 }

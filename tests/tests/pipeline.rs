@@ -466,3 +466,77 @@ async fn archived_change_logs_are_compressed_readable_and_pruned() {
     loader.wait().unwrap();
     db.cleanup().await;
 }
+
+/// A prepared transaction holds timestamp capture: the extractor's log and `status` name it
+/// (unhealthy once it is older than `CDC_MAX_LAG_SECONDS`), and once it commits its changes
+/// are captured and `verify` passes.
+#[tokio::test]
+async fn a_prepared_transaction_is_named_by_the_log_and_status_and_captured_when_committed() {
+    let db = TestDb::new("e2e_prepared").await;
+    let source = db.source_client().await;
+    install_audit(&source).await;
+    let once = |name: &str| {
+        let mut c = cmd(&db, name);
+        c.arg("--once");
+        let out = run(c);
+        assert!(out.status.success(), "{}", text(&out));
+        out
+    };
+    once("extractor");
+    once("scd2-loader");
+    let gid = format!("gid_{}", db.name);
+    db.source_client()
+        .await
+        .batch_execute(&format!(
+            "BEGIN; UPDATE orders SET order_status = 'prepared' WHERE id = 3; PREPARE TRANSACTION '{gid}'"
+        ))
+        .await
+        .unwrap();
+    source
+        .batch_execute("UPDATE orders SET order_status = 'later' WHERE id = 4")
+        .await
+        .unwrap();
+    let out = once("extractor");
+    let log =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        log.contains("a prepared transaction holds the watermark") && log.contains(&gid),
+        "{}",
+        text(&out)
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    let mut s = cmd(&db, "scd2-loader");
+    s.arg("status").env("CDC_MAX_LAG_SECONDS", "1");
+    let out = run(s);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(
+        said.contains(&format!(
+            "prepared transaction '{gid}' has held the capture watermark"
+        )),
+        "{said}"
+    );
+
+    source
+        .batch_execute(&format!("COMMIT PREPARED '{gid}'"))
+        .await
+        .unwrap();
+    once("extractor");
+    once("scd2-loader");
+    let mut v = cmd(&db, "scd2-loader");
+    v.arg("verify");
+    let out = run(v);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let status: String = db
+        .warehouse_client()
+        .await
+        .query_one(
+            "SELECT order_status FROM dim_orders_history WHERE order_key = 3 AND is_current",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "prepared");
+    db.cleanup().await;
+}

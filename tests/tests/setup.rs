@@ -135,6 +135,71 @@ async fn a_timestamp_start_on_a_table_without_the_truncate_trigger_is_refused_un
 }
 
 #[tokio::test]
+async fn a_timestamp_start_on_a_table_with_the_earlier_single_delete_trigger_is_refused_until_setup(
+) {
+    // A table prepared by an older `extractor setup`: one delete trigger, without the WHEN
+    // that tells the deleting transaction's own rows (they would become versions).
+    let db = TestDb::new("e2e_setup_delete_pair").await;
+    let source = db.source_client().await;
+    source
+        .batch_execute(
+            "DROP TRIGGER trg_orders_tombstone_own ON public.orders;
+             CREATE OR REPLACE TRIGGER trg_orders_tombstone AFTER DELETE ON public.orders
+                 FOR EACH ROW EXECUTE FUNCTION public.cdc_record_delete();",
+        )
+        .await
+        .unwrap();
+    let extractor = |arg: &str| {
+        let mut c = cmd(&db, "extractor");
+        c.arg(arg);
+        run(c)
+    };
+    let out = extractor("--once");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("public.orders")
+            && err.contains("pair of delete triggers")
+            && err.contains("extractor setup"),
+        "{}",
+        text(&out)
+    );
+    let out = extractor("setup");
+    assert!(out.status.success(), "{}", text(&out));
+    let out = extractor("--once");
+    assert!(out.status.success(), "{}", text(&out));
+    // Now a row inserted and deleted in one transaction leaves nothing.
+    source
+        .batch_execute(
+            "BEGIN;
+             INSERT INTO orders (id, customer_id, product_id, quantity, unit_price) VALUES (990, 1, 1, 1, 1.00);
+             DELETE FROM orders WHERE id = 990;
+             COMMIT;",
+        )
+        .await
+        .unwrap();
+    assert!(extractor("--once").status.success());
+    let out = run({
+        let mut c = cmd(&db, "scd2-loader");
+        c.arg("--once");
+        c
+    });
+    assert!(out.status.success(), "{}", text(&out));
+    let versions: i64 = db
+        .warehouse_client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM dim_orders_history WHERE order_key = 990",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(versions, 0);
+    db.cleanup().await;
+}
+
+#[tokio::test]
 async fn setup_prepares_a_table_for_logical_capture() {
     let db = TestDb::new("e2e_setup_lg").await;
     let source = db.source_client().await;

@@ -4,31 +4,22 @@
 
 use crate::common::{capture, load};
 use crate::logical::{drain, logical_pass, logical_snapshot};
+use cdc_core::capture::setup;
 use cdc_core::scd2::verify;
 use cdc_core::table::TableSpec;
 use cdc_core::test_utils::TestDb;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
-/// A table with its triggers for timestamp capture (key changes leave a tombstone).
+/// A table with its triggers for timestamp capture (what `extractor setup` installs: key
+/// changes leave a tombstone).
 pub async fn create(db: &mut TestDb, name: &str, columns: &str, key: &[&str]) {
     let key_list = key.join(", ");
-    let old: Vec<String> = key.iter().map(|k| format!("OLD.{k}")).collect();
-    let new: Vec<String> = key.iter().map(|k| format!("NEW.{k}")).collect();
-    db.source_client()
-        .await
+    let source = db.source_client().await;
+    source
         .batch_execute(&format!(
             "CREATE TABLE public.{name} ({columns},
                  last_updated timestamptz NOT NULL DEFAULT clock_timestamp(), PRIMARY KEY ({key_list}));
-             ALTER TABLE public.{name} REPLICA IDENTITY FULL;
-             CREATE TRIGGER t_touch BEFORE INSERT OR UPDATE ON public.{name}
-                 FOR EACH ROW EXECUTE FUNCTION public.cdc_touch_last_updated();
-             CREATE TRIGGER t_tomb AFTER DELETE ON public.{name}
-                 FOR EACH ROW EXECUTE FUNCTION public.cdc_record_delete();
-             CREATE TRIGGER t_key AFTER UPDATE OF {key_list} ON public.{name}
-                 FOR EACH ROW WHEN (({}) IS DISTINCT FROM ({}))
-                 EXECUTE FUNCTION public.cdc_record_delete();",
-            old.join(", "),
-            new.join(", ")
+             ALTER TABLE public.{name} REPLICA IDENTITY FULL;"
         ))
         .await
         .unwrap();
@@ -36,6 +27,9 @@ pub async fn create(db: &mut TestDb, name: &str, columns: &str, key: &[&str]) {
         name: name.into(),
         ..TableSpec::orders()
     };
+    setup::timestamp_table(&source, &db.described().await, "last_updated")
+        .await
+        .unwrap();
 }
 
 pub async fn printed(client: &Client, sql: &str) -> Vec<Vec<Option<String>>> {

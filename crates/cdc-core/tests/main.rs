@@ -10,6 +10,7 @@ mod multi;
 mod randomized;
 mod scenarios;
 mod tls;
+mod transactions;
 mod truncate;
 mod types;
 mod verify_checks;

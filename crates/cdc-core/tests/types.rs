@@ -170,11 +170,7 @@ async fn create_typed(db: &mut TestDb) {
         .batch_execute(&format!(
             "CREATE TABLE public.typed (code char(6) PRIMARY KEY, {cols}
                  last_updated timestamptz NOT NULL DEFAULT clock_timestamp());
-             ALTER TABLE public.typed REPLICA IDENTITY FULL;
-             CREATE TRIGGER trg_typed_last_updated BEFORE INSERT OR UPDATE ON public.typed
-                 FOR EACH ROW EXECUTE FUNCTION public.cdc_touch_last_updated();
-             CREATE TRIGGER trg_typed_tombstone AFTER DELETE ON public.typed
-                 FOR EACH ROW EXECUTE FUNCTION public.cdc_record_delete();"
+             ALTER TABLE public.typed REPLICA IDENTITY FULL;"
         ))
         .await
         .unwrap();
@@ -191,6 +187,9 @@ async fn create_typed(db: &mut TestDb) {
         types: Vec::new(),
         ignored: vec!["last_updated".into()],
     };
+    cdc_core::capture::setup::timestamp_table(&source, &db.spec, "last_updated")
+        .await
+        .unwrap();
 }
 
 async fn insert_rows(source: &Client) {

@@ -1,7 +1,7 @@
 //! `extractor setup`: prepares the source for the configured tables and capture mode,
 //! idempotently, and says what it did. Timestamp mode: the tombstone and truncation tables
-//! and the trigger functions, then per table the change-time trigger, the delete trigger, the
-//! key-change trigger and the (statement-level) truncate trigger. Logical mode: `REPLICA
+//! and the trigger functions, then per table the change-time trigger, the delete triggers, the
+//! key-change triggers and the (statement-level) truncate trigger. Logical mode: `REPLICA
 //! IDENTITY FULL` per table, the publication and the slot. A normal start checks the same
 //! things and names `extractor setup` when one is missing.
 
@@ -35,7 +35,15 @@ fn touch_function(column: &str) -> (String, String) {
     (name, sql)
 }
 
-/// Prepares one table for timestamp capture. Returns what was done.
+/// The argument of the delete triggers that fire when the deleted row's state was written by
+/// the deleting transaction itself (`public.cdc_written_here(OLD.xmin)`): that state never
+/// committed, so the tombstone says so and the extractor emits the delete alone.
+const OWN: &str = "written_by_deleter";
+
+/// Prepares one table for timestamp capture: per table the change-time trigger, the delete
+/// and key-change triggers (each twice: for a committed deleted state, and for one the
+/// deleting transaction wrote itself), the truncate trigger and the index. Returns what was
+/// done.
 pub async fn timestamp_table(
     client: &Client,
     spec: &TableSpec,
@@ -76,10 +84,17 @@ pub async fn timestamp_table(
              CREATE OR REPLACE TRIGGER trg_{t}_last_updated BEFORE INSERT OR UPDATE ON {table}
                  FOR EACH ROW EXECUTE FUNCTION public.{touch}();
              CREATE OR REPLACE TRIGGER trg_{t}_tombstone AFTER DELETE ON {table}
-                 FOR EACH ROW EXECUTE FUNCTION public.cdc_record_delete();
-             CREATE OR REPLACE TRIGGER trg_{t}_key_change AFTER UPDATE OF {key_list} ON {table}
-                 FOR EACH ROW WHEN (({old}) IS DISTINCT FROM ({new}))
+                 FOR EACH ROW WHEN (NOT public.cdc_written_here(OLD.xmin))
                  EXECUTE FUNCTION public.cdc_record_delete();
+             CREATE OR REPLACE TRIGGER trg_{t}_tombstone_own AFTER DELETE ON {table}
+                 FOR EACH ROW WHEN (public.cdc_written_here(OLD.xmin))
+                 EXECUTE FUNCTION public.cdc_record_delete('{OWN}');
+             CREATE OR REPLACE TRIGGER trg_{t}_key_change AFTER UPDATE OF {key_list} ON {table}
+                 FOR EACH ROW WHEN (({old}) IS DISTINCT FROM ({new}) AND NOT public.cdc_written_here(OLD.xmin))
+                 EXECUTE FUNCTION public.cdc_record_delete();
+             CREATE OR REPLACE TRIGGER trg_{t}_key_change_own AFTER UPDATE OF {key_list} ON {table}
+                 FOR EACH ROW WHEN (({old}) IS DISTINCT FROM ({new}) AND public.cdc_written_here(OLD.xmin))
+                 EXECUTE FUNCTION public.cdc_record_delete('{OWN}');
              CREATE OR REPLACE TRIGGER trg_{t}_truncate AFTER TRUNCATE ON {table}
                  FOR EACH STATEMENT EXECUTE FUNCTION public.cdc_record_truncate();
              CREATE INDEX IF NOT EXISTS idx_{t}_{change_time} ON {table} ({change_time}, {key_list});",
@@ -90,7 +105,7 @@ pub async fn timestamp_table(
         .await
         .map_err(ctx(format!("installing the capture triggers on {table}")))?;
     Ok(format!(
-        "{table}: triggers trg_{t}_last_updated ({change_time}), trg_{t}_tombstone, trg_{t}_key_change, trg_{t}_truncate; index on ({change_time}, {})",
+        "{table}: triggers trg_{t}_last_updated ({change_time}), trg_{t}_tombstone(_own), trg_{t}_key_change(_own), trg_{t}_truncate; index on ({change_time}, {})",
         keys.join(", ")
     ))
 }
@@ -100,7 +115,10 @@ pub async fn check_timestamp_table(client: &Client, spec: &TableSpec) -> Result<
     let row = client
         .query_one(
             "SELECT count(*) FILTER (WHERE p.proname LIKE 'cdc\\_touch\\_%' AND (t.tgtype & 2) <> 0),
-                    count(*) FILTER (WHERE p.proname = 'cdc_record_delete' AND (t.tgtype & 8) <> 0),
+                    least(count(*) FILTER (WHERE p.proname = 'cdc_record_delete' AND (t.tgtype & 8) <> 0
+                                                AND t.tgnargs = 0 AND t.tgqual IS NOT NULL),
+                          count(*) FILTER (WHERE p.proname = 'cdc_record_delete' AND (t.tgtype & 8) <> 0
+                                                AND t.tgnargs = 1)),
                     count(*) FILTER (WHERE p.proname = 'cdc_record_truncate' AND (t.tgtype & 32) <> 0)
              FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
              WHERE t.tgrelid = (quote_ident($1) || '.' || quote_ident($2))::regclass AND t.tgenabled <> 'D'",
@@ -110,9 +128,12 @@ pub async fn check_timestamp_table(client: &Client, spec: &TableSpec) -> Result<
         .map_err(ctx(format!("reading the triggers of {}", spec.qualified())))?;
     let (touch, delete, truncate): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
     let missing: Vec<&str> = [
-        (touch, "change-time"),
-        (delete, "delete"),
-        (truncate, "truncate"),
+        (touch, "its change-time trigger"),
+        (
+            delete,
+            "its pair of delete triggers (one for rows the deleting transaction wrote itself)",
+        ),
+        (truncate, "its truncate trigger"),
     ]
     .into_iter()
     .filter(|(n, _)| *n == 0)
@@ -122,7 +143,7 @@ pub async fn check_timestamp_table(client: &Client, spec: &TableSpec) -> Result<
         return Err(Error::setup(
             format!("source table {}", spec.qualified()),
             format!(
-                "is not prepared for timestamp capture (missing: its {} trigger): run `extractor setup`",
+                "is not prepared for timestamp capture (missing: {}): run `extractor setup`",
                 missing.join(", ")
             ),
         ));

@@ -5,13 +5,15 @@
 //! COPY of the columns' text; the extractor writes each event's JSON) into the sink. The new
 //! watermark is bounded by the oldest transaction that was writing when the pass began, so a
 //! transaction that started before a poll and commits after it is still found by the next
-//! one; the rows re-read because of that bound are duplicates the loader drops. Tombstones
+//! one; the rows re-read because of that bound are duplicates the loader drops. A prepared
+//! transaction (`PREPARE TRANSACTION`) has no session any more but holds the watermark the
+//! same way until it commits or rolls back (see `WriterBounds`). Tombstones
 //! and truncations are removed, in the same snapshot, only after the sink made the events
 //! holding them durable; the progress file is written last.
 
 use super::rows::{
     change_time_expr, check_source_table, copy_rows, image_values, micros, null, op_expr,
-    read_rows, required_i64, required_op, row_header, rows_copy_sql, ImageColumns,
+    read_rows, required, required_i64, required_op, row_header, rows_copy_sql, ImageColumns,
 };
 use super::{ChangeSource, PassOutcome};
 use crate::catalog::TableSelection;
@@ -24,7 +26,9 @@ use crate::schema_change::{shape_of, Shape};
 use crate::sink::{commit_if_ok, ChangeSink, Durable};
 use crate::table::{sql_literal, TableSpec};
 use chrono::{DateTime, Utc};
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 /// Timestamp capture of the pipeline's tables, each with its own watermark (its own progress
@@ -36,6 +40,174 @@ pub struct TimestampCapture {
     /// when it changes, and a schema event is written before the rows in the new shape.
     selection: Option<TableSelection>,
     watch: super::schema::Watch,
+    writers: WriterBounds,
+}
+
+/// How often the log repeats that a prepared transaction still holds the watermark.
+const PREPARED_LOG_EVERY: Duration = Duration::from_secs(300);
+
+/// What bounds the watermark: the transactions that write. A writer's rows carry change times
+/// no earlier than the moment it took its transaction id (the change-time trigger takes it
+/// first), so the watermark may not pass a time before that moment while the writer has not
+/// finished. A writer with a session shows in `pg_stat_activity` (`backend_xid`, from its
+/// `xact_start`); a prepared transaction has left its session and shows only in
+/// `pg_prepared_xacts`, whose `prepared` time is later than its rows' change times (they are
+/// stamped when written). So each pass remembers, by transaction id, the bound of every writer
+/// it saw; a prepared transaction keeps the bound it had when it was still running. One not
+/// seen before took its id after the previous pass read the writers, so that pass's clock
+/// bounds it; in a process's first pass, the tables' saved watermarks do (each was bounded
+/// the same way when it was saved). With none of these (the initial copy of every table while
+/// a transaction is prepared), there is no safe bound: the pass waits.
+#[derive(Debug, Default)]
+struct WriterBounds {
+    /// Transaction id → the time its rows' change times cannot precede (`None`: unknown).
+    since: HashMap<String, Option<DateTime<Utc>>>,
+    /// The clock of the previous pass, read before its writers were.
+    last_clock: Option<DateTime<Utc>>,
+    /// When the log last said that a prepared transaction (by gid) holds the watermark.
+    logged: HashMap<String, Instant>,
+}
+
+/// A prepared transaction of the source database, as `pg_prepared_xacts` shows it.
+#[derive(Debug, Clone)]
+pub struct PreparedXact {
+    pub xid: String,
+    pub gid: String,
+    pub prepared: DateTime<Utc>,
+    pub owner: String,
+}
+
+/// The prepared transactions of the connected database, oldest first.
+pub async fn prepared_xacts(client: &Client) -> Result<Vec<PreparedXact>> {
+    Ok(client
+        .query(
+            "SELECT transaction::text, gid, prepared, owner::text FROM pg_prepared_xacts
+             WHERE database = current_database() ORDER BY prepared",
+            &[],
+        )
+        .await
+        .map_err(ctx("reading prepared transactions from pg_prepared_xacts"))?
+        .iter()
+        .map(|r| PreparedXact {
+            xid: r.get(0),
+            gid: r.get(1),
+            prepared: r.get(2),
+            owner: r.get(3),
+        })
+        .collect())
+}
+
+/// The bound of one pass: the earliest change time a transaction that has not finished may
+/// still commit (`None`: unknown, the pass must wait), and the prepared transactions.
+struct PassBound {
+    bound: Option<DateTime<Utc>>,
+    prepared: Vec<(PreparedXact, Option<DateTime<Utc>>)>,
+}
+
+impl WriterBounds {
+    /// Reads the writers (sessions first, then prepared transactions: a transaction being
+    /// prepared is listed as prepared before it leaves its session) and returns the bound.
+    /// `now` is the clock read before; `saved` the earliest saved watermark of the tables.
+    async fn read(
+        &mut self,
+        client: &Client,
+        now: DateTime<Utc>,
+        saved: Option<DateTime<Utc>>,
+    ) -> Result<PassBound> {
+        let active: Vec<(String, Option<DateTime<Utc>>)> = client
+            .query(
+                "SELECT backend_xid::text, xact_start FROM pg_stat_activity
+                 WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() AND datname = current_database()",
+                &[],
+            )
+            .await
+            .map_err(ctx("reading open transactions from pg_stat_activity"))?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let prepared = prepared_xacts(client).await?;
+        // A writer's bound: what an earlier pass knew of it, else the previous pass's clock,
+        // else the saved watermarks.
+        let earlier = |xid: &str| match self.since.get(xid) {
+            Some(known) => *known,
+            None => self.last_clock.or(saved),
+        };
+        let mut since: HashMap<String, Option<DateTime<Utc>>> = HashMap::new();
+        let mut bound = Some(now);
+        let hold = |bound: &mut Option<DateTime<Utc>>, s: Option<DateTime<Utc>>| {
+            *bound = match (*bound, s) {
+                (Some(b), Some(s)) => Some(b.min(s)),
+                _ => None,
+            };
+        };
+        for (xid, start) in active {
+            let s = start.or_else(|| earlier(&xid));
+            hold(&mut bound, s);
+            since.insert(xid, s);
+        }
+        let mut held = Vec::with_capacity(prepared.len());
+        for p in prepared {
+            // (Listed as running too if it was prepared between the two reads.)
+            let s = match since.get(&p.xid) {
+                Some(running) => *running,
+                None => earlier(&p.xid),
+            };
+            hold(&mut bound, s);
+            since.insert(p.xid.clone(), s);
+            held.push((p, s));
+        }
+        self.since = since;
+        self.last_clock = Some(now);
+        Ok(PassBound {
+            bound,
+            prepared: held,
+        })
+    }
+
+    /// Says in the log which prepared transactions hold the watermark (when first seen, then
+    /// every `PREPARED_LOG_EVERY`), and when one no longer does.
+    fn log(&mut self, prepared: &[(PreparedXact, Option<DateTime<Utc>>)], now: DateTime<Utc>) {
+        let gone: Vec<String> = self
+            .logged
+            .keys()
+            .filter(|g| !prepared.iter().any(|(p, _)| &p.gid == *g))
+            .cloned()
+            .collect();
+        for gid in gone {
+            self.logged.remove(&gid);
+            tracing::info!(gid = %gid, "prepared transaction finished; it no longer holds the watermark");
+        }
+        for (p, s) in prepared {
+            if self
+                .logged
+                .get(&p.gid)
+                .is_some_and(|t| t.elapsed() < PREPARED_LOG_EVERY)
+            {
+                continue;
+            }
+            self.logged.insert(p.gid.clone(), Instant::now());
+            let age_s = (now - p.prepared).num_seconds();
+            match s {
+                Some(s) => tracing::warn!(
+                    gid = %p.gid,
+                    xid = %p.xid,
+                    owner = %p.owner,
+                    prepared_at = %p.prepared.to_rfc3339(),
+                    age_s,
+                    holds_at = %s.to_rfc3339(),
+                    "a prepared transaction holds the watermark until COMMIT PREPARED or ROLLBACK PREPARED"
+                ),
+                None => tracing::warn!(
+                    gid = %p.gid,
+                    xid = %p.xid,
+                    owner = %p.owner,
+                    prepared_at = %p.prepared.to_rfc3339(),
+                    age_s,
+                    "the initial copy waits for a prepared transaction to COMMIT PREPARED or ROLLBACK PREPARED"
+                ),
+            }
+        }
+    }
 }
 
 impl TimestampCapture {
@@ -50,6 +222,7 @@ impl TimestampCapture {
             state_dir,
             selection: None,
             watch: Default::default(),
+            writers: WriterBounds::default(),
         })
     }
 
@@ -149,24 +322,30 @@ impl ChangeSource for TimestampCapture {
         client: &mut Client,
         sink: &mut dyn ChangeSink,
     ) -> Result<PassOutcome> {
-        // The bound: now, and the start of the oldest transaction that holds an xid (a writer).
-        // Taken before the snapshot, so every writer not in our snapshot is either listed here
-        // or stamps its rows after `now`.
+        // The bound: now, and the start of the oldest transaction that holds an xid (a writer),
+        // a prepared one included. Taken before the snapshot, so every writer not in our
+        // snapshot is either listed here or stamps its rows after `now`.
         let now: DateTime<Utc> = client
             .query_one("SELECT clock_timestamp()", &[])
             .await
             .map_err(ctx("reading the source clock"))?
             .get(0);
-        let oldest: Option<DateTime<Utc>> = client
-            .query_one(
-                "SELECT min(xact_start) FROM pg_stat_activity
-                 WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() AND datname = current_database()",
-                &[],
-            )
-            .await
-            .map_err(ctx("reading open transactions from pg_stat_activity"))?
-            .get(0);
-        let bound = oldest.map_or(now, |o| o.min(now));
+        let saved = self
+            .tables
+            .iter()
+            .filter_map(|(_, p)| p.watermark.as_ref().map(|w| w.ts_us))
+            .min()
+            .and_then(DateTime::<Utc>::from_timestamp_micros);
+        let PassBound { bound, prepared } = self.writers.read(client, now, saved).await?;
+        self.writers.log(&prepared, now);
+        let Some(bound) = bound else {
+            // Every table takes its initial copy and a prepared transaction's rows may carry
+            // any earlier change time: no watermark would be safe yet (logged above).
+            return Ok(PassOutcome {
+                snapshot: true,
+                ..PassOutcome::default()
+            });
+        };
         let captured_ms = now.timestamp_millis();
 
         let tx = client
@@ -407,7 +586,8 @@ async fn capture_table(
         let id = required_i64(row, 0, &what)?;
         max_tomb = Some(max_tomb.map_or(id, |m: i64| m.max(id)));
         let op = required_op(row, 3, &what)?;
-        let values = image_values(row, 4);
+        let written_by_deleter = required(row, 4, &what)? == "t";
+        let values = image_values(row, 5);
         let key = cols.key(spec, &values, &what)?;
         let ts_us = required_i64(row, 1, &what)?;
         let deleted_us = required_i64(row, 2, &what)?;
@@ -422,12 +602,15 @@ async fn capture_table(
             captured_ms,
         );
         // The deleted row's last state (a version this pass may not have seen), then the
-        // delete.
-        buf.clear();
-        write_event(&mut buf, spec, &h, null, |b| {
-            cols.write_image(b, Some(&values))
-        });
-        sink.write(&buf, spec, op, false)?;
+        // delete. A state the deleting transaction wrote itself never committed: the delete
+        // alone (it closes the key's committed version, if there is one).
+        if !written_by_deleter {
+            buf.clear();
+            write_event(&mut buf, spec, &h, null, |b| {
+                cols.write_image(b, Some(&values))
+            });
+            sink.write(&buf, spec, op, false)?;
+        }
         (h.op, h.ts_us) = (Op::Delete, deleted_us);
         buf.clear();
         write_event(
@@ -503,8 +686,10 @@ async fn remove_captured(
 }
 
 /// Each tombstone gives two events: the deleted row's last state (a version the pass may not
-/// have seen, at its change time) and the delete itself, at the delete time. Columns: id,
-/// change time (µs), delete time (µs), op of the last state, the image columns. The
+/// have seen, at its change time) and the delete itself, at the delete time; a tombstone whose
+/// state the deleting transaction wrote itself gives the delete alone. Columns: id, change
+/// time (µs), delete time (µs), op of the last state, whether the deleter wrote that state,
+/// the image columns. The
 /// deleted row is read back from its text form (`old_text`, each value exact); a tombstone
 /// left by an older trigger without it, or one of a row whose table has gained or lost columns
 /// since, from its JSON copy (by name). (`OFFSET 0` keeps the row read
@@ -512,7 +697,7 @@ async fn remove_captured(
 fn tombstone_copy_sql(spec: &TableSpec, cols: &ImageColumns, prev: Option<&Watermark>) -> String {
     let r = "r";
     format!(
-        "COPY (SELECT tb.tombstone_id, {ts}, {deleted}, {op}, {list}
+        "COPY (SELECT tb.tombstone_id, {ts}, {deleted}, {op}, tb.written_by_deleter, {list}
                FROM public.cdc_tombstones tb
                CROSS JOIN LATERAL (SELECT (s.v).* FROM (SELECT CASE
                                            WHEN tb.old_text IS NOT NULL AND

@@ -252,6 +252,47 @@ async fn extractor_progress(
             }
         }
     }
+    if let Some(src) = source {
+        prepared_holds(s, problems, cfg, src, now).await;
+    }
+}
+
+/// Timestamp mode: the prepared transactions of the source, each of which holds the
+/// watermark (of every table) until it is committed or rolled back; a forgotten one stalls
+/// capture, so one older than `CDC_MAX_LAG_SECONDS` makes the pipeline unhealthy.
+async fn prepared_holds(
+    s: &mut String,
+    problems: &mut Vec<String>,
+    cfg: &LoaderConfig,
+    source: &Client,
+    now: DateTime<Utc>,
+) {
+    let prepared = match crate::capture::timestamp::prepared_xacts(source).await {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = writeln!(s, "  prepared transactions unreadable: {e}");
+            return;
+        }
+    };
+    for p in prepared {
+        let age = secs(now - p.prepared);
+        let _ = writeln!(
+            s,
+            "  held by prepared transaction '{}' (xid {}, owner {}, prepared at {}, {age:.0}s ago) until COMMIT PREPARED or ROLLBACK PREPARED",
+            p.gid,
+            p.xid,
+            p.owner,
+            p.prepared.to_rfc3339()
+        );
+        if (now - p.prepared).to_std().is_ok_and(|a| a > cfg.max_lag) {
+            problems.push(format!(
+                "prepared transaction '{}' has held the capture watermark for {age:.0}s (CDC_MAX_LAG_SECONDS {}): \
+                 COMMIT PREPARED or ROLLBACK PREPARED it",
+                p.gid,
+                cfg.max_lag.as_secs_f64()
+            ));
+        }
+    }
 }
 
 /// The logical slot's progress and lag.
