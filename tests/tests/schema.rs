@@ -14,15 +14,15 @@ async fn exec(c: &Client, sql: &str) {
         .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
 }
 
-/// The current rows of the history, each as text `key|col=value|...` over `cols`.
-async fn current(wh: &Client, cols: &[&str]) -> Vec<String> {
+/// Rows as text `key|value|...` over `cols` (expressions) of `table`, ordered by key.
+async fn rows(c: &Client, table: &str, filter: &str, cols: &[&str]) -> Vec<String> {
     let list = cols
         .iter()
         .map(|c| format!("coalesce({c}::text, 'NULL')"))
         .collect::<Vec<_>>()
         .join(" || '|' || ");
-    wh.query(
-        &format!("SELECT id::text || '|' || {list} FROM public.dim_gadgets_history WHERE is_current ORDER BY id"),
+    c.query(
+        &format!("SELECT id::text || '|' || {list} FROM {table} {filter} ORDER BY id"),
         &[],
     )
     .await
@@ -32,56 +32,82 @@ async fn current(wh: &Client, cols: &[&str]) -> Vec<String> {
     .collect()
 }
 
+/// The current rows of the history.
+async fn current(wh: &Client, cols: &[&str]) -> Vec<String> {
+    rows(wh, "public.dim_gadgets_history", "WHERE is_current", cols).await
+}
+
 async fn source_rows(src: &Client, cols: &[&str]) -> Vec<String> {
-    let list = cols
-        .iter()
-        .map(|c| format!("coalesce({c}::text, 'NULL')"))
-        .collect::<Vec<_>>()
-        .join(" || '|' || ");
-    src.query(
-        &format!("SELECT id::text || '|' || {list} FROM public.gadgets ORDER BY id"),
-        &[],
-    )
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| r.get(0))
-    .collect()
+    rows(src, "public.gadgets", "", cols).await
+}
+
+/// A test database with `public.gadgets` (made by `create`), captured in `mode`.
+struct Gadgets {
+    db: TestDb,
+    mode: &'static str,
+    src: Client,
+}
+
+impl Gadgets {
+    async fn new(test: &str, mode: &'static str, create: &str) -> Self {
+        let db = TestDb::new(&format!("{test}_{mode}")).await;
+        let src = db.source_client().await;
+        exec(&src, create).await;
+        Gadgets { db, mode, src }
+    }
+
+    /// Runs a binary on the pipeline of `public.gadgets`.
+    fn step(&self, binary: &str, args: &[&str]) -> std::process::Output {
+        let mut c = cmd(&self.db, binary);
+        c.args(args)
+            .env("CDC_TABLES", "public.gadgets")
+            .env("CDC_CAPTURE_MODE", self.mode);
+        run(c)
+    }
+
+    /// `step`, which must succeed.
+    fn ok(&self, binary: &str, args: &[&str]) -> std::process::Output {
+        let out = self.step(binary, args);
+        assert!(
+            out.status.success(),
+            "{} {binary} {args:?}: {}",
+            self.mode,
+            text(&out)
+        );
+        out
+    }
+
+    /// `verify` passes.
+    fn verified(&self) {
+        let out = self.ok("scd2-loader", &["verify"]);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("all invariants hold"),
+            "{}: {}",
+            self.mode,
+            text(&out)
+        );
+    }
 }
 
 #[tokio::test]
 async fn the_history_follows_added_renamed_retyped_and_dropped_columns_in_both_modes() {
     for mode in ["timestamp", "logical"] {
-        let db = TestDb::new(&format!("e2e_schema_{mode}")).await;
-        let src = db.source_client().await;
-        exec(
-            &src,
+        let g = Gadgets::new(
+            "e2e_schema",
+            mode,
             "CREATE TABLE public.gadgets (id integer PRIMARY KEY, name text NOT NULL,
                  price numeric(10,2) NOT NULL, qty integer,
                  last_updated timestamptz NOT NULL DEFAULT clock_timestamp());
              INSERT INTO public.gadgets SELECT g, 'g' || g, g * 1.5, g FROM generate_series(1, 20) g;",
         )
         .await;
-        let step = |binary: &str, args: &[&str]| {
-            let mut c = cmd(&db, binary);
-            c.args(args)
-                .env("CDC_TABLES", "public.gadgets")
-                .env("CDC_CAPTURE_MODE", mode);
-            run(c)
-        };
-        let ok = |binary: &str, args: &[&str]| {
-            let out = step(binary, args);
-            assert!(
-                out.status.success(),
-                "{mode} {binary} {args:?}: {}",
-                text(&out)
-            );
-            out
-        };
+        let (db, src) = (&g.db, &g.src);
+        let step = |binary: &str, args: &[&str]| g.step(binary, args);
+        let ok = |binary: &str, args: &[&str]| g.ok(binary, args);
         ok("extractor", &["setup"]);
         ok("extractor", &["--once"]);
         exec(
-            &src,
+            src,
             "UPDATE public.gadgets SET qty = qty + 100 WHERE id <= 10",
         )
         .await;
@@ -90,56 +116,48 @@ async fn the_history_follows_added_renamed_retyped_and_dropped_columns_in_both_m
 
         // Added columns: one without a default, written to; one whose existing rows get a
         // value, which every live row's history must show from then on.
-        exec(&src, "ALTER TABLE public.gadgets ADD COLUMN note text").await;
+        exec(src, "ALTER TABLE public.gadgets ADD COLUMN note text").await;
         exec(
-            &src,
+            src,
             "UPDATE public.gadgets SET note = 'n' || id WHERE id <= 5",
         )
         .await;
         ok("extractor", &["--once"]);
         exec(
-            &src,
+            src,
             "ALTER TABLE public.gadgets ADD COLUMN color text NOT NULL DEFAULT 'red'",
         )
         .await;
-        exec(
-            &src,
-            "UPDATE public.gadgets SET color = 'blue' WHERE id = 2",
-        )
-        .await;
+        exec(src, "UPDATE public.gadgets SET color = 'blue' WHERE id = 2").await;
         // (Logical capture learns the existing rows' value from the catalog, which a table
         // rewrite such as the type change below clears: a pass must see the column first.)
         ok("extractor", &["--once"]);
         // Several changes before the next pass: rename, widen, drop, each with a change after.
         exec(
-            &src,
+            src,
             "ALTER TABLE public.gadgets RENAME COLUMN name TO title",
         )
         .await;
         exec(
-            &src,
+            src,
             "UPDATE public.gadgets SET title = 'renamed' WHERE id = 6",
         )
         .await;
         exec(
-            &src,
+            src,
             "ALTER TABLE public.gadgets ALTER COLUMN price TYPE numeric(12,4)",
         )
         .await;
+        exec(src, "UPDATE public.gadgets SET price = 1.2345 WHERE id = 7").await;
+        exec(src, "ALTER TABLE public.gadgets DROP COLUMN qty").await;
         exec(
-            &src,
-            "UPDATE public.gadgets SET price = 1.2345 WHERE id = 7",
-        )
-        .await;
-        exec(&src, "ALTER TABLE public.gadgets DROP COLUMN qty").await;
-        exec(
-            &src,
+            src,
             "UPDATE public.gadgets SET title = 'after drop' WHERE id = 8",
         )
         .await;
-        exec(&src, "DELETE FROM public.gadgets WHERE id = 20").await;
+        exec(src, "DELETE FROM public.gadgets WHERE id = 20").await;
         exec(
-            &src,
+            src,
             "INSERT INTO public.gadgets (id, title, price, note) VALUES (21, 'new', 2.5, 'x')",
         )
         .await;
@@ -151,7 +169,7 @@ async fn the_history_follows_added_renamed_retyped_and_dropped_columns_in_both_m
         let cols = ["title", "price", "note", "color"];
         assert_eq!(
             current(&wh, &cols).await,
-            source_rows(&src, &cols).await,
+            source_rows(src, &cols).await,
             "{mode}: current history equals the source, new columns included"
         );
         // The dropped column is kept: its last values before the drop, NULL after.
@@ -215,17 +233,12 @@ async fn the_history_follows_added_renamed_retyped_and_dropped_columns_in_both_m
         ] {
             assert!(kinds.iter().any(|x| x == k), "{mode}: {k} in {kinds:?}");
         }
-        let out = ok("scd2-loader", &["verify"]);
-        assert!(
-            String::from_utf8_lossy(&out.stdout).contains("all invariants hold"),
-            "{mode}: {}",
-            text(&out)
-        );
+        g.verified();
 
         // A type neither holds the other's values of (fewer decimals, more integer digits):
         // the source rounds 1.2345; the history cannot follow exactly.
         exec(
-            &src,
+            src,
             "ALTER TABLE public.gadgets ALTER COLUMN price TYPE numeric(14,2);
              UPDATE public.gadgets SET price = 99999999999.99 WHERE id = 9;
              UPDATE public.gadgets SET price = price WHERE id = 7;",
@@ -256,10 +269,10 @@ async fn the_history_follows_added_renamed_retyped_and_dropped_columns_in_both_m
         let cols = ["title", "trim_scale(price)", "note", "color"];
         assert_eq!(
             current(&wh, &cols).await,
-            source_rows(&src, &cols).await,
+            source_rows(src, &cols).await,
             "{mode}: after the history was widened by hand"
         );
-        db.cleanup().await;
+        g.db.cleanup().await;
     }
 }
 
@@ -269,32 +282,18 @@ async fn the_history_follows_added_renamed_retyped_and_dropped_columns_in_both_m
 #[tokio::test]
 async fn a_dropped_history_is_refused_then_rebuilt_version_for_version_in_both_modes() {
     for mode in ["timestamp", "logical"] {
-        let db = TestDb::new(&format!("e2e_rebuild_{mode}")).await;
-        let src = db.source_client().await;
-        exec(
-            &src,
+        let g = Gadgets::new(
+            "e2e_rebuild",
+            mode,
             "CREATE TABLE public.gadgets (id integer PRIMARY KEY, name text NOT NULL,
                  price numeric(10,2) NOT NULL,
                  last_updated timestamptz NOT NULL DEFAULT clock_timestamp());
              INSERT INTO public.gadgets SELECT g, 'g' || g, g * 1.5 FROM generate_series(1, 30) g;",
         )
         .await;
-        let step = |binary: &str, args: &[&str]| {
-            let mut c = cmd(&db, binary);
-            c.args(args)
-                .env("CDC_TABLES", "public.gadgets")
-                .env("CDC_CAPTURE_MODE", mode);
-            run(c)
-        };
-        let ok = |binary: &str, args: &[&str]| {
-            let out = step(binary, args);
-            assert!(
-                out.status.success(),
-                "{mode} {binary} {args:?}: {}",
-                text(&out)
-            );
-            out
-        };
+        let (db, src) = (&g.db, &g.src);
+        let step = |binary: &str, args: &[&str]| g.step(binary, args);
+        let ok = |binary: &str, args: &[&str]| g.ok(binary, args);
         ok("extractor", &["setup"]);
         ok("extractor", &["--once"]);
         ok("scd2-loader", &["--once"]);
@@ -310,7 +309,7 @@ async fn a_dropped_history_is_refused_then_rebuilt_version_for_version_in_both_m
         .iter()
         .enumerate()
         {
-            exec(&src, sql).await;
+            exec(src, sql).await;
             ok("extractor", &["--once"]);
             if i % 2 == 1 {
                 ok("scd2-loader", &["--once"]);
@@ -336,7 +335,7 @@ async fn a_dropped_history_is_refused_then_rebuilt_version_for_version_in_both_m
             ),
         )
         .await;
-        exec(&src, "UPDATE public.gadgets SET price = 0 WHERE id = 1").await;
+        exec(src, "UPDATE public.gadgets SET price = 0 WHERE id = 1").await;
         ok("extractor", &["--once"]);
         let out = step("scd2-loader", &["--once"]);
         let said = text(&out);
@@ -372,16 +371,11 @@ async fn a_dropped_history_is_refused_then_rebuilt_version_for_version_in_both_m
         let cols = ["title", "price", "color"];
         assert_eq!(
             current(&wh, &cols).await,
-            source_rows(&src, &cols).await,
+            source_rows(src, &cols).await,
             "{mode}"
         );
-        let out = ok("scd2-loader", &["verify"]);
-        assert!(
-            String::from_utf8_lossy(&out.stdout).contains("all invariants hold"),
-            "{mode}: {}",
-            text(&out)
-        );
-        db.cleanup().await;
+        g.verified();
+        g.db.cleanup().await;
     }
 }
 
@@ -392,32 +386,18 @@ async fn a_dropped_history_is_refused_then_rebuilt_version_for_version_in_both_m
 #[tokio::test]
 async fn a_quarantined_file_put_back_late_makes_the_history_exact_in_both_modes() {
     for mode in ["timestamp", "logical"] {
-        let db = TestDb::new(&format!("e2e_late_{mode}")).await;
-        let src = db.source_client().await;
-        exec(
-            &src,
+        let g = Gadgets::new(
+            "e2e_late",
+            mode,
             "CREATE TABLE public.gadgets (id integer PRIMARY KEY, name text NOT NULL,
                  price numeric(10,2) NOT NULL,
                  last_updated timestamptz NOT NULL DEFAULT clock_timestamp());
              INSERT INTO public.gadgets SELECT g, 'g' || g, g * 1.5 FROM generate_series(1, 20) g;",
         )
         .await;
-        let step = |binary: &str, args: &[&str]| {
-            let mut c = cmd(&db, binary);
-            c.args(args)
-                .env("CDC_TABLES", "public.gadgets")
-                .env("CDC_CAPTURE_MODE", mode);
-            run(c)
-        };
-        let ok = |binary: &str, args: &[&str]| {
-            let out = step(binary, args);
-            assert!(
-                out.status.success(),
-                "{mode} {binary} {args:?}: {}",
-                text(&out)
-            );
-            out
-        };
+        let (db, src) = (&g.db, &g.src);
+        let step = |binary: &str, args: &[&str]| g.step(binary, args);
+        let ok = |binary: &str, args: &[&str]| g.ok(binary, args);
         ok("extractor", &["setup"]);
         ok("extractor", &["--once"]);
         ok("scd2-loader", &["--once"]);
@@ -434,7 +414,7 @@ async fn a_quarantined_file_put_back_late_makes_the_history_exact_in_both_modes(
         // File A: new keys and updates; then files that update and delete A's keys, delete a
         // key A updated, re-insert one.
         exec(
-            &src,
+            src,
             "INSERT INTO public.gadgets SELECT g, 'new' || g, g FROM generate_series(101, 120) g;
              UPDATE public.gadgets SET price = price + 100 WHERE id <= 10;",
         )
@@ -450,7 +430,7 @@ async fn a_quarantined_file_put_back_late_makes_the_history_exact_in_both_modes(
              DELETE FROM public.gadgets WHERE id IN (1, 116);",
             "UPDATE public.gadgets SET price = 7 WHERE id IN (2, 117);",
         ] {
-            exec(&src, sql).await;
+            exec(src, sql).await;
             ok("extractor", &["--once"]);
         }
         // A goes bad before the loader reads it: quarantined, the later files applied.
@@ -470,15 +450,10 @@ async fn a_quarantined_file_put_back_late_makes_the_history_exact_in_both_modes(
         let cols = ["name", "price"];
         assert_eq!(
             current(&wh, &cols).await,
-            source_rows(&src, &cols).await,
+            source_rows(src, &cols).await,
             "{mode}: current rows"
         );
-        let out = ok("scd2-loader", &["verify"]);
-        assert!(
-            String::from_utf8_lossy(&out.stdout).contains("all invariants hold"),
-            "{mode}: {}",
-            text(&out)
-        );
+        g.verified();
         let out = step("scd2-loader", &["rebuild", "public.gadgets"]);
         assert!(
             String::from_utf8_lossy(&out.stdout)
@@ -495,6 +470,6 @@ async fn a_quarantined_file_put_back_late_makes_the_history_exact_in_both_modes(
             pending_deletes, 0,
             "{mode}: every remembered delete found its version"
         );
-        db.cleanup().await;
+        g.db.cleanup().await;
     }
 }

@@ -310,19 +310,7 @@ async fn around_prev(
     key: &str,
     pos: (i64, i64),
 ) -> Result<Option<Around>> {
-    let parts = sql.key_texts(key)?;
-    let ts = time(pos.0);
-    let mut params: Vec<&(dyn ToSql + Sync)> =
-        parts.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-    params.push(&ts);
-    params.push(&pos.1);
-    let row = tx
-        .query_opt(sql.late_prev(), &params)
-        .await
-        .map_err(ctx(format!(
-            "reading the versions of a key in {}",
-            sql.history()
-        )))?;
+    let row = key_at(tx, sql, sql.late_prev(), key, pos).await?;
     Ok(row.map(|r| {
         let to: Option<DateTime<Utc>> = r.get(3);
         let end_lsn: Option<i64> = r.get(4);
@@ -350,19 +338,7 @@ async fn around_next(
     key: &str,
     pos: (i64, i64),
 ) -> Result<Option<(i64, i64)>> {
-    let parts = sql.key_texts(key)?;
-    let ts = time(pos.0);
-    let mut params: Vec<&(dyn ToSql + Sync)> =
-        parts.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-    params.push(&ts);
-    params.push(&pos.1);
-    let row = tx
-        .query_opt(sql.late_next(), &params)
-        .await
-        .map_err(ctx(format!(
-            "reading the versions of a key in {}",
-            sql.history()
-        )))?;
+    let row = key_at(tx, sql, sql.late_next(), key, pos).await?;
     Ok(row.map(|r| (micros(r.get(0)), r.get(1))))
 }
 
@@ -387,4 +363,24 @@ async fn end_at(
     .await
     .map_err(ctx(format!("ending a version in {}", sql.history())))?;
     Ok(())
+}
+
+/// Runs `query` (`late_prev` or `late_next`) for one key and position.
+async fn key_at(
+    tx: &Transaction<'_>,
+    sql: &HistorySql,
+    query: &str,
+    key: &str,
+    pos: (i64, i64),
+) -> Result<Option<tokio_postgres::Row>> {
+    let parts = sql.key_texts(key)?;
+    let ts = time(pos.0);
+    let mut params: Vec<&(dyn ToSql + Sync)> =
+        parts.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+    params.push(&ts);
+    params.push(&pos.1);
+    tx.query_opt(query, &params).await.map_err(ctx(format!(
+        "reading the versions of a key in {}",
+        sql.history()
+    )))
 }

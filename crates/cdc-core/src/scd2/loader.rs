@@ -206,6 +206,19 @@ pub async fn describe_tables(
     }
 }
 
+/// Checks that `CDC_LOG_DIR` is this pipeline's and takes the loader's lock on it (no other
+/// loader applies while it is held).
+pub fn own_log_dir(cfg: &LoaderConfig, specs: &[TableSpec]) -> Result<ProcessLock> {
+    check_log_dir(
+        &cfg.log_dir,
+        &LogDirOwner {
+            pipeline: cfg.tables.pipeline_name.clone(),
+            stream: stream_name(specs, &cfg.tables.pipeline_name),
+        },
+    )?;
+    ProcessLock::loader(&cfg.log_dir)
+}
+
 /// Runs the loader: with `once`, applies everything pending and returns; otherwise keeps
 /// applying new files until shutdown.
 pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<LoaderTotals> {
@@ -230,14 +243,7 @@ pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<L
     );
     let specs = describe_tables(cfg, &shutdown, patience(once, &mut source_wait)).await?;
     drop(source_wait);
-    check_log_dir(
-        &cfg.log_dir,
-        &LogDirOwner {
-            pipeline: cfg.tables.pipeline_name.clone(),
-            stream: stream_name(&specs, &cfg.tables.pipeline_name),
-        },
-    )?;
-    let _lock = ProcessLock::loader(&cfg.log_dir)?;
+    let _lock = own_log_dir(cfg, &specs)?;
     let mut applier =
         Applier::connect(cfg, &specs, &shutdown, patience(once, &mut warehouse_wait)).await?;
     health::started();

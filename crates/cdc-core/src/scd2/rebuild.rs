@@ -8,12 +8,10 @@
 use super::apply::{apply_files, Applying};
 use super::loader::describe_tables;
 use super::store::{HistorySql, PgHistory};
-use crate::catalog::stream_name;
 use crate::changelog::{self, batch_name, PROCESSED_DIR};
 use crate::config::loader::LoaderConfig;
 use crate::db::{self, ctx};
 use crate::error::{Error, Result};
-use crate::ownership::{check_log_dir, LogDirOwner, ProcessLock};
 use crate::shutdown::Shutdown;
 use crate::table::TableSpec;
 use tokio_postgres::{Client, GenericClient};
@@ -97,15 +95,8 @@ pub async fn run(
             ),
         ));
     };
-    check_log_dir(
-        &cfg.log_dir,
-        &LogDirOwner {
-            pipeline: cfg.tables.pipeline_name.clone(),
-            stream: stream_name(&specs, &cfg.tables.pipeline_name),
-        },
-    )?;
     // No loader applies while the rebuild replays and swaps.
-    let _lock = ProcessLock::loader(&cfg.log_dir)?;
+    let _lock = super::loader::own_log_dir(cfg, &specs)?;
     let mut client = db::connect(&cfg.warehouse, shutdown).await?;
     let live = specs[t].clone();
     // Migrations first (cdc_schema_changes may not exist yet).
