@@ -74,25 +74,29 @@ fn rolling_file(
 ) -> Result<RollingFileAppender> {
     let (prefix, link) = file_names(program, format);
     keep_plain_file(dir, &link, &prefix)?;
-    RollingFileAppender::builder()
-        .rotation(match rotation {
-            LogRotation::Daily => Rotation::DAILY,
-            LogRotation::Hourly => Rotation::HOURLY,
-        })
-        .filename_prefix(&prefix)
-        .filename_suffix("log")
-        .latest_symlink(&link)
-        .max_log_files(max_files)
-        .build(dir)
-        .map_err(|e| {
-            Error::config(
-                "LOG_DIR",
-                format!(
-                    "cannot write {prefix}.<date>.log in '{}': {e}",
-                    dir.display()
-                ),
-            )
-        })
+    let build = || {
+        RollingFileAppender::builder()
+            .rotation(match rotation {
+                LogRotation::Daily => Rotation::DAILY,
+                LogRotation::Hourly => Rotation::HOURLY,
+            })
+            .filename_prefix(&prefix)
+            .filename_suffix("log")
+            .latest_symlink(&link)
+            .max_log_files(max_files)
+            .build(dir)
+    };
+    // Once more on failure: another copy of the program (`status` beside the loop) may have
+    // been re-making the link at that instant.
+    build().or_else(|_| build()).map_err(|e| {
+        Error::config(
+            "LOG_DIR",
+            format!(
+                "cannot write {prefix}.<date>.log in '{}': {e}",
+                dir.display()
+            ),
+        )
+    })
 }
 
 /// A plain file where the current-file link goes (`<program>.log` from before rotation was
