@@ -112,8 +112,8 @@ status: ## Databases, processes and lag (exit 0 when healthy)
 loader: ## Apply the pending change-log files now (scd2-loader --once, foreground)
 	$(RUN) loader
 
-logs: ## Follow the logs, text and JSON (tail -F; logs that do not exist yet are followed once they appear)
-	tail -n 50 -F $(foreach p,mutator extractor scd2-loader,$(LOG_DIR)/$(p).log $(LOG_DIR)/$(p).json.log)
+logs: ## Follow the current logs, text and JSON, and crash output (tail -F: across rotations; logs that do not exist yet are followed once they appear)
+	tail -n 50 -F $(foreach p,mutator extractor scd2-loader,$(LOG_DIR)/$(p).log $(LOG_DIR)/$(p).json.log $(LOG_DIR)/$(p).stderr)
 
 validate: $(ENSURE_BINS) ## Check the SCD2 history invariants (scd2-loader verify)
 	$(BIN_DIR)/scd2-loader verify
@@ -121,11 +121,11 @@ validate: $(ENSURE_BINS) ## Check the SCD2 history invariants (scd2-loader verif
 mutate-burst: $(ENSURE_BINS) ## Run COUNT operations on the source at once (COUNT=1000)
 	$(BIN_DIR)/mutator --count $(COUNT)
 
-clean: ## Stop the pipeline; remove pending change logs, extractor state, logs and run/ (keeps processed/ and dead_letter/)
+clean: ## Stop the pipeline; remove pending change logs, extractor state, logs (rotated ones too) and run/ (keeps processed/ and dead_letter/)
 	$(RUN) stop
 	find data/cdc_logs -mindepth 1 -maxdepth 1 ! -name .gitkeep ! -name processed ! -name dead_letter -exec rm -rf {} +
 	rm -rf data/state run
-	rm -f $(LOG_DIR)/*.log
+	rm -f $(LOG_DIR)/*.log $(LOG_DIR)/*.stderr
 
 clean-archive: ## Delete data/cdc_logs/processed/ and dead_letter/, the raw audit trail (needs CONFIRM=1)
 	@if [ "$(CONFIRM)" != "1" ]; then \

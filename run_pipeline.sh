@@ -10,15 +10,18 @@
 # run/db.mode so that `stop` and `status` act on the same one.
 #
 # Processes: mutator, extractor and scd2-loader, started from the project root (each reads
-# .env there), detached, with a PID file in run/<binary>.pid and their output appended to
-# $LOG_DIR/<binary>.log. `start` returns once the databases answer, every process is alive, and
-# extractor and loader answer 200 on /readyz (with curl; the mutator, or a program whose
-# endpoint is off, or no curl: once it has logged that it started); `stop` sends SIGTERM (the
-# binaries finish or roll back the current batch and exit 0), waits, then SIGKILLs whatever is
-# left.
+# .env there), detached, with a PID file in run/<binary>.pid. Each writes its own log
+# (LOG_OUTPUT=file): rotating files in $LOG_DIR, $LOG_DIR/<binary>.log (or <binary>.json.log)
+# linking to the current one; what a program prints outside its log (a crash, a bad
+# setting) is appended to $LOG_DIR/<binary>.stderr. `start` returns once the databases
+# answer, every process is alive, and extractor and loader answer 200 on /readyz (with curl;
+# the mutator, or a program whose endpoint is off, or no curl: once it has logged that it
+# started); `stop` sends SIGTERM (the binaries finish or roll back the current batch and exit
+# 0), waits, then SIGKILLs whatever is left.
 #
 # Settings (environment first, then .env): the binaries' own (DB_*, WAREHOUSE_DB_*, ...), and
-#   LOG_DIR        where <binary>.log goes                         (logs)
+#   LOG_DIR        where the logs go                               (logs)
+#   LOG_ROTATION, LOG_MAX_FILES  read by the programs (daily, 14)
 #   CDC_BIN_DIR    take the binaries from here instead of building (cargo build --release)
 #   DB_BACKEND     auto | docker | local | external                (auto)
 #   START_TIMEOUT  seconds `start` waits for everything to be healthy (60)
@@ -59,8 +62,9 @@ WH_USER="${WAREHOUSE_DB_USER:-postgres}"
 WH_PASSWORD="${WAREHOUSE_DB_PASSWORD:-postgres}"
 LOG_DIR="${LOG_DIR:-logs}"
 [[ "$LOG_DIR" = /* ]] || LOG_DIR="$ROOT/$LOG_DIR"
-# Text and JSON logs go to files of their own (<binary>.log, <binary>.json.log): one file
-# never mixes the two.
+# Text and JSON logs go to files of their own (<binary>.text.<date>.log, linked from
+# <binary>.log; <binary>.json.<date>.log, linked from <binary>.json.log): one file never
+# mixes the two.
 LOG_FMT="${LOG_FORMAT:-text}"
 LOCAL_DB_DIR="${LOCAL_DB_DIR:-.local/pg}"
 [[ "$LOCAL_DB_DIR" = /* ]] || LOCAL_DB_DIR="$ROOT/$LOCAL_DB_DIR"
@@ -266,8 +270,29 @@ ensure_binaries() {
 # Processes
 # ---------------------------------------------------------------------------------------------
 pid_file() { echo "$RUN_DIR/$1.pid"; }
+# The link to $1's current log file (made by the program itself).
 log_file() {
   if [[ "$LOG_FMT" == json ]]; then echo "$LOG_DIR/$1.json.log"; else echo "$LOG_DIR/$1.log"; fi
+}
+stderr_file() { echo "$LOG_DIR/$1.stderr"; }
+# Where $1's log is now: "<file>:<size>" of the file its link points at (":0" when none), so
+# that what a new start writes can be told from what was there.
+log_mark() {
+  local f
+  f="$(readlink -f "$(log_file "$1")" 2>/dev/null || true)"
+  if [[ -n "$f" && -f "$f" ]]; then echo "$f:$(wc -c < "$f" | tr -d ' ')"; else echo ":0"; fi
+}
+# What $1 logged since mark $2 (from log_mark): the rest of that file, or all of the current
+# one when the link now points elsewhere (a new file, a rotation).
+log_since() {
+  local mark="$2" f
+  f="$(readlink -f "$(log_file "$1")" 2>/dev/null || true)"
+  [[ -n "$f" && -f "$f" ]] || return 0
+  if [[ "$f" == "${mark%:*}" ]]; then
+    tail -c "+$(( ${mark##*:} + 1 ))" "$f" 2>/dev/null || true
+  else
+    cat "$f" 2>/dev/null || true
+  fi
 }
 format_file() { echo "$RUN_DIR/$1.log-format"; }
 # A path as shown to the user: relative to the project root when inside it.
@@ -348,13 +373,14 @@ running_pid() {
 }
 
 launch() {
-  local name="$1" log
-  log="$(log_file "$name")"
+  local name="$1" err
+  err="$(stderr_file "$name")"
+  # The program writes and rotates its own log; its stderr keeps what is said outside it.
   # A session of its own: no terminal signals (Ctrl-C, hang-up) reach it; only `stop` does.
   if command -v setsid >/dev/null 2>&1; then
-    setsid "$BIN_DIR/$name" >>"$log" 2>&1 </dev/null &
+    LOG_OUTPUT=file LOG_DIR="$LOG_DIR" setsid "$BIN_DIR/$name" >>"$err" 2>&1 </dev/null &
   else
-    nohup "$BIN_DIR/$name" >>"$log" 2>&1 </dev/null &
+    LOG_OUTPUT=file LOG_DIR="$LOG_DIR" nohup "$BIN_DIR/$name" >>"$err" 2>&1 </dev/null &
   fi
   echo $! > "$(pid_file "$name")"
   echo "$LOG_FMT" > "$(format_file "$name")"
@@ -390,13 +416,22 @@ stop_process() {
   say "$name stopped (pid $pid)"
 }
 
-# The last lines $1 logged, from byte offset $2 of its log (this start) when given.
+# The last lines $1 logged since mark $2 (this start; from log_mark) or, without one, the
+# last lines of its current log; then what it printed outside its log since byte $3 of
+# <binary>.stderr.
 print_log_tail() {
-  local log offset="${2:-0}"
-  log="$(log_file "$1")"
-  ((offset >= 0)) || offset=0
-  echo "---- last lines of $(show "$log") ----" >&2
-  { tail -c "+$((offset + 1))" "$log" | tail -n 30; } >&2 2>/dev/null || echo "(no log)" >&2
+  local mark="${2:-}" err_offset="${3:-0}" out err
+  if [[ -z "$mark" || "$mark" == -1 ]]; then mark=":0"; fi
+  out="$(log_since "$1" "$mark" | tail -n 30)"
+  echo "---- last lines of $(show "$(log_file "$1")") ----" >&2
+  if [[ -n "$out" ]]; then echo "$out" >&2; else echo "(nothing logged)" >&2; fi
+  err="$(stderr_file "$1")"
+  ((err_offset >= 0)) || err_offset=0
+  out="$(tail -c "+$((err_offset + 1))" "$err" 2>/dev/null | tail -n 30 || true)"
+  if [[ -n "$out" ]]; then
+    echo "---- $(show "$err") ----" >&2
+    echo "$out" >&2
+  fi
   echo "----" >&2
 }
 
@@ -408,7 +443,7 @@ cmd_start() {
   db_up
   mkdir -p "$RUN_DIR" "$LOG_DIR"
 
-  local name pid started=() offsets=() pids=() i
+  local name pid started=() offsets=() err_offsets=() pids=() i
   for name in "${PROCS[@]}"; do
     if pid="$(running_pid "$name")"; then
       local had
@@ -419,11 +454,13 @@ cmd_start() {
       fi
       say "$name already running (pid $pid); not starting a second copy"
       offsets+=("-1")
+      err_offsets+=("-1")
       pids+=("$pid")
       continue
     fi
-    : >> "$(log_file "$name")"
-    offsets+=("$(wc -c < "$(log_file "$name")" | tr -d ' ')")
+    offsets+=("$(log_mark "$name")")
+    : >> "$(stderr_file "$name")"
+    err_offsets+=("$(wc -c < "$(stderr_file "$name")" | tr -d ' ')")
     launch "$name"
     started+=("$name")
     pids+=("$(cat "$(pid_file "$name")")")
@@ -444,8 +481,7 @@ cmd_start() {
       if endpoint_url "$name" >/dev/null; then
         readyz "$name" >/dev/null || pending="${pending:-$i}"
       elif [[ "${offsets[$i]}" != -1 ]] &&
-         ! tail -c "+$((offsets[i] + 1))" "$(log_file "$name")" 2>/dev/null |
-           grep -F -- "$(started_line "$name")" >/dev/null; then
+         ! log_since "$name" "${offsets[$i]}" | grep -F -- "$(started_line "$name")" >/dev/null; then
         pending="${pending:-$i}"
       fi
     done
@@ -477,7 +513,7 @@ cmd_start() {
         echo "pipeline: error: $name exited during start-up (exit status $code)" >&2
         rm -f "$(pid_file "$name")"
       fi
-      print_log_tail "$name" "${offsets[$failed]}"
+      print_log_tail "$name" "${offsets[$failed]}" "${err_offsets[$failed]}"
     fi
     # Do not leave a half-started pipeline behind: stop what this call started.
     if ((${#started[@]} > 0)); then
@@ -586,7 +622,10 @@ Commands:
 
 Databases: docker compose when a Docker engine answers, otherwise two local PostgreSQL
 clusters (scripts/local-db.sh, under .local/pg). PID files: run/<binary>.pid.
-Logs: LOG_DIR/<binary>.log (LOG_FORMAT=json: <binary>.json.log).
+Logs: each program writes its own, rotating (LOG_ROTATION daily | hourly, UTC; LOG_MAX_FILES
+kept, 14): LOG_DIR/<binary>.text.<date>.log, LOG_DIR/<binary>.log links to the current one
+(LOG_FORMAT=json: <binary>.json.<date>.log and <binary>.json.log); what a program prints
+outside its log (a crash, a bad setting) goes to LOG_DIR/<binary>.stderr.
 
 Main settings (environment, or .env — see .env.example):
   DB_HOST/DB_PORT/DB_NAME/DB_USER/DB_PASSWORD      source database   (localhost:5434/operational_db)
@@ -597,6 +636,7 @@ Main settings (environment, or .env — see .env.example):
   LOADER_POLL_INTERVAL_SECONDS                     seconds between looks for files (0.5)
   LOG_LEVEL, LOG_FORMAT                            info, text | json
   LOG_DIR                                          where the logs go (logs)
+  LOG_ROTATION, LOG_MAX_FILES                      daily | hourly, files kept (daily, 14)
   CDC_BIN_DIR                                      use binaries from here; no build
   DB_BACKEND                                       auto | docker | local | external (auto)
   START_TIMEOUT, STOP_TIMEOUT                      seconds (60, 30)

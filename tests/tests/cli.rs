@@ -64,6 +64,9 @@ async fn a_bad_setting_stops_start_up_with_exit_2_naming_it() {
             "0",
             "MUTATION_CONCURRENCY",
         ),
+        ("extractor", "LOG_OUTPUT", "syslog", "LOG_OUTPUT"),
+        ("scd2-loader", "LOG_ROTATION", "weekly", "LOG_ROTATION"),
+        ("mutator", "LOG_MAX_FILES", "0", "LOG_MAX_FILES"),
     ];
     for (binary, var, value, named) in cases {
         let mut c = cmd(&db, binary);
@@ -81,6 +84,24 @@ async fn a_bad_setting_stops_start_up_with_exit_2_naming_it() {
             text(&out)
         );
     }
+    // Log files in a directory that does not exist, or in a file: refused, not created.
+    std::fs::write(db.dir.join("a_file"), "").unwrap();
+    for (dir, said) in [
+        ("no_such_logs", "no_such_logs"),
+        ("a_file", "not a directory"),
+    ] {
+        let mut c = cmd(&db, "extractor");
+        c.env("LOG_OUTPUT", "file").env("LOG_DIR", dir);
+        let out = run(c);
+        assert_eq!(out.status.code(), Some(2), "LOG_DIR={dir}: {}", text(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("LOG_DIR") && err.contains(said),
+            "LOG_DIR={dir}: {}",
+            text(&out)
+        );
+    }
+    assert!(!db.dir.join("no_such_logs").exists());
     // The tables: a list entry that is not schema.table, and a table that has no primary key.
     let mut c = cmd(&db, "extractor");
     c.env("CDC_TABLES", "orders");

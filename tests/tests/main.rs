@@ -8,6 +8,7 @@ mod cli;
 mod dashboard;
 mod endpoints;
 mod logical;
+mod logs;
 mod outage;
 mod pipeline;
 mod schema;

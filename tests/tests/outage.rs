@@ -15,12 +15,29 @@ struct Clusters {
     warehouse_port: u16,
 }
 
+/// A port nothing listens on, below the kernel's range for outgoing connections: a stopped
+/// cluster's port in that range (what binding port 0 gives) can be taken by a client socket
+/// before the cluster starts again, and the restart then fails with "address in use".
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .filter(|l| *l > 20_100 && *l <= 65_535)
+        .unwrap_or(32_768);
+    let seed = std::process::id().wrapping_mul(7919)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+    loop {
+        let n = seed.wrapping_add(NEXT.fetch_add(7, Ordering::Relaxed).wrapping_mul(104_729));
+        let port = u16::try_from(20_000 + n % (low - 20_000)).unwrap();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 fn workspace_root() -> PathBuf {

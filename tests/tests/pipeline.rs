@@ -310,6 +310,62 @@ async fn status_reports_capture_lag_beyond_the_bound() {
     db.cleanup().await;
 }
 
+/// In logical mode capture lag is in seconds too: the age of the newest commit up to which
+/// everything is captured. A pass moves it past a change committed before the pass; older than
+/// `CDC_MAX_LAG_SECONDS` it is unhealthy.
+#[tokio::test]
+async fn logical_status_reports_capture_lag_in_seconds_beyond_the_bound() {
+    let db = TestDb::new("e2e_status_lag_logical").await;
+    let with = |binary: &str, args: &[&str], max_lag: &str| {
+        let mut c = cmd(&db, binary);
+        c.args(args)
+            .env("CDC_CAPTURE_MODE", "logical")
+            .env("CDC_MAX_LAG_SECONDS", max_lag);
+        run(c)
+    };
+    let out = with("extractor", &["--once"], "300");
+    assert!(out.status.success(), "{}", text(&out));
+    let source = db.source_client().await;
+    source
+        .batch_execute(
+            "UPDATE orders SET quantity = quantity + 1 WHERE id = (SELECT min(id) FROM orders)",
+        )
+        .await
+        .unwrap();
+    let changed: chrono::DateTime<chrono::Utc> = source
+        .query_one("SELECT clock_timestamp()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let out = with("extractor", &["--once"], "300");
+    assert!(out.status.success(), "{}", text(&out));
+
+    let out = with("scd2-loader", &["status"], "3600");
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    let through = said
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("captured through"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .unwrap_or_else(|| panic!("no captured-through time: {said}"));
+    assert!(
+        through >= changed,
+        "captured through {through}, but a change of {changed} was captured: {said}"
+    );
+    assert!(!said.contains("capture lag:"), "{said}");
+
+    std::thread::sleep(Duration::from_millis(1100));
+    let out = with("scd2-loader", &["status"], "1");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(
+        said.contains("capture lag: changes committed since")
+            && said.contains("CDC_MAX_LAG_SECONDS 1"),
+        "{said}"
+    );
+    db.cleanup().await;
+}
+
 /// `verify` on a running pipeline under traffic: exact every time (it lets the pipeline catch
 /// up before a difference from the source counts), and still fails on a real divergence.
 async fn verify_under_traffic(mode: &str) {

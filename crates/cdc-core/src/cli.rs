@@ -1,13 +1,24 @@
 //! What every binary's `main` shares: the runtime, and turning a result into an exit code
 //! with the whole error chain printed.
 
+use crate::config::LogSettings;
 use crate::error::{error_chain, exit_code, Error};
+use crate::telemetry::LogGuard;
 use std::future::Future;
 
 /// Prints a configuration error the way clap would and returns exit code 2.
 pub fn config_failure(binary: &str, e: &Error) -> i32 {
     eprintln!("{binary}: {}", error_chain(e));
     exit_code(e)
+}
+
+/// Starts logging as configured; a log file that cannot be made ends the program here
+/// (exit 2, naming `LOG_DIR`). Keep the guard until just before exiting.
+pub fn init_logging(binary: &str, settings: &LogSettings) -> LogGuard {
+    match crate::telemetry::init(settings, binary) {
+        Ok(guard) => guard,
+        Err(e) => std::process::exit(config_failure(binary, &e)),
+    }
 }
 
 /// Builds the runtime, runs `f`, and maps its result to an exit code.

@@ -63,6 +63,12 @@ pub struct LogicalState {
     /// several tables could be captured, where it is the file's own table.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tables: Vec<String>,
+    /// Every change committed up to this time (µs since the epoch) is captured: the commit
+    /// time of the last transaction a pass decoded and confirmed (each pass decodes at least
+    /// its own heartbeat's), or the initial copy's time. What `status` measures capture lag
+    /// by. Absent in files written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub captured_through_us: Option<i64>,
 }
 
 /// The initial copy's snapshot (`pg_current_snapshot()`): transactions it shows are skipped

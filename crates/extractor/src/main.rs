@@ -31,11 +31,15 @@ fn main() {
     // `.env` of the working directory only (dotenvy::dotenv would also search its parents).
     let _ = dotenvy::from_path(".env");
     let cli = Cli::parse();
-    let cfg = match cli.log.validate().and_then(|()| cli.args.validate()) {
-        Ok(cfg) => cfg,
+    let (log, cfg) = match cli
+        .log
+        .validate()
+        .and_then(|log| Ok((log, cli.args.validate()?)))
+    {
+        Ok(settled) => settled,
         Err(e) => std::process::exit(cdc_core::cli::config_failure("extractor", &e)),
     };
-    cdc_core::telemetry::init(&cli.log);
+    let log_guard = cdc_core::cli::init_logging("extractor", &log);
     let code = cdc_core::cli::run_main("extractor", || async move {
         let shutdown = cdc_core::shutdown::Shutdown::from_signals();
         match cli.command.unwrap_or(Command::Run) {
@@ -56,6 +60,7 @@ fn main() {
             }
         }
     });
+    drop(log_guard); // flushes a log file's queue; exit runs no destructors
     std::process::exit(code);
 }
 

@@ -21,11 +21,15 @@ fn main() {
     // `.env` of the working directory only (dotenvy::dotenv would also search its parents).
     let _ = dotenvy::from_path(".env");
     let cli = Cli::parse();
-    let cfg = match cli.log.validate().and_then(|()| cli.args.validate()) {
-        Ok(cfg) => cfg,
+    let (log, cfg) = match cli
+        .log
+        .validate()
+        .and_then(|log| Ok((log, cli.args.validate()?)))
+    {
+        Ok(settled) => settled,
         Err(e) => std::process::exit(cdc_core::cli::config_failure("mutator", &e)),
     };
-    cdc_core::telemetry::init(&cli.log);
+    let log_guard = cdc_core::cli::init_logging("mutator", &log);
     let code = cdc_core::cli::run_main("mutator", || async move {
         let shutdown = cdc_core::shutdown::Shutdown::from_signals();
         let stats = traffic::run(&cfg, shutdown).await?;
@@ -39,6 +43,7 @@ fn main() {
         );
         Ok(())
     });
+    drop(log_guard); // flushes a log file's queue; exit runs no destructors
     std::process::exit(code);
 }
 

@@ -54,11 +54,15 @@ fn main() {
     // `.env` of the working directory only (dotenvy::dotenv would also search its parents).
     let _ = dotenvy::from_path(".env");
     let cli = Cli::parse();
-    let cfg = match cli.log.validate().and_then(|()| cli.args.validate()) {
-        Ok(cfg) => cfg,
+    let (log, cfg) = match cli
+        .log
+        .validate()
+        .and_then(|log| Ok((log, cli.args.validate()?)))
+    {
+        Ok(settled) => settled,
         Err(e) => std::process::exit(cdc_core::cli::config_failure("scd2-loader", &e)),
     };
-    cdc_core::telemetry::init(&cli.log);
+    let log_guard = cdc_core::cli::init_logging("scd2-loader", &log);
     let command = cli.command.clone().unwrap_or(Command::Run);
     let mut violated = false;
     let code = cdc_core::cli::run_main("scd2-loader", || async {
@@ -109,6 +113,7 @@ fn main() {
         }
         Ok(())
     });
+    drop(log_guard); // flushes a log file's queue; exit runs no destructors
     std::process::exit(if code == 0 && violated { 3 } else { code });
 }
 

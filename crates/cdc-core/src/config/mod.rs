@@ -247,10 +247,53 @@ pub struct LogArgs {
         default_value = "text"
     )]
     pub log_format: LogFormat,
+    /// Where the log goes: stderr, or file (rotating files in LOG_DIR named after the
+    /// program: <program>.text.<date>.log or <program>.json.<date>.log, with <program>.log or
+    /// <program>.json.log pointing at the current one)
+    #[arg(long = "log-output", env = "LOG_OUTPUT", default_value = "stderr")]
+    pub log_output: String,
+    /// With LOG_OUTPUT=file: the directory of the log files (must exist)
+    #[arg(long = "log-dir", env = "LOG_DIR", default_value = "logs")]
+    pub log_dir: PathBuf,
+    /// With LOG_OUTPUT=file: start a new file every day or every hour (UTC): daily, hourly
+    #[arg(long = "log-rotation", env = "LOG_ROTATION", default_value = "daily")]
+    pub log_rotation: String,
+    /// With LOG_OUTPUT=file: files kept per program and format; the oldest beyond it are
+    /// deleted at start-up and at each rotation
+    #[arg(long = "log-max-files", env = "LOG_MAX_FILES", default_value = "14")]
+    pub log_max_files: String,
+}
+
+/// Where the log goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogOutput {
+    Stderr,
+    /// Rotating files in `dir` (absolute), at most `max_files` per program and format.
+    File {
+        dir: PathBuf,
+        rotation: LogRotation,
+        max_files: usize,
+    },
+}
+
+/// How often a log file is started anew.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogRotation {
+    Daily,
+    Hourly,
+}
+
+/// Settled logging configuration.
+#[derive(Clone, Debug)]
+pub struct LogSettings {
+    /// A tracing filter directive.
+    pub filter: String,
+    pub format: LogFormat,
+    pub output: LogOutput,
 }
 
 impl LogArgs {
-    pub fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<LogSettings> {
         let directive = self.filter_directive();
         let levels = ["trace", "debug", "info", "warn", "error", "off"];
         // A bare word must be a level; directives (`target=level,...`) go to tracing as they are.
@@ -266,7 +309,51 @@ impl LogArgs {
         tracing_subscriber::EnvFilter::try_new(&directive).map_err(|e| {
             Error::config("LOG_LEVEL", format!("'{}' is not a log level or filter ({e}); use error, warn, info, debug or trace", self.log_level))
         })?;
-        Ok(())
+        // Checked whatever the output, so that a mistake shows before it matters.
+        let rotation = match self.log_rotation.trim().to_ascii_lowercase().as_str() {
+            "daily" => LogRotation::Daily,
+            "hourly" => LogRotation::Hourly,
+            _ => {
+                return Err(Error::config(
+                    "LOG_ROTATION",
+                    format!("'{}' must be daily or hourly", self.log_rotation),
+                ))
+            }
+        };
+        let max_files = self
+            .log_max_files
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=100_000).contains(n))
+            .ok_or_else(|| {
+                Error::config(
+                    "LOG_MAX_FILES",
+                    format!(
+                        "'{}' must be a whole number of files from 1 to 100000",
+                        self.log_max_files
+                    ),
+                )
+            })?;
+        let output = match self.log_output.trim().to_ascii_lowercase().as_str() {
+            "stderr" => LogOutput::Stderr,
+            "file" => LogOutput::File {
+                dir: log_dir(&self.log_dir)?,
+                rotation,
+                max_files,
+            },
+            _ => {
+                return Err(Error::config(
+                    "LOG_OUTPUT",
+                    format!("'{}' must be stderr or file", self.log_output),
+                ))
+            }
+        };
+        Ok(LogSettings {
+            filter: directive,
+            format: self.log_format,
+            output,
+        })
     }
 
     /// The level as a filter directive (`INFO` and `warning` are accepted too).
@@ -278,11 +365,35 @@ impl LogArgs {
             _ => lower,
         }
     }
+}
 
-    pub fn ansi(&self) -> bool {
-        use std::io::IsTerminal;
-        std::io::stderr().is_terminal()
+/// The log directory as an absolute path (the current-file links point into it): it must
+/// exist and be a directory; it is not created, so that a mistyped one is noticed.
+fn log_dir(dir: &std::path::Path) -> Result<PathBuf> {
+    let shown = dir.display();
+    if dir.as_os_str().is_empty() {
+        return Err(Error::config(
+            "LOG_DIR",
+            "must not be empty with LOG_OUTPUT=file",
+        ));
     }
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(Error::config(
+                "LOG_DIR",
+                format!("'{shown}' is not a directory"),
+            ))
+        }
+        Err(e) => {
+            return Err(Error::config(
+                "LOG_DIR",
+                format!("'{shown}' cannot be used ({e}); create it, or set LOG_DIR to the directory for the log files"),
+            ))
+        }
+    }
+    std::fs::canonicalize(dir)
+        .map_err(|e| Error::config("LOG_DIR", format!("'{shown}' cannot be resolved: {e}")))
 }
 
 /// How long to keep retrying an unreachable database at start-up and after a lost connection.

@@ -444,7 +444,13 @@ impl Reader {
         let logical = logical_progress_name(specs, &self.cfg.tables.pipeline_name);
         if let Ok(Some(p)) = Progress::peek(dir, &logical) {
             if p.capture_mode == CaptureMode::Logical {
-                return ("logical", vec![None; specs.len()]);
+                // One slot for every table: the age of the newest commit captured.
+                let lag = p
+                    .logical
+                    .and_then(|l| l.captured_through_us)
+                    .and_then(DateTime::<Utc>::from_timestamp_micros)
+                    .map(|t| secs(now - t).max(0.0));
+                return ("logical", vec![lag; specs.len()]);
             }
         }
         let mut any = false;

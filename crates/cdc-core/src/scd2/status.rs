@@ -1,5 +1,6 @@
 //! `scd2-loader status`: what has been captured and applied, what is waiting, and the lag
-//! (the watermark's age in timestamp mode; the slot's retained WAL in logical mode).
+//! (the watermark's age in timestamp mode; in logical mode the age of the newest commit
+//! captured, and the slot's retained WAL).
 
 use crate::catalog::logical_progress_name;
 use crate::changelog::{self, DEAD_LETTER_DIR};
@@ -199,7 +200,7 @@ async fn extractor_progress(
     let logical = logical_progress_name(specs, &cfg.tables.pipeline_name);
     match Progress::peek(&cfg.state_dir, &logical) {
         Ok(Some(p)) if p.capture_mode == CaptureMode::Logical => {
-            logical_progress(s, problems, cfg, &p, source).await;
+            logical_progress(s, problems, cfg, &p, source, now).await;
             return;
         }
         Ok(_) => {}
@@ -295,13 +296,16 @@ async fn prepared_holds(
     }
 }
 
-/// The logical slot's progress and lag.
+/// The logical slot's progress and lag: in seconds, how old the newest commit is up to which
+/// everything is captured (checked against `CDC_MAX_LAG_SECONDS`); in bytes, the WAL the slot
+/// has not confirmed and the WAL it retains.
 async fn logical_progress(
     s: &mut String,
     problems: &mut Vec<String>,
     cfg: &LoaderConfig,
     p: &Progress,
     source: Option<&Client>,
+    now: DateTime<Utc>,
 ) {
     let _ = writeln!(s, "extractor (logical mode, slot {})", cfg.slot_name);
     let _ = writeln!(
@@ -318,6 +322,35 @@ async fn logical_progress(
         "  last progress      {}",
         p.updated_at.as_deref().unwrap_or("-")
     );
+    let through = p
+        .logical
+        .as_ref()
+        .and_then(|l| l.captured_through_us)
+        .and_then(DateTime::<Utc>::from_timestamp_micros);
+    match through {
+        Some(t) => {
+            // A pass that ended after `now` may have confirmed a commit past it: no lag.
+            let lag = secs(now - t).max(0.0);
+            let _ = writeln!(
+                s,
+                "  captured through   {} (capture lag {lag:.1}s)",
+                t.to_rfc3339()
+            );
+            if (now - t).to_std().is_ok_and(|l| l > cfg.max_lag) {
+                problems.push(format!(
+                    "capture lag: changes committed since {} are not captured yet ({lag:.0}s; CDC_MAX_LAG_SECONDS {})",
+                    t.format("%Y-%m-%d %H:%M:%S UTC"),
+                    cfg.max_lag.as_secs_f64()
+                ));
+            }
+        }
+        None => {
+            let _ = writeln!(
+                s,
+                "  captured through   unknown (no pass has recorded it yet)"
+            );
+        }
+    }
     match source {
         Some(src) => match slot::lag(src, &cfg.slot_name).await {
             Ok(Some(lag)) => {
@@ -330,11 +363,7 @@ async fn logical_progress(
                         cfg.max_slot_wal_bytes >> 20
                     ));
                 }
-                let _ = writeln!(
-                    s,
-                    "  capture lag        {} bytes of WAL not yet confirmed",
-                    lag.confirmed_lag_bytes
-                );
+                let _ = writeln!(s, "  unconfirmed WAL    {} bytes", lag.confirmed_lag_bytes);
             }
             Ok(None) => {
                 let _ = writeln!(s, "  slot               missing on the source");

@@ -175,6 +175,7 @@ impl LogicalCapture {
             snapshot_done: true,
             filter: Some(filter),
             tables: self.specs.iter().map(|s| s.qualified()).collect(),
+            captured_through_us: Some(now.timestamp_micros()),
         });
         self.progress
             .save(&self.state_dir, &self.progress_name, None, &durable)?;
@@ -320,7 +321,18 @@ impl LogicalCapture {
                 }
             }
         }
+        // How far capture has come, for `status`: saved with every pass that confirmed a
+        // newer commit (each pass does, by its heartbeat), as timestamp capture saves its
+        // watermark.
+        let mut through_moved = false;
+        if let (Some(t), Some(l)) = (last_commit_us, self.progress.logical.as_mut()) {
+            if l.captured_through_us.is_none_or(|before| t > before) {
+                l.captured_through_us = Some(t);
+                through_moved = true;
+            }
+        }
         if !out.files.is_empty()
+            || through_moved
             || self
                 .progress
                 .logical

@@ -140,7 +140,7 @@ function renderCards(s) {
   $("capture-lag").textContent = c.lag_seconds !== null ? fmtSecs(c.lag_seconds)
     : c.mode === "logical" && c.slot.unconfirmed_wal_bytes !== null ? fmtBytes(c.slot.unconfirmed_wal_bytes) : "—";
   $("capture-mode").textContent = c.mode === "logical"
-    ? "logical mode: WAL not yet confirmed by the slot"
+    ? (c.lag_seconds !== null ? "logical mode: age of the newest commit captured" : "logical mode: WAL not yet confirmed by the slot")
     : c.mode === "timestamp" ? "timestamp mode: age of the oldest table watermark" : "capture mode unknown (no progress yet)";
   $("apply-lag").textContent = fmtSecs(s.apply.lag_seconds);
   $("pending-count").textContent = fmtNum(s.apply.pending_count);
