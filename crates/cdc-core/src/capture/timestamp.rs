@@ -36,6 +36,9 @@ pub struct TimestampCapture {
     /// when it changes, and a schema event is written before the rows in the new shape.
     selection: Option<TableSelection>,
     watch: super::schema::Watch,
+    /// The snapshot of the last successful pass (`pg_current_snapshot()`): while the source
+    /// shows the same one, no transaction has ended since, so there is nothing new to read.
+    last_snapshot: Option<String>,
 }
 
 impl TimestampCapture {
@@ -50,6 +53,7 @@ impl TimestampCapture {
             state_dir,
             selection: None,
             watch: Default::default(),
+            last_snapshot: None,
         })
     }
 
@@ -144,11 +148,24 @@ impl ChangeSource for TimestampCapture {
 
     /// One capture pass over every table, in one snapshot. Events are durable before
     /// tombstones are removed and progress moves.
+    async fn unchanged(&self, client: &Client) -> Result<bool> {
+        let Some(last) = &self.last_snapshot else {
+            return Ok(false);
+        };
+        let now: String = client
+            .query_one("SELECT pg_current_snapshot()::text", &[])
+            .await
+            .map_err(ctx("reading the source's snapshot"))?
+            .get(0);
+        Ok(&now == last)
+    }
+
     async fn pass(
         &mut self,
         client: &mut Client,
         sink: &mut dyn ChangeSink,
     ) -> Result<PassOutcome> {
+        self.last_snapshot = None;
         // The bound: now, and the start of the oldest transaction that holds an xid (a writer).
         // Taken before the snapshot, so every writer not in our snapshot is either listed here
         // or stamps its rows after `now`.
@@ -187,6 +204,12 @@ impl ChangeSource for TimestampCapture {
             .await
             .map_err(ctx("locking the tables for the pass"))?;
         }
+        // The pass's snapshot, taken here (the first statement that needs one).
+        let pass_snapshot: String = tx
+            .query_one("SELECT pg_current_snapshot()::text", &[])
+            .await
+            .map_err(ctx("reading the capture snapshot"))?
+            .get(0);
         sink.begin(now, self.next_seq());
         let snapshot = self.snapshot_needed();
         let mut out = PassOutcome {
@@ -267,6 +290,7 @@ impl ChangeSource for TimestampCapture {
             .iter()
             .filter_map(|(_, p)| p.watermark.clone())
             .min_by(|a, b| a.cmp_pos(b));
+        self.last_snapshot = Some(pass_snapshot);
         Ok(out)
     }
 }
