@@ -148,6 +148,50 @@ async fn sigterm_stops_extractor_and_loader_cleanly_with_exit_0() {
     db.cleanup().await;
 }
 
+/// A looping loader is woken by the file-system notification of a new change-log file: with
+/// the poll an hour long, a file the extractor writes while the loader waits is still applied.
+#[tokio::test]
+async fn a_looping_loader_applies_a_new_file_without_waiting_for_its_poll() {
+    let db = TestDb::new("e2e_wake").await;
+    let mut e = cmd(&db, "extractor");
+    e.arg("--once");
+    let out = run(e);
+    assert!(out.status.success(), "{}", text(&out));
+    let mut l = cmd(&db, "scd2-loader");
+    l.env("LOADER_POLL_INTERVAL_SECONDS", "3600")
+        .stderr(std::process::Stdio::null());
+    let loader = crate::start(&mut l);
+    let processed = db.log_dir().join("processed");
+    let archived = || {
+        std::fs::read_dir(&processed)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    // The initial copy, found by the loader's first look; then it waits.
+    wait_for("the initial copy to be applied", || archived() == 1);
+
+    let mut m = cmd(&db, "mutator");
+    m.args(["--count", "40", "--seed", "7"]);
+    let out = run(m);
+    assert!(out.status.success(), "{}", text(&out));
+    let mut e = cmd(&db, "extractor");
+    e.arg("--once");
+    let out = run(e);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_for("the new file to be applied", || archived() == 2);
+
+    let mut v = cmd(&db, "scd2-loader");
+    v.arg("verify");
+    let out = run(v);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(crate::stop(loader), Some(0));
+    db.cleanup().await;
+}
+
 /// The demo's three tables with `CDC_TABLES=public.*`, the mutator writing all of them, in both
 /// capture modes: `extractor setup`, then bursts captured and applied; verify holds for every
 /// table and nothing is quarantined.

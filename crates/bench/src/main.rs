@@ -3,6 +3,7 @@
 //! `make bench-quick` against clusters of its own.
 
 mod ceilings;
+mod cpu;
 mod procs;
 mod report;
 mod setup;
@@ -53,6 +54,14 @@ pub struct BenchArgs {
     /// Steady phase: seconds of traffic (0 skips the phase)
     #[arg(long, default_value = "60")]
     steady_seconds: u64,
+    /// Steady phase: seconds the pipeline's CPU is measured while idle, before the traffic
+    /// (0 skips it)
+    #[arg(long, default_value = "30")]
+    idle_seconds: u64,
+    /// A setting for the extractor and loader, as NAME=VALUE (repeatable; e.g.
+    /// CDC_EXTRACTION_INTERVAL_SECONDS=1); by default they run at their defaults
+    #[arg(long = "pipeline-env", value_parser = pipeline_env)]
+    pipeline_env: Vec<(String, String)>,
     /// Peak memory is also measured at this multiple of --ops (one run; 0 skips it)
     #[arg(long, default_value = "10")]
     rss_factor: u64,
@@ -164,6 +173,10 @@ pub struct SteadyRun {
     pub drain_secs: f64,
     /// Logical mode: the most WAL the slot held unconfirmed (sampled every 0.5 s).
     pub slot_lag_max_bytes: Option<f64>,
+    /// CPU of the pipeline with no traffic, before the mutator starts.
+    pub idle_cpu: Option<cpu::CpuShare>,
+    /// CPU of the pipeline during the traffic.
+    pub steady_cpu: Option<cpu::CpuShare>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -287,9 +300,11 @@ impl Bench {
             std::fs::remove_dir_all(&work)?;
         }
         std::fs::create_dir_all(&work)?;
+        let mut env = self.clusters.env(mode, &self.args.tables, &work);
+        env.extend(self.args.pipeline_env.iter().cloned());
         Ok(Runner {
             bin_dir: self.bin_dir.clone(),
-            env: self.clusters.env(mode, &self.args.tables, &work),
+            env,
             log_dir: work.join("logs"),
             cwd: work,
         })
@@ -394,6 +409,12 @@ impl Bench {
         self.clusters.fresh().await?;
         let runner = self.runner(mode, "steady")?;
         let mut extractor = runner.spawn("extractor", &[])?;
+        // The loader refuses a change-log directory the extractor has not made yet.
+        let made = Instant::now() + Duration::from_secs(60);
+        while !runner.cwd.join("cdc_logs").join(".pipeline").exists() && Instant::now() < made {
+            extractor.check_alive()?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let mut loader = runner.spawn("scd2-loader", &[])?;
         // Wait until the initial copy is in the warehouse.
         let wh = self.clusters.warehouse().await?;
@@ -412,8 +433,20 @@ impl Bench {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        // The pipeline's processes, found before the mutator connects.
+        let pipeline = cpu::Pipeline::find(extractor.pid()?, loader.pid()?, &source, &wh).await?;
+        let idle_cpu = if self.args.idle_seconds > 0 {
+            let before = pipeline.sample()?;
+            tokio::time::sleep(Duration::from_secs(self.args.idle_seconds)).await;
+            extractor.check_alive()?;
+            loader.check_alive()?;
+            Some(before.share_until(&pipeline.sample()?))
+        } else {
+            None
+        };
         let t0 = chrono::Utc::now();
         let started = Instant::now();
+        let busy_from = pipeline.sample()?;
         let rate = self.args.rate.to_string();
         let seed_s = seed.to_string();
         let mutator = runner.spawn(
@@ -443,6 +476,7 @@ impl Bench {
             }
             tokio::time::sleep(left.min(Duration::from_millis(500))).await;
         }
+        let steady_cpu = busy_from.share_until(&pipeline.sample()?);
         extractor.check_alive()?;
         loader.check_alive()?;
         let mutator_log = mutator.log.clone();
@@ -491,6 +525,8 @@ impl Bench {
             versions: delays.len() as u64,
             drain_secs,
             slot_lag_max_bytes: slot_lag.iter().copied().reduce(f64::max),
+            idle_cpu,
+            steady_cpu: Some(steady_cpu),
             ..report::delay_figures(&delays, seconds)
         })
     }
@@ -556,6 +592,14 @@ const WAREHOUSE_FINGERPRINT: &str = "SELECT count(*)::text || ':' || coalesce(md
 
 async fn fingerprint(client: &tokio_postgres::Client, sql: &str) -> Result<String> {
     Ok(client.query_one(sql, &[]).await?.get(0))
+}
+
+/// `--pipeline-env NAME=VALUE`.
+fn pipeline_env(s: &str) -> std::result::Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("'{s}' must be NAME=VALUE")),
+    }
 }
 
 /// The operations the mutator reported when it stopped (its last `mutator stopped` line).

@@ -162,6 +162,13 @@ impl Background {
         Ok(())
     }
 
+    /// The process id (fails if it has been waited for).
+    pub fn pid(&self) -> Result<u32> {
+        self.child
+            .id()
+            .with_context(|| format!("{} has already exited", self.name))
+    }
+
     /// Fails if the process has already exited.
     pub fn check_alive(&mut self) -> Result<()> {
         if let Some(status) = self.child.try_wait()? {

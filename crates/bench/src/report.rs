@@ -1,5 +1,6 @@
 //! Summaries (median with min–max over the runs), the printed table and the JSON report.
 
+use crate::cpu::CpuShare;
 use crate::{BenchArgs, Machine, ModeResults, SteadyRun, ThroughputRun};
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -312,6 +313,29 @@ fn mode_lines(r: &ModeResults) -> Vec<Line> {
         None,
         None,
     ));
+    type Phase = fn(&SteadyRun) -> Option<CpuShare>;
+    type Part = fn(&CpuShare) -> f64;
+    let phases: [(&str, Phase); 2] = [("idle", |x| x.idle_cpu), ("steady", |x| x.steady_cpu)];
+    for (phase, of) in phases {
+        let parts: [(&str, Part); 5] = [
+            ("pipeline total", CpuShare::total),
+            ("extractor", |c| c.extractor),
+            ("its source backend", |c| c.source_backends),
+            ("loader", |c| c.loader),
+            ("warehouse backends", |c| c.warehouse_backends),
+        ];
+        for (name, part) in parts {
+            let values: Vec<f64> = s.iter().filter_map(of).map(|c| part(&c)).collect();
+            out.push(line(
+                m,
+                &format!("{phase}: CPU, {name}"),
+                "% of a core",
+                &values,
+                None,
+                None,
+            ));
+        }
+    }
     let kib = |k: u64| k as f64 / 1024.0;
     out.push(line(
         m,

@@ -233,7 +233,7 @@ pub fn clean_leftovers(dir: &Path) -> Result<usize> {
 
 /// Whether `name` is a change-log file's: `*.jsonl`, or `*.jsonl.zst` (an archived file put
 /// back), not a dot-file.
-fn is_change_log(name: &str) -> bool {
+pub(crate) fn is_change_log(name: &str) -> bool {
     !name.starts_with('.') && (name.ends_with(".jsonl") || name.ends_with(".jsonl.zst"))
 }
 

@@ -41,6 +41,9 @@ pub struct TimestampCapture {
     selection: Option<TableSelection>,
     watch: super::schema::Watch,
     writers: WriterBounds,
+    /// The snapshot of the last successful pass (`pg_current_snapshot()`): while the source
+    /// shows the same one, no transaction has ended since, so there is nothing new to read.
+    last_snapshot: Option<String>,
 }
 
 /// How often the log repeats that a prepared transaction still holds the watermark.
@@ -223,6 +226,7 @@ impl TimestampCapture {
             selection: None,
             watch: Default::default(),
             writers: WriterBounds::default(),
+            last_snapshot: None,
         })
     }
 
@@ -317,11 +321,24 @@ impl ChangeSource for TimestampCapture {
 
     /// One capture pass over every table, in one snapshot. Events are durable before
     /// tombstones are removed and progress moves.
+    async fn unchanged(&self, client: &Client) -> Result<bool> {
+        let Some(last) = &self.last_snapshot else {
+            return Ok(false);
+        };
+        let now: String = client
+            .query_one("SELECT pg_current_snapshot()::text", &[])
+            .await
+            .map_err(ctx("reading the source's snapshot"))?
+            .get(0);
+        Ok(&now == last)
+    }
+
     async fn pass(
         &mut self,
         client: &mut Client,
         sink: &mut dyn ChangeSink,
     ) -> Result<PassOutcome> {
+        self.last_snapshot = None;
         // The bound: now, and the start of the oldest transaction that holds an xid (a writer),
         // a prepared one included. Taken before the snapshot, so every writer not in our
         // snapshot is either listed here or stamps its rows after `now`.
@@ -366,6 +383,12 @@ impl ChangeSource for TimestampCapture {
             .await
             .map_err(ctx("locking the tables for the pass"))?;
         }
+        // The pass's snapshot, taken here (the first statement that needs one).
+        let pass_snapshot: String = tx
+            .query_one("SELECT pg_current_snapshot()::text", &[])
+            .await
+            .map_err(ctx("reading the capture snapshot"))?
+            .get(0);
         sink.begin(now, self.next_seq());
         let snapshot = self.snapshot_needed();
         let mut out = PassOutcome {
@@ -446,6 +469,7 @@ impl ChangeSource for TimestampCapture {
             .iter()
             .filter_map(|(_, p)| p.watermark.clone())
             .min_by(|a, b| a.cmp_pos(b));
+        self.last_snapshot = Some(pass_snapshot);
         Ok(out)
     }
 }

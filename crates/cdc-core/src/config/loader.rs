@@ -25,13 +25,11 @@ pub struct LoaderArgs {
     pub tables: TablesArgs,
     #[command(flatten)]
     pub log_dir: LogDirArgs,
-    /// Seconds between looks for new change-log files
-    #[arg(
-        long = "poll-interval",
-        env = "LOADER_POLL_INTERVAL_SECONDS",
-        default_value = "0.5"
-    )]
-    pub poll_interval_seconds: f64,
+    /// Seconds between looks for new change-log files besides the file-system notification
+    /// that wakes the loader when one arrives [default: 5 while the directory is watched,
+    /// 0.5 when it cannot be]
+    #[arg(long = "poll-interval", env = "LOADER_POLL_INTERVAL_SECONDS")]
+    pub poll_interval_seconds: Option<f64>,
     /// Most files applied in one transaction when there is a backlog
     #[arg(
         long = "max-files-per-batch",
@@ -97,7 +95,9 @@ pub struct LoaderConfig {
     pub tables: TableSelection,
     pub log_dir: PathBuf,
     pub state_dir: PathBuf,
-    pub poll_interval: Duration,
+    /// Between looks for new files besides the notification (`None`: the default, chosen by
+    /// whether the directory can be watched).
+    pub poll_interval: Option<Duration>,
     pub max_files_per_batch: usize,
     pub max_events_in_memory: usize,
     pub slot_name: String,
@@ -132,11 +132,10 @@ impl LoaderArgs {
             source: self.source.validate(retry)?,
             log_dir: non_empty_path("CDC_LOG_DIR", &self.log_dir.cdc_log_dir)?,
             state_dir: non_empty_path("CDC_STATE_DIR", &self.state_dir)?,
-            poll_interval: positive_secs(
-                "LOADER_POLL_INTERVAL_SECONDS",
-                self.poll_interval_seconds,
-                false,
-            )?,
+            poll_interval: self
+                .poll_interval_seconds
+                .map(|s| positive_secs("LOADER_POLL_INTERVAL_SECONDS", s, false))
+                .transpose()?,
             max_files_per_batch: self.max_files_per_batch,
             max_events_in_memory: self.max_events_in_memory,
             slot_name: slot_name("CDC_SLOT_NAME", &self.slot_name, &tables, "slot")?,

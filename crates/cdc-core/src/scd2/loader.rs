@@ -4,6 +4,7 @@
 
 use super::apply::{apply_files, ApplyStats, Applying};
 use super::store::{HistorySql, PgHistory};
+use super::wake::{NewFiles, UNWATCHED_POLL, WATCHED_POLL};
 use crate::catalog::stream_name;
 use crate::changelog::{self, batch_name, file_name};
 use crate::config::loader::LoaderConfig;
@@ -253,6 +254,8 @@ pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<L
         log_dir = %cfg.log_dir.display(),
         "loader started"
     );
+    // A looping loader is woken by a new file; the poll is the safety net.
+    let mut new_files = (!once).then(|| NewFiles::watch(&cfg.log_dir));
     let mut totals = LoaderTotals::default();
     let mut backoff = Backoff::default();
     let mut upkeep = ArchiveUpkeep::default();
@@ -291,7 +294,15 @@ pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<L
                 applier =
                     Applier::connect(cfg, &specs, &shutdown, Some(&mut warehouse_wait)).await?;
             }
-            if once || shutdown.sleep(cfg.poll_interval).await {
+            let Some(watch) = new_files.as_mut() else {
+                break;
+            };
+            let poll = cfg.poll_interval.unwrap_or(if watch.active() {
+                WATCHED_POLL
+            } else {
+                UNWATCHED_POLL
+            });
+            if watch.wait(poll, &shutdown).await {
                 break;
             }
             continue;

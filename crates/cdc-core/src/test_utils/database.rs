@@ -228,7 +228,7 @@ impl TestDb {
             tables: self.selection(),
             log_dir: self.log_dir(),
             state_dir: self.state_dir(),
-            poll_interval: Duration::from_millis(100),
+            poll_interval: Some(Duration::from_millis(100)),
             max_files_per_batch: 16,
             max_events_in_memory: crate::scd2::apply::CHUNK_EVENTS,
             slot_name: self.name.clone(),

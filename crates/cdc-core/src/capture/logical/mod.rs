@@ -46,6 +46,9 @@ pub struct LogicalCapture {
     /// Given, schema changes are followed (see `TimestampCapture::following`).
     selection: Option<TableSelection>,
     watch: super::schema::Watch,
+    /// The end of the last commit the last successful pass decoded (its own heartbeat when
+    /// the slot was drained): while the source's WAL ends there, there is nothing to decode.
+    drained_to: Option<u64>,
 }
 
 impl LogicalCapture {
@@ -65,6 +68,7 @@ impl LogicalCapture {
             db: String::new(),
             selection: None,
             watch: Default::default(),
+            drained_to: None,
         })
     }
 
@@ -344,6 +348,7 @@ impl LogicalCapture {
             self.progress
                 .save(&self.state_dir, &self.progress_name, None, &durable)?;
         }
+        self.drained_to = last_end;
         // For the metrics only: a failure to read it does not fail the pass.
         out.slot = slot::lag(client, &self.slot.slot).await.ok().flatten();
         Ok(out)
@@ -427,10 +432,28 @@ impl ChangeSource for LogicalCapture {
         client: &mut Client,
         sink: &mut dyn ChangeSink,
     ) -> Result<PassOutcome> {
+        self.drained_to = None;
         if !self.snapshot_done() {
             return self.snapshot(client, sink).await;
         }
         self.stream(client, sink).await
+    }
+
+    /// Nothing was written to the WAL after the last commit the last pass decoded (any
+    /// write, in any database of the server, or a schema change, moves it on).
+    async fn unchanged(&self, client: &Client) -> Result<bool> {
+        let Some(drained_to) = self.drained_to else {
+            return Ok(false);
+        };
+        let end: i64 = client
+            .query_one(
+                "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8",
+                &[],
+            )
+            .await
+            .map_err(ctx("reading the source's WAL position"))?
+            .get(0);
+        Ok(u64::try_from(end).is_ok_and(|end| end <= drained_to))
     }
 }
 
