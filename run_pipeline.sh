@@ -632,8 +632,8 @@ Main settings (environment, or .env — see .env.example):
   WAREHOUSE_DB_HOST/_PORT/_NAME/_USER/_PASSWORD    warehouse         (localhost:5433/warehouse_db)
   MUTATION_INTERVAL_SECONDS, MUTATION_BATCH_SIZE   simulated traffic (2 s, 5 operations)
   CDC_CAPTURE_MODE                                 timestamp | logical (timestamp)
-  CDC_EXTRACTION_INTERVAL_SECONDS                  seconds between capture passes (5)
-  LOADER_POLL_INTERVAL_SECONDS                     seconds between looks for files (0.5)
+  CDC_EXTRACTION_INTERVAL_SECONDS                  seconds between capture passes (0.2)
+  LOADER_POLL_INTERVAL_SECONDS                     safety-net look for files besides the notification (5; 0.5 unwatched)
   LOG_LEVEL, LOG_FORMAT                            info, text | json
   LOG_DIR                                          where the logs go (logs)
   LOG_ROTATION, LOG_MAX_FILES                      daily | hourly, files kept (daily, 14)

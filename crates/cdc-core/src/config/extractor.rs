@@ -35,11 +35,12 @@ pub struct ExtractorArgs {
         default_value = "timestamp"
     )]
     pub capture_mode: CaptureMode,
-    /// Seconds between capture passes
+    /// Seconds between capture passes (an idle source is looked at with one cheap query, and
+    /// fully at least every 5 s)
     #[arg(
         long = "interval",
         env = "CDC_EXTRACTION_INTERVAL_SECONDS",
-        default_value = "5"
+        default_value = "0.2"
     )]
     pub interval_seconds: f64,
     /// Most change events in one change-log file; a larger pass writes several files
