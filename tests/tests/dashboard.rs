@@ -503,6 +503,17 @@ where
     }
 }
 
+/// How many versions the history holds of order `key`.
+async fn order_versions(wh: &tokio_postgres::Client, key: &str) -> i64 {
+    wh.query_one(
+        "SELECT count(*) FROM dim_orders_history WHERE order_key = $1::text::int",
+        &[&key],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
 async fn texts(page: &fantoccini::Client, css: &str) -> Vec<String> {
     let mut out = Vec::new();
     for e in page
@@ -545,14 +556,7 @@ async fn the_dashboard_of_a_running_pipeline_shows_every_table_its_lag_and_a_key
     let started = std::time::Instant::now();
     let (key, versions) = loop {
         let key = busiest_key(&wh, "dim_orders_history", &["order_key"], false).await;
-        let versions: i64 = wh
-            .query_one(
-                "SELECT count(*) FROM dim_orders_history WHERE order_key = $1::text::int",
-                &[&key],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let versions = order_versions(&wh, &key).await;
         if versions >= 2 {
             break (key, versions);
         }
@@ -564,15 +568,7 @@ async fn the_dashboard_of_a_running_pipeline_shows_every_table_its_lag_and_a_key
     };
     // The key's versions once the pipeline has caught up again.
     caught_up(&addr);
-    let versions: i64 = wh
-        .query_one(
-            "SELECT count(*) FROM dim_orders_history WHERE order_key = $1::text::int",
-            &[&key],
-        )
-        .await
-        .unwrap()
-        .get::<_, i64>(0)
-        .max(versions);
+    let versions = order_versions(&wh, &key).await.max(versions);
 
     let (browser, webdriver) = Browser::start(&db.dir);
     let (chromium, _) = browser_binaries();

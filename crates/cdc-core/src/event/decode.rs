@@ -189,50 +189,42 @@ pub fn decode_where(
         Some(l) => Some(i64::try_from(l).map_err(|_| format!("source.lsn {l} is out of range"))?),
         None => None,
     };
-    if env.op == Op::Truncate {
-        // Written only by format 3 and later: an older event claiming it is not ours.
+    // Whole-table events (a truncate, a schema change): no key, no row; each written only
+    // by its format and later, so an older event claiming one is not ours.
+    let whole_table = match env.op {
+        Op::Truncate => Some(("a truncate (op t)", TRUNCATE_FORMAT_VERSION)),
+        Op::Schema => Some(("a schema change (op s)", SCHEMA_FORMAT_VERSION)),
+        _ => None,
+    };
+    if let Some((what, since)) = whole_table {
         let v = env.format_version.unwrap_or(1);
-        if v < TRUNCATE_FORMAT_VERSION {
+        if v < since {
             return Err(format!(
-                "a truncate (op t) needs format_version {TRUNCATE_FORMAT_VERSION} or later; this event has {v}"
+                "{what} needs format_version {since} or later; this event has {v}"
             )
             .into());
         }
+        let schema = match env.op {
+            Op::Schema => {
+                let raw = env
+                    .schema_change
+                    .ok_or("a schema change (op s) needs `schema_change`")?;
+                let change: crate::schema_change::SchemaEvent = serde_json::from_str(raw.get())
+                    .map_err(|e| format!("schema_change is not a schema change: {e}"))?;
+                Some(Box::new(change))
+            }
+            _ => None,
+        };
         return Ok(Some(DecodedEvent {
             table,
-            op: Op::Truncate,
+            op: env.op,
             key: String::new(),
             ts_us: env.source.ts_us,
             lsn,
             tx_id: env.source.tx_id,
             captured_ms: env.ts_ms,
             values: Values::default(),
-            schema: None,
-        }));
-    }
-    if env.op == Op::Schema {
-        let v = env.format_version.unwrap_or(1);
-        if v < SCHEMA_FORMAT_VERSION {
-            return Err(format!(
-                "a schema change (op s) needs format_version {SCHEMA_FORMAT_VERSION} or later; this event has {v}"
-            )
-            .into());
-        }
-        let raw = env
-            .schema_change
-            .ok_or("a schema change (op s) needs `schema_change`")?;
-        let change: crate::schema_change::SchemaEvent = serde_json::from_str(raw.get())
-            .map_err(|e| format!("schema_change is not a schema change: {e}"))?;
-        return Ok(Some(DecodedEvent {
-            table,
-            op: Op::Schema,
-            key: String::new(),
-            ts_us: env.source.ts_us,
-            lsn,
-            tx_id: env.source.tx_id,
-            captured_ms: env.ts_ms,
-            values: Values::default(),
-            schema: Some(Box::new(change)),
+            schema,
         }));
     }
     let image = match env.op {
