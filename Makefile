@@ -42,7 +42,7 @@ BENCH_ARGS ?=
 .PHONY: help quick-start prereqs start stop status restart loader test test-db-stop test-rapid \
         validate logs clean clean-archive prod-start db-up db-down db-status db-reset build fmt lint mutate-burst \
         check-monitoring monitoring-up monitoring-down \
-        bench bench-quick bench-db-stop
+        bench bench-quick bench-db-stop soak
 
 help: ## Show this list of targets
 	@echo "Usage: make <target>   (settings: .env / environment, see .env.example)"
@@ -202,3 +202,8 @@ bench-quick: ## About a minute: 10,000 operations, 1 run, 15 s steady phase, no 
 
 bench-db-stop: ## Stop the benchmark's clusters (ports 55633/55634)
 	$(BENCH_DB_ENV) scripts/local-db.sh stop
+
+# ---- Soak -----------------------------------------------------------------------------------
+
+soak: ## 3-minute warehouse then source outage under traffic, per capture mode (~8 min each; SOAK_MODE=timestamp|logical|both), verify after; own clusters
+	scripts/soak.sh $(or $(SOAK_MODE),both)
