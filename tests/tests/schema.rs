@@ -46,6 +46,8 @@ struct Gadgets {
     db: TestDb,
     mode: &'static str,
     src: Client,
+    /// `CDC_TABLES`.
+    tables: &'static str,
 }
 
 impl Gadgets {
@@ -53,16 +55,25 @@ impl Gadgets {
         let db = TestDb::new(&format!("{test}_{mode}")).await;
         let src = db.source_client().await;
         exec(&src, create).await;
-        Gadgets { db, mode, src }
+        Gadgets {
+            db,
+            mode,
+            src,
+            tables: "public.gadgets",
+        }
     }
 
     /// Runs a binary on the pipeline of `public.gadgets`.
     fn step(&self, binary: &str, args: &[&str]) -> std::process::Output {
+        run(self.command(binary, args))
+    }
+
+    fn command(&self, binary: &str, args: &[&str]) -> std::process::Command {
         let mut c = cmd(&self.db, binary);
         c.args(args)
-            .env("CDC_TABLES", "public.gadgets")
+            .env("CDC_TABLES", self.tables)
             .env("CDC_CAPTURE_MODE", self.mode);
-        run(c)
+        c
     }
 
     /// `step`, which must succeed.
@@ -472,4 +483,180 @@ async fn a_quarantined_file_put_back_late_makes_the_history_exact_in_both_modes(
         );
         g.db.cleanup().await;
     }
+}
+
+/// A schema change one table's history cannot hold holds that table only: the other table's
+/// changes, in the same files and in later ones, go on into its history; `--once` exits 2,
+/// `status` and `verify` name the held table; nothing is quarantined. Once the history can
+/// hold the change, the looping loader replays the held table's changes from the archive by
+/// itself: its history equals the source, each change applied once.
+#[tokio::test]
+async fn a_table_held_at_a_schema_change_waits_while_the_others_go_on_in_both_modes() {
+    for mode in ["timestamp", "logical"] {
+        let mut g = Gadgets::new(
+            "e2e_held",
+            mode,
+            "CREATE TABLE public.gadgets (id integer PRIMARY KEY, price numeric(12,4) NOT NULL,
+                 last_updated timestamptz NOT NULL DEFAULT clock_timestamp());
+             CREATE TABLE public.sprockets (id integer PRIMARY KEY, name text NOT NULL,
+                 last_updated timestamptz NOT NULL DEFAULT clock_timestamp());
+             INSERT INTO public.gadgets SELECT g, g * 1.5 FROM generate_series(1, 20) g;
+             INSERT INTO public.sprockets SELECT g, 's' || g FROM generate_series(1, 20) g;",
+        )
+        .await;
+        g.tables = "public.gadgets,public.sprockets";
+        let (db, src) = (&g.db, &g.src);
+        let wh = db.warehouse_client().await;
+        let step = |binary: &str, args: &[&str]| g.step(binary, args);
+        let ok = |binary: &str, args: &[&str]| g.ok(binary, args);
+        let sprockets = || async {
+            (
+                rows(
+                    &wh,
+                    "public.dim_sprockets_history",
+                    "WHERE is_current",
+                    &["name"],
+                )
+                .await,
+                rows(src, "public.sprockets", "", &["name"]).await,
+            )
+        };
+        let gadgets = || async {
+            let cols = ["trim_scale(price)"];
+            (current(&wh, &cols).await, source_rows(src, &cols).await)
+        };
+        ok("extractor", &["setup"]);
+        ok("extractor", &["--once"]);
+        ok("scd2-loader", &["--once"]);
+
+        // In one file: sprockets changed before and after a narrowing change of gadgets;
+        // in the next, both tables changed again.
+        exec(
+            src,
+            "UPDATE public.sprockets SET name = name || '+' WHERE id <= 5;
+             ALTER TABLE public.gadgets ALTER COLUMN price TYPE numeric(14,2);
+             UPDATE public.gadgets SET price = 99999999999.99 WHERE id = 9;
+             UPDATE public.sprockets SET name = 'after' WHERE id = 6;
+             DELETE FROM public.sprockets WHERE id = 7;",
+        )
+        .await;
+        ok("extractor", &["--once"]);
+        exec(
+            src,
+            "UPDATE public.gadgets SET price = 1 WHERE id = 1;
+             DELETE FROM public.gadgets WHERE id = 2;
+             INSERT INTO public.gadgets (id, price) VALUES (21, 2.5);
+             UPDATE public.sprockets SET name = 'later' WHERE id = 8;",
+        )
+        .await;
+        ok("extractor", &["--once"]);
+        let before: Vec<String> = (1..=20)
+            .map(|i| format!("{i}|{}", crate_trim(i as f64 * 1.5)))
+            .collect();
+        for round in 0..2 {
+            let out = step("scd2-loader", &["--once"]);
+            let said = text(&out);
+            assert_eq!(out.status.code(), Some(2), "{mode} round {round}: {said}");
+            assert!(
+                said.contains("dim_gadgets_history cannot follow")
+                    && said.contains("numeric(14,2)")
+                    && said.contains("the other tables go on"),
+                "{mode}: {said}"
+            );
+            let (history, source) = sprockets().await;
+            assert_eq!(history, source, "{mode} round {round}: sprockets went on");
+            assert_eq!(
+                gadgets().await.0,
+                before,
+                "{mode} round {round}: gadgets stopped at the change"
+            );
+            if round == 1 {
+                // Both name the held table (the loader is not running, nothing is pending).
+                let out = step("scd2-loader", &["status"]);
+                let said = text(&out);
+                assert!(!out.status.success(), "{mode}: {said}");
+                assert!(
+                    said.contains("held        public.gadgets since")
+                        && said.contains("public.gadgets is held at a schema change"),
+                    "{mode}: {said}"
+                );
+                let out = step("scd2-loader", &["verify"]);
+                let said = text(&out);
+                assert!(!out.status.success(), "{mode}: {said}");
+                assert!(
+                    said.contains("dim_gadgets_history") && said.contains("held since"),
+                    "{mode}: {said}"
+                );
+            }
+            // More of both while gadgets is held.
+            exec(
+                src,
+                &format!(
+                    "UPDATE public.sprockets SET name = 'held {round}' WHERE id = 9;
+                     UPDATE public.gadgets SET price = price + 1 WHERE id = 3;"
+                ),
+            )
+            .await;
+            ok("extractor", &["--once"]);
+        }
+        let dead = db.log_dir().join("dead_letter");
+        assert_eq!(
+            std::fs::read_dir(&dead).map(|d| d.count()).unwrap_or(0),
+            0,
+            "{mode}: nothing quarantined"
+        );
+
+        // The user, knowing no price has more than two decimals, gives the history the new
+        // type; the looping loader catches gadgets up from the archive by itself, and
+        // applies what is pending of both.
+        exec(
+            &wh,
+            "ALTER TABLE public.dim_gadgets_history ALTER COLUMN price TYPE numeric(14,2)",
+        )
+        .await;
+        let mut l = g.command("scd2-loader", &[]);
+        l.env("LOADER_POLL_INTERVAL_SECONDS", "0.1")
+            .env("LOADER_METRICS_ADDR", "off");
+        let loader = crate::start(&mut l);
+        let start = std::time::Instant::now();
+        loop {
+            let held: i64 = wh
+                .query_one("SELECT count(*) FROM public.cdc_held_tables", &[])
+                .await
+                .unwrap()
+                .get(0);
+            let (h, s) = gadgets().await;
+            let (sh, ss) = sprockets().await;
+            if held == 0 && h == s && sh == ss {
+                break;
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(60),
+                "{mode}: gadgets not caught up: held {held}, history {h:?}, source {s:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert_eq!(crate::stop(loader), Some(0), "{mode}");
+        // Each change once: the key changed after the hold has exactly its versions.
+        let v: Vec<String> = wh
+            .query(
+                "SELECT trim_scale(price)::text || '|' || is_current FROM public.dim_gadgets_history
+                 WHERE id = 3 ORDER BY valid_from",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(v, ["4.5|false", "5.5|false", "6.5|true"], "{mode}");
+        g.verified();
+        g.db.cleanup().await;
+    }
+}
+
+/// `x` as `trim_scale` writes it.
+fn crate_trim(x: f64) -> String {
+    let s = format!("{x}");
+    s.strip_suffix(".0").map(str::to_owned).unwrap_or(s)
 }

@@ -340,11 +340,13 @@ pub fn quarantine(file: &Path, reason: &Error) -> Result<PathBuf> {
 
 /// Upkeep of `processed/`: compresses archived files (`<name>.jsonl` becomes
 /// `<name>.jsonl.zst`, written like every file here: temporary, fsynced, renamed, the
-/// original removed last) and, with `retention`, removes archived files older than that.
+/// original removed last) and, with `retention`, removes archived files older than that
+/// (but `keep_from` and every later file: a held table is to be replayed from it).
 /// Returns (files compressed, files removed).
 pub fn maintain_archive(
     log_dir: &Path,
     retention: Option<std::time::Duration>,
+    keep_from: Option<&str>,
 ) -> Result<(usize, usize)> {
     let dir = log_dir.join(PROCESSED_DIR);
     let entries = match fs::read_dir(&dir) {
@@ -360,7 +362,9 @@ pub fn maintain_archive(
         if !is_change_log(&name) {
             continue;
         }
-        if let Some(keep) = retention {
+        // A held table is to be replayed from this one on.
+        let needed = keep_from.is_some_and(|k| batch_name(&path).as_str() >= k);
+        if let Some(keep) = retention.filter(|_| !needed) {
             let old = entry
                 .metadata()
                 .and_then(|m| m.modified())

@@ -25,6 +25,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "pending_deletes",
         include_str!("../migrations/0003_pending_deletes.sql"),
     ),
+    (
+        4,
+        "held_tables",
+        include_str!("../migrations/0004_held_tables.sql"),
+    ),
 ];
 
 /// Brings the warehouse schema up to date for `spec` (the source's description of a table).

@@ -43,6 +43,8 @@ pub struct ApplyStats {
     /// The source change times of the changes that went into the history (for the delay
     /// metric).
     pub ages: ChangeAges,
+    /// The tables (`schema.table`) held at a schema change in this batch.
+    pub held: Vec<String>,
 }
 
 /// What applying a batch changed in one table's history.
@@ -69,14 +71,33 @@ impl ApplyStats {
 }
 
 /// How the pipeline's batches are applied: its tables' descriptions (a table is addressed by
-/// its index in them), their row hashes, the chunk size.
+/// its index in them), their row hashes, the chunk size, which tables' events are applied.
 #[derive(Debug, Clone)]
 pub struct Applying {
     specs: Vec<TableSpec>,
     hashers: Vec<RowHasher>,
     chunk_events: usize,
-    /// Apply only this table's events (a rebuild), skipping the others'.
+    /// Apply only this table's events (a rebuild, a held table's replay), skipping the
+    /// others'.
     only: Option<usize>,
+    /// Skip the lines of the first file before this one (1-based; a held table's replay
+    /// starts at its schema change).
+    from_line: usize,
+    /// Per table, whether it is held at a schema change its history cannot hold: its events
+    /// are not applied until it is replayed (`Held`).
+    held: Vec<Option<Held>>,
+    /// Whether a schema change the history cannot hold holds its table (the others go on)
+    /// instead of failing the batch.
+    holds: bool,
+}
+
+/// Where a table's history stopped: the schema change (line `line` of change-log file
+/// `batch`) it cannot hold exactly, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub batch: String,
+    pub line: usize,
+    pub reason: String,
 }
 
 impl Applying {
@@ -86,6 +107,9 @@ impl Applying {
             hashers: specs.iter().map(RowHasher::new).collect(),
             chunk_events: chunk_events.max(1),
             only: None,
+            from_line: 0,
+            held: vec![None; specs.len()],
+            holds: false,
         }
     }
 
@@ -93,6 +117,61 @@ impl Applying {
     pub fn only(mut self, t: usize) -> Self {
         self.only = Some(t);
         self
+    }
+
+    /// A schema change the history cannot hold holds its table, instead of failing.
+    pub fn holding(mut self, held: Vec<Option<Held>>) -> Self {
+        self.held = held;
+        self.held.resize(self.specs.len(), None);
+        self.holds = true;
+        self
+    }
+
+    /// The replay of held table `t`: only its events, from its schema change on (the first
+    /// file must be the one it is held in), failing again if the history still cannot hold
+    /// it.
+    pub fn replay_of(&self, t: usize) -> Option<Self> {
+        let h = self.held.get(t)?.as_ref()?;
+        let mut r = self.clone();
+        r.only = Some(t);
+        r.from_line = h.line;
+        r.held = vec![None; self.specs.len()];
+        r.holds = false;
+        Some(r)
+    }
+
+    /// Takes table `t`'s description from a replay that caught it up: it is no longer held.
+    pub fn resume(&mut self, t: usize, replay: &Applying) {
+        self.specs[t] = replay.specs[t].clone();
+        self.hashers[t] = replay.hashers[t].clone();
+        self.held[t] = None;
+    }
+
+    /// Table `t`'s description.
+    pub fn spec(&self, t: usize) -> &TableSpec {
+        &self.specs[t]
+    }
+
+    /// Held table `t` is still held, for `reason` now.
+    pub fn note_held(&mut self, t: usize, reason: &str) {
+        if let Some(Some(h)) = self.held.get_mut(t) {
+            h.reason = reason.to_owned();
+        }
+    }
+
+    /// The held tables: index, description, where and why.
+    pub fn held(&self) -> impl Iterator<Item = (usize, &TableSpec, &Held)> {
+        self.held
+            .iter()
+            .enumerate()
+            .filter_map(|(t, h)| Some((t, &self.specs[t], h.as_ref()?)))
+    }
+
+    /// Per table, whether its events are read.
+    fn reads(&self) -> Vec<bool> {
+        (0..self.specs.len())
+            .map(|t| self.only.map_or(self.held[t].is_none(), |o| o == t))
+            .collect()
     }
 }
 
@@ -136,11 +215,12 @@ pub async fn apply_files(
         let (how, files) = (how.clone(), files.to_vec());
         // If the applier fails first, it drops `recv` and the reader stops at its next send.
         tokio::task::spawn_blocking(move || {
+            let scope = (how.reads(), how.from_line);
             read_chunks(
                 how.hashers,
                 how.chunk_events,
                 how.specs,
-                how.only,
+                scope,
                 &files,
                 &send,
             )
@@ -157,23 +237,43 @@ pub async fn apply_files(
         stats.phases_ms[0] += lap(&mut clock);
         match msg {
             Read::Chunk(mut chunk) => {
+                // A table held in this batch: the reader decoded its later events.
+                chunk.retain(|e| how.held.get(e.ev.table).is_none_or(|h| h.is_none()));
                 stats.events += chunk.len() as u64;
                 apply_chunk(store, &mut chunk, &mut facts, &mut stats, &mut clock).await?;
             }
-            Read::Schema { file, ev } => {
-                stats.events += 1;
+            Read::Schema { file, line, ev } => {
                 let t = ev.table;
+                if how.held.get(t).is_some_and(|h| h.is_some()) {
+                    continue;
+                }
+                stats.events += 1;
                 let (Some(old), Some(change)) = (how.specs.get(t), ev.schema.as_deref()) else {
                     continue;
                 };
                 let new = super::schema::follow(old, change).map_err(|m| Error::Parse {
                     path: files[file].clone(),
-                    line: 0,
+                    line: line as u64,
                     message: format!("schema change of {}: {m}", old.qualified()),
                 })?;
-                let added = store
-                    .schema_change(t, old, &new, &ev, &facts[file].name)
-                    .await?;
+                let batch = &facts[file].name;
+                let added = match store.schema_change(t, old, &new, &ev, batch).await {
+                    Ok(added) => added,
+                    // The history cannot hold it: this table waits at the change, the others
+                    // go on.
+                    Err(Error::SchemaChange { message, .. }) if how.holds => {
+                        let held = Held {
+                            batch: batch.clone(),
+                            line,
+                            reason: message,
+                        };
+                        store.hold(t, old, &held, ev.ts_us).await?;
+                        stats.held.push(old.qualified());
+                        how.held[t] = Some(held);
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 how.hashers[t] = RowHasher::new(&new);
                 how.specs[t] = new;
                 stats.schema_changes += change.changes.len() as u64;

@@ -2,7 +2,7 @@
 //! in one transaction when there is a backlog), archive them, quarantine what cannot be
 //! applied, retry what failed for a transient reason.
 
-use super::apply::{apply_files, ApplyStats, Applying};
+use super::apply::{apply_files, ApplyStats, Applying, Held};
 use super::store::{HistorySql, PgHistory};
 use super::wake::{NewFiles, UNWATCHED_POLL, WATCHED_POLL};
 use crate::catalog::stream_name;
@@ -97,10 +97,11 @@ impl Applier {
             }
         }
         let specs = &histories;
+        let held = held_tables(&client, specs).await?;
         Ok(Applier {
             client,
             sqls: specs.iter().map(HistorySql::new).collect(),
-            how: Applying::new(specs, cfg.max_events_in_memory),
+            how: Applying::new(specs, cfg.max_events_in_memory).holding(held),
             histories: specs
                 .iter()
                 .map(|s| s.history_qualified())
@@ -174,6 +175,159 @@ impl Applier {
     pub fn client(&self) -> &Client {
         &self.client
     }
+
+    /// The first held table's hold, as the error a loader that cannot go on with it reports.
+    fn held_error(&self) -> Option<Error> {
+        let n = self.how.held().count();
+        self.how
+            .held()
+            .next()
+            .map(|(_, spec, h)| Error::SchemaChange {
+                table: spec.qualified(),
+                message: if n > 1 {
+                    format!("{} (and {} more table(s) held)", h.reason, n - 1)
+                } else {
+                    h.reason.clone()
+                },
+            })
+    }
+
+    /// The oldest change-log file a held table is to be replayed from (the archive keeps it
+    /// and every later one).
+    fn oldest_held(&self) -> Option<String> {
+        self.how.held().map(|(_, _, h)| h.batch.clone()).min()
+    }
+
+    /// Tries to go on with each held table: replays, in one transaction, its events from
+    /// the schema change it is held at through every change-log file applied since (from
+    /// `processed/`). If the history can hold the change now, the table is caught up and no
+    /// longer held; otherwise the transaction is undone and the hold keeps the new reason.
+    async fn resume_held(&mut self, cfg: &LoaderConfig, run_id: &str) -> Result<()> {
+        let held: Vec<(usize, String, Held)> = self
+            .how
+            .held()
+            .map(|(t, s, h)| (t, s.qualified(), h.clone()))
+            .collect();
+        for (t, table, h) in held {
+            let Some(mut replay) = self.how.replay_of(t) else {
+                continue;
+            };
+            let files = self.applied_since(cfg, &h.batch).await?;
+            if files.first().map(|f| batch_name(f)).as_deref() != Some(h.batch.as_str()) {
+                let reason = format!(
+                    "{}. The change-log file {} it is held in is no longer in {} (pruned or moved): \
+                     put it back, or rebuild the history (scd2-loader rebuild {table} --replace)",
+                    h.reason,
+                    h.batch,
+                    cfg.log_dir.join(changelog::PROCESSED_DIR).display()
+                );
+                self.note_held(t, &reason).await?;
+                continue;
+            }
+            let tx = self
+                .client
+                .transaction()
+                .await
+                .map_err(ctx("starting a held table's replay"))?;
+            let mut store = PgHistory::new(&tx, self.sqls.clone()).replaying();
+            match apply_files(&mut store, &mut replay, &files, run_id).await {
+                Ok(stats) => {
+                    let sql = store.into_sqls().swap_remove(t);
+                    tx.execute(
+                        "DELETE FROM public.cdc_held_tables WHERE history_table = $1",
+                        &[&self.how.spec(t).history_qualified()],
+                    )
+                    .await
+                    .map_err(ctx("removing a held table from cdc_held_tables"))?;
+                    tx.commit()
+                        .await
+                        .map_err(ctx("committing a held table's replay"))?;
+                    self.how.resume(t, &replay);
+                    self.sqls[t] = sql;
+                    tracing::info!(
+                        table = %table,
+                        files = files.len(),
+                        events = stats.events,
+                        versions = stats.versions_inserted,
+                        "the history can hold the schema change now: caught up from it, no longer held"
+                    );
+                }
+                Err(Error::SchemaChange { message, .. }) => {
+                    drop(store);
+                    tx.rollback()
+                        .await
+                        .map_err(ctx("undoing a held table's replay"))?;
+                    self.note_held(t, &message).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// The change-log files applied from `first` on, in capture order: the archive's, and
+    /// any recorded as applied but not archived yet (a stop between the two).
+    async fn applied_since(&self, cfg: &LoaderConfig, first: &str) -> Result<Vec<PathBuf>> {
+        let since = |p: &PathBuf| batch_name(p).as_str() >= first;
+        let mut files: Vec<PathBuf> =
+            changelog::pending_files(&cfg.log_dir.join(changelog::PROCESSED_DIR))?
+                .into_iter()
+                .filter(since)
+                .collect();
+        let waiting: Vec<PathBuf> = changelog::pending_files(&cfg.log_dir)?
+            .into_iter()
+            .filter(since)
+            .collect();
+        if !waiting.is_empty() {
+            let names: Vec<String> = waiting.iter().map(|p| batch_name(p)).collect();
+            let done = self.already_applied(&names).await?;
+            files.extend(
+                waiting
+                    .into_iter()
+                    .filter(|p| done.contains(&batch_name(p))),
+            );
+        }
+        files.sort_by_key(|p| batch_name(p));
+        Ok(files)
+    }
+
+    /// A held table is still held, for `reason` now.
+    async fn note_held(&mut self, t: usize, reason: &str) -> Result<()> {
+        self.client
+            .execute(
+                "UPDATE public.cdc_held_tables SET reason = $2, checked_at = now() WHERE history_table = $1",
+                &[&self.how.spec(t).history_qualified(), &reason],
+            )
+            .await
+            .map_err(ctx("updating cdc_held_tables"))?;
+        self.how.note_held(t, reason);
+        Ok(())
+    }
+}
+
+/// The holds of the tables described by `specs` (`cdc_held_tables`), in their order.
+async fn held_tables(client: &Client, specs: &[TableSpec]) -> Result<Vec<Option<Held>>> {
+    let names: Vec<String> = specs.iter().map(|s| s.history_qualified()).collect();
+    let rows = client
+        .query(
+            "SELECT history_table, batch_id, line, reason FROM public.cdc_held_tables
+             WHERE history_table = ANY($1)",
+            &[&names],
+        )
+        .await
+        .map_err(ctx("reading cdc_held_tables"))?;
+    let mut held = vec![None; specs.len()];
+    for r in rows {
+        let name: String = r.get(0);
+        if let Some(t) = names.iter().position(|n| *n == name) {
+            held[t] = Some(Held {
+                batch: r.get(1),
+                line: r.get::<_, i32>(2).max(0) as usize,
+                reason: r.get(3),
+            });
+        }
+    }
+    Ok(held)
 }
 
 /// The configured tables, described by the source's catalog (the loader reads the source
@@ -238,10 +392,6 @@ pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<L
         "files",
         format!("the change-log directory {}", cfg.log_dir.display()),
     );
-    let mut schema_wait = wait(
-        "schema",
-        "the history to be able to hold a schema change of the source".to_owned(),
-    );
     let specs = describe_tables(cfg, &shutdown, patience(once, &mut source_wait)).await?;
     drop(source_wait);
     let _lock = own_log_dir(cfg, &specs)?;
@@ -259,12 +409,27 @@ pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<L
     let mut totals = LoaderTotals::default();
     let mut backoff = Backoff::default();
     let mut upkeep = ArchiveUpkeep::default();
+    // When to try again to go on with the tables held at a schema change.
+    let (mut held_backoff, mut held_check) = (Backoff::default(), Instant::now());
     loop {
         if shutdown.is_triggered() {
             break;
         }
         if !once {
-            upkeep.poll(cfg);
+            upkeep.poll(cfg, applier.oldest_held());
+        }
+        // Someone must change the history of a held table (`status` and the log say how);
+        // until then its events wait, and the loader tries again now and then.
+        if applier.held_error().is_some() && Instant::now() >= held_check {
+            match applier.resume_held(cfg, &run_id).await {
+                Ok(()) if applier.held_error().is_none() => held_backoff.reset(),
+                Ok(()) => {}
+                Err(e) if e.is_retryable() && !once => {
+                    tracing::warn!(error = %error_chain(&e), "trying a held table again failed; retrying later")
+                }
+                Err(e) => return Err(e),
+            }
+            held_check = Instant::now() + held_backoff.next_delay();
         }
         let listed = match quarantine_strays(cfg, &run_id, &applier, &mut totals).await {
             Ok(()) => changelog::pending_files(&cfg.log_dir),
@@ -311,16 +476,6 @@ pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<L
             Ok(()) => {
                 backoff.reset();
                 warehouse_wait.resolved();
-                schema_wait.resolved();
-            }
-            // Someone must change the history (the error says how); until then nothing after
-            // the change is applied, and the loader checks again now and then.
-            Err(e @ Error::SchemaChange { .. }) if !once => {
-                metrics::error(&e);
-                schema_wait.fault(&e);
-                if shutdown.sleep(backoff.next_delay()).await {
-                    break;
-                }
             }
             // A file that vanished or could not be moved (a full disk, a permission being
             // fixed): nothing was lost (applied files are recorded), so wait and go on.
@@ -358,6 +513,11 @@ pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<L
         }
     }
     upkeep.finish().await;
+    if once {
+        if let Some(e) = applier.held_error() {
+            return Err(e);
+        }
+    }
     tracing::info!(
         files = totals.applied.files,
         events = totals.applied.events,
@@ -378,7 +538,9 @@ struct ArchiveUpkeep {
 }
 
 impl ArchiveUpkeep {
-    fn poll(&mut self, cfg: &LoaderConfig) {
+    /// `keep_from`: the oldest file a held table is to be replayed from (kept, and every
+    /// later one, whatever their age).
+    fn poll(&mut self, cfg: &LoaderConfig, keep_from: Option<String>) {
         if let Some(h) = self.running.take_if(|h| h.is_finished()) {
             Self::report(futures_util::FutureExt::now_or_never(h));
         }
@@ -388,7 +550,7 @@ impl ArchiveUpkeep {
         self.last = Some(Instant::now());
         let (dir, keep) = (cfg.log_dir.clone(), cfg.processed_retention);
         self.running = Some(tokio::task::spawn_blocking(move || {
-            changelog::maintain_archive(&dir, keep)
+            changelog::maintain_archive(&dir, keep, keep_from.as_deref())
         }));
     }
 
@@ -450,6 +612,16 @@ async fn apply_pending(
                 Ok(stats) => {
                     for p in &batch {
                         changelog::archive(p)?;
+                    }
+                    for table in &stats.held {
+                        if let Some(e) = applier.held_error() {
+                            metrics::error(&e);
+                        }
+                        tracing::warn!(
+                            table = %table,
+                            reason = applier.how.held().find(|(_, s, _)| s.qualified() == *table).map(|(_, _, h)| h.reason.as_str()).unwrap_or_default(),
+                            "held at a schema change its history cannot hold: its changes wait, the other tables go on"
+                        );
                     }
                     tracing::info!(
                         files = stats.files,

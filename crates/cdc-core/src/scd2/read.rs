@@ -16,9 +16,13 @@ use std::path::PathBuf;
 pub enum Read {
     /// The next chunk of decoded events.
     Chunk(Vec<Ev>),
-    /// A schema event (read from file `file` of the batch): the events before it are in
-    /// earlier chunks, those after it in later ones, decoded in the new shape.
-    Schema { file: usize, ev: DecodedEvent },
+    /// A schema event (read from line `line` of file `file` of the batch): the events before
+    /// it are in earlier chunks, those after it in later ones, decoded in the new shape.
+    Schema {
+        file: usize,
+        line: usize,
+        ev: DecodedEvent,
+    },
     /// All read: per file, its events and first and last change times.
     Done(Vec<FileRead>),
 }
@@ -38,16 +42,17 @@ pub struct FileRead {
 /// instant; only a schema event ends a chunk wherever it stands), then the per-file facts.
 /// A schema event changes the description later events of its table are decoded by. Stops
 /// when the applier has gone.
-/// With `only`, the events of every other table are skipped undecoded.
+/// The events of the tables `reads` says no to are skipped undecoded, and so are the lines
+/// of the first file before line `from_line` (1-based).
 pub fn read_chunks(
     mut hashers: Vec<RowHasher>,
     chunk_events: usize,
     mut specs: Vec<TableSpec>,
-    only: Option<usize>,
+    (reads, from_line): (Vec<bool>, usize),
     files: &[PathBuf],
     send: &tokio::sync::mpsc::Sender<Result<Read>>,
 ) {
-    let keep = move |t: usize| only.is_none_or(|o| o == t);
+    let keep = move |t: usize| reads.get(t).copied().unwrap_or(true);
     // A chunk is started only once the channel has room for it, that is once the applier has
     // taken the previous one: at most two chunks live (one applied, one being read).
     let rt = tokio::runtime::Handle::current();
@@ -76,6 +81,9 @@ pub fn read_chunks(
             }
         };
         for (i, line) in reader.lines().enumerate() {
+            if fi == 0 && i + 1 < from_line {
+                continue;
+            }
             let decoded = line
                 .map_err(|e| {
                     if e.kind() == std::io::ErrorKind::InvalidData {
@@ -153,7 +161,11 @@ pub fn read_chunks(
                     p.send(Ok(Read::Chunk(std::mem::take(&mut chunk))));
                 }
                 if send
-                    .blocking_send(Ok(Read::Schema { file: fi, ev }))
+                    .blocking_send(Ok(Read::Schema {
+                        file: fi,
+                        line: i + 1,
+                        ev,
+                    }))
                     .is_err()
                 {
                     return;

@@ -269,8 +269,8 @@ pub async fn apply(
         table: new.qualified(),
         message: format!(
             "history table {h} cannot follow `{ch}` (changed at {}, change-log file {batch}): {why}. \
-             The loader waits at this change (nothing after it is applied) and goes on by itself once \
-             the history can hold it",
+             This table's changes wait at this change (the other tables go on); the loader goes on with \
+             them by itself once the history can hold it",
             at.to_rfc3339()
         ),
     }

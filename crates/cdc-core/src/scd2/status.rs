@@ -160,6 +160,7 @@ pub async fn status(
     for spec in specs.iter().flatten() {
         history_summary(&mut s, cfg, w, spec, now).await?;
     }
+    held_tables(&mut s, &mut problems, w).await?;
     let runs = w
         .query(
             "SELECT DISTINCT ON (pipeline_name) pipeline_name, status, end_time, coalesce(error_message, '')
@@ -382,6 +383,46 @@ async fn logical_progress(
             let _ = writeln!(s, "  slot               source unreachable");
         }
     }
+}
+
+/// The tables held at a schema change their history cannot hold (`cdc_held_tables`): each
+/// makes the pipeline unhealthy, whether or not the loader runs.
+async fn held_tables(s: &mut String, problems: &mut Vec<String>, w: &Client) -> Result<()> {
+    let exists: bool = w
+        .query_one(
+            "SELECT to_regclass('public.cdc_held_tables') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(ctx("looking for cdc_held_tables"))?
+        .get(0);
+    if !exists {
+        return Ok(());
+    }
+    let rows = w
+        .query(
+            "SELECT source_table, held_since, batch_id, line, reason
+             FROM public.cdc_held_tables ORDER BY held_since, source_table",
+            &[],
+        )
+        .await
+        .map_err(ctx("reading cdc_held_tables"))?;
+    for r in rows {
+        let (table, since) = (r.get::<_, String>(0), r.get::<_, DateTime<Utc>>(1));
+        let _ = writeln!(
+            s,
+            "held        {table} since {} at the schema change in {} line {}: {}",
+            since.format("%Y-%m-%d %H:%M:%S UTC"),
+            r.get::<_, String>(2),
+            r.get::<_, i32>(3),
+            r.get::<_, String>(4)
+        );
+        problems.push(format!(
+            "{table} is held at a schema change its history cannot hold since {} (its changes wait; the other tables go on)",
+            since.format("%Y-%m-%d %H:%M:%S UTC")
+        ));
+    }
+    Ok(())
 }
 
 /// Versions, current rows, keys and deletes of one table's history.

@@ -114,6 +114,16 @@ pub trait HistoryStore {
         batch: &str,
     ) -> impl Future<Output = Result<u64>> + Send;
 
+    /// Records that `table` (described by `spec`) is held at a schema change its history
+    /// cannot hold (made at `ts_us`): its events from there on wait (`cdc_held_tables`).
+    fn hold(
+        &mut self,
+        table: usize,
+        spec: &TableSpec,
+        held: &super::apply::Held,
+        ts_us: i64,
+    ) -> impl Future<Output = Result<()>> + Send;
+
     /// Records the batches as applied (re-applying one is then skipped).
     fn record_batches(
         &mut self,
@@ -488,11 +498,59 @@ impl HistoryStore for PgHistory<'_> {
         ev: &DecodedEvent,
         batch: &str,
     ) -> Result<u64> {
-        let added = super::schema::apply(self.tx, old, new, ev, batch).await?;
+        // A change it cannot hold leaves the history as it was (the DDL of the event's
+        // earlier changes undone): the table may be held there while the batch goes on.
+        self.tx
+            .batch_execute("SAVEPOINT cdc_schema_change")
+            .await
+            .map_err(ctx("starting a schema change"))?;
+        let added = match super::schema::apply(self.tx, old, new, ev, batch).await {
+            Ok(added) => added,
+            Err(e) => {
+                if matches!(e, Error::SchemaChange { .. }) {
+                    self.tx
+                        .batch_execute("ROLLBACK TO SAVEPOINT cdc_schema_change")
+                        .await
+                        .map_err(ctx("undoing a schema change"))?;
+                }
+                return Err(e);
+            }
+        };
+        self.tx
+            .batch_execute("RELEASE SAVEPOINT cdc_schema_change")
+            .await
+            .map_err(ctx("ending a schema change"))?;
         if let Some(sql) = self.sqls.get_mut(table) {
             *sql = HistorySql::new(new);
         }
         Ok(added)
+    }
+
+    async fn hold(
+        &mut self,
+        _table: usize,
+        spec: &TableSpec,
+        held: &super::apply::Held,
+        ts_us: i64,
+    ) -> Result<()> {
+        let at = DateTime::<Utc>::from_timestamp_micros(ts_us);
+        self.tx
+            .execute(
+                "INSERT INTO public.cdc_held_tables (history_table, source_table, batch_id, line, changed_at, reason)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (history_table) DO NOTHING",
+                &[
+                    &spec.history_qualified(),
+                    &spec.qualified(),
+                    &held.batch,
+                    &(held.line as i32),
+                    &at,
+                    &held.reason,
+                ],
+            )
+            .await
+            .map_err(ctx("recording a held table in cdc_held_tables"))?;
+        Ok(())
     }
 
     async fn record_batches(&mut self, batches: &[AppliedBatch], run_id: &str) -> Result<()> {
