@@ -5,7 +5,8 @@
 //! - one version per distinct committed state of a key, `valid_from` = its change time;
 //! - events at or before the newest position the history holds for a key are late (a file
 //!   applied again, the same change in two files, a quarantined file put back): the store
-//!   drops those it holds already and places the others in the key's chain (`Plan::late`);
+//!   drops those it holds already and places the others in the key's chain (`Plan::late`),
+//!   the last of each instant only;
 //! - of several events of one key at one instant the last (by LSN, then read order) wins;
 //! - an event equal to the state before it adds nothing;
 //! - a delete closes the chain; a later insert starts a new one;
@@ -157,11 +158,15 @@ pub fn plan(chunk: &[Ev], newest: &HashMap<String, Newest>) -> Plan {
         let lat = newest.get(key);
         let fresh = |i: usize| lat.is_none_or(|l| pos(&chunk[i].ev) > (l.ts_us, l.pos));
         // Late: before the newest position, at another instant (one at the newest's instant is
-        // that change again, or superseded by it).
+        // that change again, or superseded by it). Of a late instant's events only the last
+        // counts, as in order: a transaction that changed the key twice and ended where it
+        // began changes nothing, however late it comes.
         out.late.extend((start..end).filter(|&i| {
-            lat.is_some_and(|l| {
-                pos(&chunk[i].ev) < (l.ts_us, l.pos) && chunk[i].ev.ts_us != l.ts_us
-            })
+            let last_of_instant = i + 1 == end || chunk[i + 1].ev.ts_us != chunk[i].ev.ts_us;
+            last_of_instant
+                && lat.is_some_and(|l| {
+                    pos(&chunk[i].ev) < (l.ts_us, l.pos) && chunk[i].ev.ts_us != l.ts_us
+                })
         }));
         // The key's events and the table's truncates, in position order (then read order).
         merged.clear();
@@ -353,6 +358,52 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A transaction delivered again after the key moved on (an extractor killed before it
+    /// confirmed, a file put back) that changed the key twice: only its last state is placed
+    /// (placing the first would split a version with a state that never committed).
+    #[test]
+    fn of_a_late_instant_only_the_last_event_is_placed() {
+        let hasher = RowHasher::new(&spec());
+        let ev = |ord: usize, ts_us: i64, lsn: i64, qty: &str| {
+            let ev = DecodedEvent {
+                table: 0,
+                op: Op::Update,
+                key: "1".into(),
+                ts_us,
+                lsn: Some(lsn),
+                tx_id: None,
+                captured_ms: 0,
+                values: [Some("a"), Some(qty)].into_iter().collect(),
+                schema: None,
+            };
+            Ev {
+                ord,
+                file: 0,
+                hash: hasher.hash(&ev),
+                ev,
+            }
+        };
+        let mut chunk = vec![
+            ev(0, 20, 200, "18"),
+            ev(1, 20, 208, "1"),
+            ev(2, 25, 300, "5"),
+        ];
+        order(&mut chunk);
+        let newest = HashMap::from([(
+            "1".to_owned(),
+            Newest {
+                current: false,
+                hash: [0; 16],
+                ts_us: 40,
+                pos: 400,
+            },
+        )]);
+        let p = plan(&chunk, &newest);
+        let late: Vec<(i64, i64)> = p.late.iter().map(|&i| pos(&chunk[i].ev)).collect();
+        assert_eq!(late, [(20, 208), (25, 300)]);
+        assert!(p.kept.is_empty() && p.closes.is_empty());
     }
 
     #[test]
