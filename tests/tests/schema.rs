@@ -661,6 +661,79 @@ fn crate_trim(x: f64) -> String {
     s.strip_suffix(".0").map(str::to_owned).unwrap_or(s)
 }
 
+/// An enum that gains labels and a domain whose check is relaxed in the source: the
+/// warehouse's copies follow (the labels at their place in the source's order, the old check
+/// dropped) when a value they refuse arrives, and the file is applied, not quarantined.
+#[tokio::test]
+async fn enum_labels_and_relaxed_domains_of_the_source_are_followed_in_both_modes() {
+    for mode in ["timestamp", "logical"] {
+        let g = Gadgets::new(
+            "e2e_types",
+            mode,
+            "CREATE TYPE public.gadget_state AS ENUM ('new', 'paid');
+             CREATE DOMAIN public.positive AS integer CHECK (VALUE > 0);
+             CREATE TABLE public.gadgets (id integer PRIMARY KEY, state public.gadget_state NOT NULL,
+                 qty public.positive, last_updated timestamptz NOT NULL DEFAULT clock_timestamp());
+             INSERT INTO public.gadgets SELECT g, 'new', g FROM generate_series(1, 10) g;",
+        )
+        .await;
+        let (db, src) = (&g.db, &g.src);
+        let wh = db.warehouse_client().await;
+        let ok = |binary: &str, args: &[&str]| g.ok(binary, args);
+        ok("extractor", &["setup"]);
+        ok("extractor", &["--once"]);
+        ok("scd2-loader", &["--once"]);
+
+        exec(
+            src,
+            "ALTER TYPE public.gadget_state ADD VALUE 'refunded';
+             ALTER TYPE public.gadget_state ADD VALUE 'draft' BEFORE 'new';
+             ALTER DOMAIN public.positive DROP CONSTRAINT positive_check;
+             ALTER DOMAIN public.positive ADD CONSTRAINT not_negative CHECK (VALUE >= 0);",
+        )
+        .await;
+        exec(
+            src,
+            "UPDATE public.gadgets SET state = 'refunded' WHERE id <= 3;
+             UPDATE public.gadgets SET state = 'draft', qty = 0 WHERE id = 4;
+             UPDATE public.gadgets SET state = 'paid' WHERE id = 5;",
+        )
+        .await;
+        ok("extractor", &["--once"]);
+        ok("scd2-loader", &["--once"]);
+        let cols = ["state", "qty"];
+        assert_eq!(
+            current(&wh, &cols).await,
+            source_rows(src, &cols).await,
+            "{mode}"
+        );
+        let dead = db.log_dir().join("dead_letter");
+        assert_eq!(
+            std::fs::read_dir(&dead).map(|d| d.count()).unwrap_or(0),
+            0,
+            "{mode}: nothing quarantined"
+        );
+        let order = "SELECT enum_range(NULL::public.gadget_state)::text";
+        let (w, s): (String, String) = (
+            wh.query_one(order, &[]).await.unwrap().get(0),
+            src.query_one(order, &[]).await.unwrap().get(0),
+        );
+        assert_eq!(w, s, "{mode}: the labels in the source's order");
+        // The versions of id 4: new/4 (closed), then draft/0.
+        let mut v = rows(
+            &wh,
+            "public.dim_gadgets_history",
+            "WHERE id = 4",
+            &["state", "qty", "is_current"],
+        )
+        .await;
+        v.sort();
+        assert_eq!(v, ["4|draft|0|true", "4|new|4|false"], "{mode}");
+        g.verified();
+        g.db.cleanup().await;
+    }
+}
+
 /// A change-log file delivered again later (an extractor killed after its files were
 /// durable and before it confirmed writes the same transactions into its next file) changes
 /// nothing, also where a transaction changed a key twice and ended where it began, or

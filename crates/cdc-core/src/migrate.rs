@@ -186,6 +186,136 @@ pub(crate) async fn create_types(
     Ok(())
 }
 
+/// Brings the warehouse's copies of the source's enums and domains (`types`) up to date
+/// with `source`: a label the source's enum gained is added at its place in the source's
+/// order; a domain's CHECK constraint or NOT NULL the source no longer has is dropped (the
+/// history keeps what the old definition allowed and takes what the new one allows: it
+/// never refuses a value the source holds). Each change commits on its own (an enum's new
+/// label is usable only once its statement has committed). Returns the changes made.
+pub async fn sync_types(
+    warehouse: &Client,
+    source: &Client,
+    types: &[crate::table::TypeDef],
+) -> Result<Vec<String>> {
+    let mut done = Vec::new();
+    for t in types {
+        if t.ddl.starts_with("CREATE TYPE") && t.ddl.contains(" AS ENUM (") {
+            let want = enum_labels(source, &t.name).await.map_err(ctx(format!(
+                "reading the labels of enum {} in the source",
+                t.name
+            )))?;
+            let mut have = enum_labels(warehouse, &t.name).await.map_err(ctx(format!(
+                "reading the labels of enum {} in the warehouse",
+                t.name
+            )))?;
+            if have.is_empty() {
+                continue;
+            }
+            for (i, label) in want.iter().enumerate() {
+                if have.contains(label) {
+                    continue;
+                }
+                // After the nearest earlier label the warehouse has, else before the first.
+                let place = match want[..i].iter().rev().find(|l| have.contains(l)) {
+                    Some(prev) => format!("AFTER {}", quote_literal(prev)),
+                    None => format!("BEFORE {}", quote_literal(&have[0])),
+                };
+                let sql = format!(
+                    "ALTER TYPE {} ADD VALUE IF NOT EXISTS {} {place}",
+                    t.name,
+                    quote_literal(label)
+                );
+                warehouse
+                    .batch_execute(&sql)
+                    .await
+                    .map_err(ctx(format!("adding label {label} to enum {}", t.name)))?;
+                tracing::info!(r#type = %t.name, label = %label, "the source's enum gained a label; added it in the warehouse");
+                done.push(format!("enum {} gained label {label}", t.name));
+                have.push(label.clone());
+            }
+        } else if t.ddl.starts_with("CREATE DOMAIN") {
+            let (src_notnull, src_checks) = domain_checks(source, &t.name)
+                .await
+                .map_err(ctx(format!("reading domain {} in the source", t.name)))?;
+            let (wh_notnull, wh_checks) = domain_checks(warehouse, &t.name)
+                .await
+                .map_err(ctx(format!("reading domain {} in the warehouse", t.name)))?;
+            if wh_notnull && !src_notnull {
+                warehouse
+                    .batch_execute(&format!("ALTER DOMAIN {} DROP NOT NULL", t.name))
+                    .await
+                    .map_err(ctx(format!("dropping NOT NULL of domain {}", t.name)))?;
+                done.push(format!("domain {} dropped NOT NULL", t.name));
+            }
+            for (name, def) in wh_checks {
+                if src_checks.iter().any(|(_, d)| *d == def) {
+                    continue;
+                }
+                warehouse
+                    .batch_execute(&format!(
+                        "ALTER DOMAIN {} DROP CONSTRAINT {}",
+                        t.name,
+                        crate::table::quote_ident(&name)
+                    ))
+                    .await
+                    .map_err(ctx(format!(
+                        "dropping constraint {name} of domain {}",
+                        t.name
+                    )))?;
+                tracing::info!(r#type = %t.name, constraint = %name, "the source's domain no longer has this check; dropped it in the warehouse");
+                done.push(format!("domain {} dropped {name} ({def})", t.name));
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// The labels of enum `name`, in their order.
+async fn enum_labels(
+    c: &Client,
+    name: &str,
+) -> std::result::Result<Vec<String>, tokio_postgres::Error> {
+    Ok(c.query(
+        "SELECT e.enumlabel::text FROM pg_enum e
+             WHERE e.enumtypid = to_regtype($1) ORDER BY e.enumsortorder",
+        &[&name],
+    )
+    .await?
+    .iter()
+    .map(|r| r.get(0))
+    .collect())
+}
+
+/// Whether domain `name` is NOT NULL, and its CHECK constraints (name, definition).
+async fn domain_checks(
+    c: &Client,
+    name: &str,
+) -> std::result::Result<(bool, Vec<(String, String)>), tokio_postgres::Error> {
+    let notnull = c
+        .query_opt(
+            "SELECT typnotnull FROM pg_type WHERE oid = to_regtype($1)",
+            &[&name],
+        )
+        .await?
+        .is_some_and(|r| r.get::<_, bool>(0));
+    let checks = c
+        .query(
+            "SELECT conname::text, pg_get_constraintdef(oid) FROM pg_constraint
+             WHERE contypid = to_regtype($1) AND contype = 'c'",
+            &[&name],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    Ok((notnull, checks))
+}
+
+/// `s` as an SQL string literal.
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
 /// DDL of the history table: the key and tracked columns typed as in the source, the SCD2
 /// columns, and the indexes the invariants and queries need (see README, "Indexes").
 pub fn history_ddl(spec: &TableSpec) -> String {

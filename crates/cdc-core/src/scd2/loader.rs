@@ -41,6 +41,9 @@ pub struct Applier {
     how: Applying,
     /// The history tables, comma separated (for records and logs).
     histories: String,
+    /// The source's enums and domains the tables use (their warehouse copies follow the
+    /// source's when a value is refused: `follow_types`).
+    types: Vec<crate::table::TypeDef>,
 }
 
 impl Applier {
@@ -77,6 +80,7 @@ impl Applier {
 
     /// Migrates the schema and takes the tables' locks.
     async fn prepare(mut client: Client, cfg: &LoaderConfig, specs: &[TableSpec]) -> Result<Self> {
+        let source_specs = specs;
         let mut histories = Vec::with_capacity(specs.len());
         for spec in specs {
             migrate::refuse_lost_history(&client, spec).await?;
@@ -107,6 +111,15 @@ impl Applier {
                 .map(|s| s.history_qualified())
                 .collect::<Vec<_>>()
                 .join(", "),
+            types: source_specs
+                .iter()
+                .flat_map(|s| s.types.iter().cloned())
+                .fold(Vec::new(), |mut all, t| {
+                    if !all.contains(&t) {
+                        all.push(t);
+                    }
+                    all
+                }),
         })
     }
 
@@ -291,6 +304,19 @@ impl Applier {
         Ok(files)
     }
 
+    /// A value the warehouse refused may be one the source's enum or domain has come to
+    /// allow since the warehouse copied it: brings the copies up to date with the source
+    /// (`migrate::sync_types`). Returns whether anything changed (then the batch is tried
+    /// again rather than quarantined).
+    async fn follow_types(&self, cfg: &LoaderConfig, shutdown: &Shutdown) -> Result<bool> {
+        if self.types.is_empty() {
+            return Ok(false);
+        }
+        let source = db::connect(&cfg.source, shutdown).await?;
+        let changed = migrate::sync_types(&self.client, &source, &self.types).await?;
+        Ok(!changed.is_empty())
+    }
+
     /// A held table is still held, for `reason` now.
     async fn note_held(&mut self, t: usize, reason: &str) -> Result<()> {
         self.client
@@ -472,7 +498,7 @@ pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<L
             }
             continue;
         }
-        match apply_pending(&mut applier, cfg, &pending, &run_id, &mut totals).await {
+        match apply_pending(&mut applier, cfg, &pending, &run_id, &mut totals, &shutdown).await {
             Ok(()) => {
                 backoff.reset();
                 warehouse_wait.resolved();
@@ -590,6 +616,7 @@ async fn apply_pending(
     pending: &[PathBuf],
     run_id: &str,
     totals: &mut LoaderTotals,
+    shutdown: &Shutdown,
 ) -> Result<()> {
     let names: Vec<String> = pending.iter().map(|p| batch_name(p)).collect();
     let done = applier.already_applied(&names).await?;
@@ -606,6 +633,7 @@ async fn apply_pending(
     }
     for batch in todo.chunks(cfg.max_files_per_batch) {
         let mut batch: Vec<PathBuf> = batch.to_vec();
+        let mut types_followed = false;
         while !batch.is_empty() {
             let clock = Instant::now();
             match applier.apply(&batch, run_id).await {
@@ -637,6 +665,13 @@ async fn apply_pending(
                     batch.clear();
                 }
                 Err(e) if e.is_data_error() => {
+                    // A value the source's enum or domain allows since the warehouse copied it.
+                    if !types_followed && matches!(e, Error::Db { .. }) {
+                        types_followed = true;
+                        if applier.follow_types(cfg, shutdown).await? {
+                            continue;
+                        }
+                    }
                     // Find the culprit: a parse error names it; otherwise apply one by one.
                     let culprit = match &e {
                         Error::Parse { path, .. } => Some(path.clone()),
