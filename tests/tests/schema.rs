@@ -812,3 +812,88 @@ async fn a_file_delivered_again_later_changes_nothing_in_both_modes() {
         g.db.cleanup().await;
     }
 }
+
+/// A truncate in a file applied after later ones (quarantined, repaired, put back): every
+/// version that spanned it ends there, marked as truncated, also those a later re-insert
+/// had closed; the history equals the in-order one (a rebuild), version for version.
+#[tokio::test]
+async fn a_truncate_put_back_late_ends_the_versions_it_ended_in_both_modes() {
+    for mode in ["timestamp", "logical"] {
+        let g = Gadgets::new(
+            "e2e_late_truncate",
+            mode,
+            "CREATE TABLE public.gadgets (id integer PRIMARY KEY, name text NOT NULL,
+                 last_updated timestamptz NOT NULL DEFAULT clock_timestamp());
+             INSERT INTO public.gadgets SELECT g, 'g' || g FROM generate_series(1, 10) g;",
+        )
+        .await;
+        let (db, src) = (&g.db, &g.src);
+        let step = |binary: &str, args: &[&str]| g.step(binary, args);
+        let ok = |binary: &str, args: &[&str]| g.ok(binary, args);
+        ok("extractor", &["setup"]);
+        ok("extractor", &["--once"]);
+        ok("scd2-loader", &["--once"]);
+        let pending = || {
+            let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(db.log_dir())
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+                .collect();
+            files.sort();
+            files
+        };
+        exec(src, "TRUNCATE public.gadgets").await;
+        ok("extractor", &["--once"]);
+        let t = pending();
+        assert_eq!(t.len(), 1, "{mode}: one file for the truncate");
+        let t = t[0].clone();
+        for sql in [
+            "INSERT INTO public.gadgets (id, name) VALUES (1, 're1'), (2, 're2'), (3, 're3')",
+            "UPDATE public.gadgets SET name = 'b1' WHERE id = 1; DELETE FROM public.gadgets WHERE id = 2;",
+        ] {
+            exec(src, sql).await;
+            ok("extractor", &["--once"]);
+        }
+        // The truncate's file goes bad before the loader reads it; the later ones are applied.
+        let good = std::fs::read_to_string(&t).unwrap();
+        std::fs::write(&t, format!("{good}not a change event\n")).unwrap();
+        ok("scd2-loader", &["--once"]);
+        let dead = db.log_dir().join("dead_letter");
+        let name = t.file_name().unwrap();
+        assert!(dead.join(name).exists(), "{mode}: quarantined");
+        std::fs::write(&t, good).unwrap();
+        std::fs::remove_file(dead.join(name)).unwrap();
+        ok("scd2-loader", &["--once"]);
+
+        let wh = db.warehouse_client().await;
+        assert_eq!(
+            current(&wh, &["name"]).await,
+            source_rows(src, &["name"]).await,
+            "{mode}: current rows"
+        );
+        // Key 3: g3 ended by the truncate, re3 from the re-insert on.
+        let mut v = rows(
+            &wh,
+            "public.dim_gadgets_history",
+            "WHERE id = 3",
+            &["name", "is_deleted", "is_truncated", "is_current"],
+        )
+        .await;
+        v.sort();
+        assert_eq!(
+            v,
+            ["3|g3|true|true|false", "3|re3|false|false|true"],
+            "{mode}"
+        );
+        g.verified();
+        let out = step("scd2-loader", &["rebuild", "public.gadgets"]);
+        assert!(
+            String::from_utf8_lossy(&out.stdout)
+                .contains("equal to the live history, version for version"),
+            "{mode}: the late history is the in-order one: {}",
+            text(&out)
+        );
+        g.db.cleanup().await;
+    }
+}

@@ -139,6 +139,9 @@ pub struct HistorySql {
     newest: String,
     close: String,
     truncate: String,
+    /// A late truncate (a file put back after later ones): the versions that spanned it,
+    /// closed since by a later change, end at it.
+    truncate_late: String,
     copy_in: String,
     /// Indexes of the tracked columns the loader writes (the others are generated).
     written: Vec<usize>,
@@ -288,6 +291,12 @@ impl HistorySql {
              WHERE x.is_current
                AND (x.valid_from, coalesce(x.source_lsn, '0/0')) < ($1::timestamptz, '0/0'::pg_lsn + coalesce($2::int8, 0)::numeric)"
         );
+        let truncate_late = format!(
+            "UPDATE {h} x SET valid_to = $1, end_lsn = CASE WHEN $2::int8 IS NULL THEN NULL ELSE '0/0'::pg_lsn + $2::int8::numeric END,
+                              is_deleted = true, is_truncated = true, updated_at = now()
+             WHERE NOT x.is_current AND x.valid_to > $1
+               AND (x.valid_from, coalesce(x.source_lsn, '0/0')) < ($1::timestamptz, '0/0'::pg_lsn + coalesce($2::int8, 0)::numeric)"
+        );
         let cols: String = written
             .iter()
             .map(|&i| format!("{}, ", spec.history_column(&spec.columns[i])))
@@ -335,6 +344,7 @@ impl HistorySql {
             newest,
             close,
             truncate,
+            truncate_late,
             copy_in,
             written,
             key_len: n,
@@ -462,13 +472,20 @@ impl HistoryStore for PgHistory<'_> {
     async fn truncate(&mut self, table: usize, ts_us: i64, lsn: Option<i64>) -> Result<u64> {
         let sql = self.sql(table)?;
         let ts = DateTime::from_timestamp_micros(ts_us).unwrap_or_default();
-        self.tx
-            .execute(sql.truncate.as_str(), &[&ts, &lsn])
-            .await
-            .map_err(ctx(format!(
-                "closing the versions a truncate ended in {}",
-                sql.history
-            )))
+        let mut closed = 0;
+        // (In order, no closed version spans the truncate: the second finds nothing. It
+        // reads the table's closed versions; truncates are rare.)
+        for q in [&sql.truncate, &sql.truncate_late] {
+            closed += self
+                .tx
+                .execute(q.as_str(), &[&ts, &lsn])
+                .await
+                .map_err(ctx(format!(
+                    "closing the versions a truncate ended in {}",
+                    sql.history
+                )))?;
+        }
+        Ok(closed)
     }
 
     async fn insert(&mut self, table: usize, versions: &[NewVersion<'_>]) -> Result<u64> {
