@@ -247,10 +247,22 @@ pub fn batch_name(p: &Path) -> String {
     }
 }
 
-/// Opens a change-log file for reading, decompressing a `.zst` one.
+/// Opens a change-log file for reading, decompressing a `.zst` one. An archived file the
+/// archive's upkeep compressed since it was listed is read compressed.
 pub fn open_reader(p: &Path) -> std::io::Result<Box<dyn std::io::Read + Send>> {
-    let f = File::open(p)?;
-    if file_name(p).ends_with(".zst") {
+    let (f, zst) = match File::open(p) {
+        Ok(f) => (f, file_name(p).ends_with(".zst")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && file_name(p).ends_with(".jsonl") => {
+            let mut z = p.as_os_str().to_owned();
+            z.push(".zst");
+            match File::open(PathBuf::from(z)) {
+                Ok(f) => (f, true),
+                Err(_) => return Err(e),
+            }
+        }
+        Err(e) => return Err(e),
+    };
+    if zst {
         Ok(Box::new(zstd::stream::read::Decoder::new(f)?))
     } else {
         Ok(Box::new(f))

@@ -450,7 +450,8 @@ pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<L
             match applier.resume_held(cfg, &run_id).await {
                 Ok(()) if applier.held_error().is_none() => held_backoff.reset(),
                 Ok(()) => {}
-                Err(e) if e.is_retryable() && !once => {
+                // (The hold stays, and `status` shows it.)
+                Err(e) if !once && !matches!(e, Error::Shutdown) => {
                     tracing::warn!(error = %error_chain(&e), "trying a held table again failed; retrying later")
                 }
                 Err(e) => return Err(e),
