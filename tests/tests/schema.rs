@@ -843,14 +843,19 @@ async fn a_truncate_put_back_late_ends_the_versions_it_ended_in_both_modes() {
             files.sort();
             files
         };
-        exec(src, "TRUNCATE public.gadgets").await;
+        // One transaction: the truncate, and key 4 written again after it.
+        exec(
+            src,
+            "TRUNCATE public.gadgets; INSERT INTO public.gadgets (id, name) VALUES (4, 're4')",
+        )
+        .await;
         ok("extractor", &["--once"]);
         let t = pending();
         assert_eq!(t.len(), 1, "{mode}: one file for the truncate");
         let t = t[0].clone();
         for sql in [
             "INSERT INTO public.gadgets (id, name) VALUES (1, 're1'), (2, 're2'), (3, 're3')",
-            "UPDATE public.gadgets SET name = 'b1' WHERE id = 1; DELETE FROM public.gadgets WHERE id = 2;",
+            "UPDATE public.gadgets SET name = 'b' || id WHERE id IN (1, 4); DELETE FROM public.gadgets WHERE id = 2;",
         ] {
             exec(src, sql).await;
             ok("extractor", &["--once"]);
@@ -885,6 +890,23 @@ async fn a_truncate_put_back_late_ends_the_versions_it_ended_in_both_modes() {
             v,
             ["3|g3|true|true|false", "3|re3|false|false|true"],
             "{mode}"
+        );
+        let mut v = rows(
+            &wh,
+            "public.dim_gadgets_history",
+            "WHERE id = 4",
+            &["name", "is_deleted", "is_truncated", "is_current"],
+        )
+        .await;
+        v.sort();
+        assert_eq!(
+            v,
+            [
+                "4|b4|false|false|true",
+                "4|g4|true|true|false",
+                "4|re4|false|false|false"
+            ],
+            "{mode}: written again in the truncate's transaction"
         );
         g.verified();
         let out = step("scd2-loader", &["rebuild", "public.gadgets"]);

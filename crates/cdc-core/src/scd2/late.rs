@@ -102,9 +102,11 @@ pub async fn place(
     } else {
         let keys = sql.key_columns(late.iter().map(|(e, _, _)| e.key.as_str()))?;
         let times: Vec<DateTime<Utc>> = late.iter().map(|(e, _, _)| time(e.ts_us)).collect();
+        let lsns: Vec<i64> = late.iter().map(|(e, _, _)| e.lsn.unwrap_or(0)).collect();
         let mut params: Vec<&(dyn ToSql + Sync)> =
             keys.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
         params.push(&times);
+        params.push(&lsns);
         tx.query(sql.late_dups(), &params)
             .await
             .map_err(ctx(format!("reading the versions of late keys in {h}")))?
@@ -206,11 +208,16 @@ async fn place_one(
     let pos = (ev.ts_us, ev.lsn.unwrap_or(0));
     let prev = around_prev(tx, sql, &ev.key, pos).await?;
     let next = around_next(tx, sql, &ev.key, pos).await?;
-    // A change of the key at this instant is there already.
-    let same_instant = prev
-        .as_ref()
-        .is_some_and(|p| p.from.0 == ev.ts_us || p.to.is_some_and(|(t, _)| t == ev.ts_us))
-        || next.is_some_and(|n| n.0 == ev.ts_us);
+    // A change of the key at this instant is there already (but a truncate earlier in the
+    // same transaction only ended the chain this state starts again).
+    let ended_before = |p: &Around, end_lsn: Option<i64>| {
+        p.truncated && end_lsn.unwrap_or(0) < ev.lsn.unwrap_or(0)
+    };
+    let same_instant = prev.as_ref().is_some_and(|p| {
+        p.from.0 == ev.ts_us
+            || p.to
+                .is_some_and(|(t, l)| t == ev.ts_us && !ended_before(p, l))
+    }) || next.is_some_and(|n| n.0 == ev.ts_us);
     if same_instant {
         return Ok(());
     }

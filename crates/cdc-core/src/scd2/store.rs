@@ -332,11 +332,17 @@ impl HistorySql {
              FROM {h} x WHERE {key_params} AND (x.valid_from, coalesce(x.source_lsn, '0/0')) > {at}
              ORDER BY x.valid_from, x.source_lsn NULLS FIRST LIMIT 1"
         );
+        // (A version a truncate ended at that instant before the event, in the same
+        // transaction, is not the event's change: the event starts the chain again.)
         let late_dups = format!(
-            "SELECT f.i::int8 FROM unnest({arrays}, ${ts}::timestamptz[]) WITH ORDINALITY AS f({key_names}ts, i)
-             WHERE EXISTS (SELECT 1 FROM {h} x WHERE {matched} AND (x.valid_from = f.ts OR x.valid_to = f.ts))",
+            "SELECT f.i::int8 FROM unnest({arrays}, ${ts}::timestamptz[], ${lsn}::int8[]) WITH ORDINALITY AS f({key_names}ts, lsn, i)
+             WHERE EXISTS (SELECT 1 FROM {h} x WHERE {matched}
+                             AND (x.valid_from = f.ts
+                                  OR (x.valid_to = f.ts AND NOT (x.is_truncated
+                                      AND coalesce(x.end_lsn, '0/0') < '0/0'::pg_lsn + f.lsn::numeric))))",
             arrays = key_arrays(1),
             ts = n + 1,
+            lsn = n + 2,
             matched = key_match("f"),
         );
         HistorySql {
