@@ -25,6 +25,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "pending_deletes",
         include_str!("../migrations/0003_pending_deletes.sql"),
     ),
+    (
+        4,
+        "resnapshot_keys",
+        include_str!("../migrations/0004_resnapshot_keys.sql"),
+    ),
 ];
 
 /// Brings the warehouse schema up to date for `spec` (the source's description of a table).

@@ -4,6 +4,7 @@
 //! recorded in `pipeline_metadata`; a lost connection is retried with backoff.
 
 pub mod logical;
+pub mod resnapshot;
 mod rows;
 pub mod schema;
 pub mod setup;
@@ -426,6 +427,69 @@ pub async fn setup(cfg: &ExtractorConfig, shutdown: &Shutdown) -> Result<String>
         }
     }
     Ok(done.join("\n"))
+}
+
+/// `extractor resnapshot <schema.table>`: records the request durably; the running extractor
+/// takes it at its next pass, or, when none runs, one pass here takes it (with `--once`
+/// semantics, under the extractor's lock). Returns what was done.
+pub async fn resnapshot(cfg: ExtractorConfig, table: &str, shutdown: Shutdown) -> Result<String> {
+    let table = if table.contains('.') {
+        table.to_owned()
+    } else {
+        format!("public.{table}")
+    };
+    if cfg.capture_mode == CaptureMode::Logical {
+        return Err(crate::error::Error::config(
+            "CDC_CAPTURE_MODE",
+            format!(
+                "`extractor resnapshot` reads a table again in timestamp mode only so far; in logical mode \
+                 run `extractor drop-slot` and start the extractor again to copy every table anew ({table} not \
+                 requested)"
+            ),
+        ));
+    }
+    let source = db::connect(&cfg.source, &shutdown).await?;
+    let specs = cfg.tables.describe(&source).await?;
+    drop(source);
+    if !specs.iter().any(|s| s.qualified() == table) {
+        return Err(crate::error::Error::config(
+            "CDC_TABLES",
+            format!(
+                "{table} is not one of the pipeline's tables ({}); name a table CDC_TABLES selects",
+                specs
+                    .iter()
+                    .map(|s| s.qualified())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
+    let path = resnapshot::request(&cfg.state_dir, &table)?;
+    if let Some(pid) = crate::ownership::running(&cfg.log_dir, "extractor") {
+        return Ok(format!(
+            "re-snapshot of {table} requested ({}); the running extractor (process {pid}) takes it at its next pass",
+            path.display()
+        ));
+    }
+    let state_dir = cfg.state_dir.clone();
+    let once = ExtractorConfig {
+        once: true,
+        metrics_addr: None,
+        ..cfg
+    };
+    run(once, shutdown).await?;
+    if resnapshot::requested(&state_dir, &table) {
+        return Err(crate::error::Error::internal(
+            "extractor resnapshot",
+            format!(
+                "the pass ended without taking the re-snapshot of {table}; the request stays in {} for the next pass",
+                path.display()
+            ),
+        ));
+    }
+    Ok(format!(
+        "re-snapshot of {table} taken: its rows and end are in the change log; the loader applies them"
+    ))
 }
 
 /// `extractor drop-slot`: removes the slot and publication, and the logical progress file

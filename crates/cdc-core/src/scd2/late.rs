@@ -200,7 +200,7 @@ async fn place_one(
     batch: &str,
     placed: &mut Placed,
 ) -> Result<()> {
-    if ev.op == Op::Truncate || ev.op == Op::Schema {
+    if matches!(ev.op, Op::Truncate | Op::Schema | Op::SnapshotEnd) {
         return Ok(());
     }
     let pos = (ev.ts_us, ev.lsn.unwrap_or(0));
@@ -291,6 +291,7 @@ async fn place_one(
         captured_ms: ev.captured_ms,
         values: Values::default(),
         schema: None,
+        resnapshot: false,
     });
     let v = NewVersion {
         event: ev,

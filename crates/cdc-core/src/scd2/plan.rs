@@ -387,6 +387,7 @@ mod tests {
                             captured_ms: 0,
                             values: Values::default(),
                             schema: None,
+                            resnapshot: false,
                         });
                         continue;
                     }
@@ -418,6 +419,7 @@ mod tests {
                         captured_ms: 0,
                         values,
                         schema: None,
+                        resnapshot: false,
                     });
                 }
             }
