@@ -69,8 +69,13 @@ async fn until(what: &str, mut f: impl FnMut() -> bool) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_resnapshot_under_traffic_ends_lost_keys_and_versions_only_changed_rows() {
-    let mode = "timestamp";
+async fn a_resnapshot_under_traffic_ends_lost_keys_and_versions_only_changed_rows_in_both_modes() {
+    for mode in ["timestamp", "logical"] {
+        resnapshot_under_traffic(mode).await;
+    }
+}
+
+async fn resnapshot_under_traffic(mode: &'static str) {
     let db = TestDb::new(&format!("e2e_resnapshot_{mode}")).await;
     let src = db.source_client().await;
     exec(
@@ -86,21 +91,56 @@ async fn a_resnapshot_under_traffic_ends_lost_keys_and_versions_only_changed_row
     ok(&db, mode, "extractor", &["setup"]);
     ok(&db, mode, "extractor", &["--once"]);
     ok(&db, mode, "scd2-loader", &["--once"]);
+    let wh = db.warehouse_client().await;
+    let loaded = wh
+        .query_one(
+            "SELECT max(valid_from) FROM public.dim_gadgets_history",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, chrono::DateTime<chrono::Utc>>(0);
 
-    // Lost from the capture's view: deletes and an update with the triggers bypassed (no
-    // tombstone, no new change time), and deletes whose tombstones are gone before a pass.
+    // Lost from the capture's view. Timestamp mode: deletes and an update with the triggers
+    // bypassed (no tombstone, no new change time), and deletes whose tombstones are gone
+    // before a pass. Logical mode: the slot dropped while the same changes are made.
+    if mode == "logical" {
+        exec(
+            &src,
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+             WHERE database = current_database()",
+        )
+        .await;
+    }
     exec(
         &src,
         "SET session_replication_role = replica;
          DELETE FROM public.gadgets WHERE id BETWEEN 41 AND 45;
          UPDATE public.gadgets SET name = 'silent' || id WHERE id BETWEEN 46 AND 48;
          RESET session_replication_role;
-         DELETE FROM public.gadgets WHERE id IN (49, 50);
-         DELETE FROM public.cdc_tombstones;",
+         DELETE FROM public.gadgets WHERE id IN (49, 50);",
     )
     .await;
+    if mode == "timestamp" {
+        exec(&src, "DELETE FROM public.cdc_tombstones").await;
+    } else {
+        // The lost slot points to the re-snapshot, which creates it again and reads every
+        // table.
+        let out = step(&db, mode, "extractor", &["--once"]);
+        assert!(!out.status.success(), "{mode}: {}", text(&out));
+        assert!(
+            text(&out).contains("extractor resnapshot --all"),
+            "{mode}: {}",
+            text(&out)
+        );
+        let said = ok(&db, mode, "extractor", &["resnapshot", "--all"]);
+        assert!(
+            said.contains("re-snapshot of public.gadgets, public.widgets taken"),
+            "{mode}: {said}"
+        );
+    }
 
-    // Traffic on both tables (ids 1-30) while a looping extractor runs.
+    // Traffic on both tables (ids 1-30, and new widgets) while a looping extractor runs.
     let mut extractor = cmd(&db, "extractor");
     extractor
         .env("CDC_TABLES", TABLES)
@@ -155,7 +195,6 @@ async fn a_resnapshot_under_traffic_ends_lost_keys_and_versions_only_changed_row
     ok(&db, mode, "extractor", &["--once"]);
     ok(&db, mode, "scd2-loader", &["--once"]);
 
-    let wh = db.warehouse_client().await;
     for (table, history) in [
         ("public.gadgets", "public.dim_gadgets_history"),
         ("public.widgets", "public.dim_widgets_history"),
@@ -189,12 +228,13 @@ async fn a_resnapshot_under_traffic_ends_lost_keys_and_versions_only_changed_row
         "{mode}: the silent update's version starts where the lost keys end"
     );
     // Untouched rows (31-40, 51-60 of gadgets, 31-60 of widgets): their one version only.
-    for (history, filter) in [
+    for (history, filter, n) in [
         (
             "public.dim_gadgets_history",
             "(id BETWEEN 31 AND 40 OR id BETWEEN 51 AND 60)",
+            20,
         ),
-        ("public.dim_widgets_history", "id BETWEEN 31 AND 60"),
+        ("public.dim_widgets_history", "id BETWEEN 31 AND 60", 30),
     ] {
         assert_eq!(
             count(
@@ -202,20 +242,27 @@ async fn a_resnapshot_under_traffic_ends_lost_keys_and_versions_only_changed_row
                 &format!("SELECT count(*) FROM {history} WHERE {filter}")
             )
             .await,
-            if history.contains("gadgets") { 20 } else { 30 },
+            n,
             "{mode}: an untouched row of {history} gets no new version"
         );
     }
-    // Rows the traffic touched: a version per captured change, none for the snapshot.
-    let at_snapshot = count(
-        &wh,
-        "SELECT count(*) FROM public.dim_gadgets_history g
-         WHERE g.id <= 30 AND g.valid_from = (SELECT valid_from FROM public.dim_gadgets_history WHERE id = 46 AND is_current)",
-    )
-    .await;
+    // The re-snapshots' rows became versions only where the history differed: the silent
+    // updates (the traffic's rows were captured, in either order, as the history has them).
+    let from_snapshots: Vec<i32> = wh
+        .query(
+            "SELECT DISTINCT id FROM public.dim_gadgets_history
+             WHERE cdc_operation = 'r' AND valid_from > $1 ORDER BY id",
+            &[&loaded],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     assert_eq!(
-        at_snapshot, 0,
-        "{mode}: a captured row the snapshot found as the history has it gets no version"
+        from_snapshots,
+        vec![46, 47, 48],
+        "{mode}: versions only where a row differed"
     );
     let out = ok(&db, mode, "scd2-loader", &["verify"]);
     assert!(out.contains("all invariants hold"), "{mode}: {out}");
@@ -250,5 +297,48 @@ async fn a_resnapshot_under_traffic_ends_lost_keys_and_versions_only_changed_row
     let out = step(&db, mode, "extractor", &["resnapshot", "public.nothing"]);
     assert_eq!(out.status.code(), Some(2), "{mode}: {}", text(&out));
     assert!(text(&out).contains("CDC_TABLES"), "{mode}: {}", text(&out));
+
+    // A table added to CDC_TABLES takes its initial copy (logical mode: as a re-snapshot),
+    // and its changes after.
+    exec(
+        &src,
+        "CREATE TABLE public.things (id integer PRIMARY KEY, name text NOT NULL, qty integer,
+             last_updated timestamptz NOT NULL DEFAULT clock_timestamp());
+         INSERT INTO public.things SELECT g, 't' || g, g FROM generate_series(1, 10) g;",
+    )
+    .await;
+    let three = format!("{TABLES}, public.things");
+    let more = |binary: &str, args: &[&str]| {
+        let mut c = cmd(&db, binary);
+        c.args(args)
+            .env("CDC_TABLES", &three)
+            .env("CDC_CAPTURE_MODE", mode);
+        let out = run(c);
+        assert!(
+            out.status.success(),
+            "{mode} {binary} {args:?}: {}",
+            text(&out)
+        );
+    };
+    more("extractor", &["setup"]);
+    more("extractor", &["--once"]);
+    exec(
+        &src,
+        "UPDATE public.things SET qty = 0 WHERE id <= 3; DELETE FROM public.things WHERE id = 10;
+         UPDATE public.gadgets SET qty = 0 WHERE id = 1;",
+    )
+    .await;
+    more("extractor", &["--once"]);
+    more("scd2-loader", &["--once"]);
+    for (table, history) in [
+        ("public.gadgets", "public.dim_gadgets_history"),
+        ("public.things", "public.dim_things_history"),
+    ] {
+        assert_eq!(
+            rows(&wh, history, "WHERE is_current").await,
+            rows(&src, table, "").await,
+            "{mode}: current history of {table} equals the source"
+        );
+    }
     db.cleanup().await;
 }

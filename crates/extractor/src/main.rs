@@ -30,8 +30,12 @@ enum Command {
     /// has (deletes the capture missed). The running extractor takes the request at its next
     /// pass; when none runs, this runs one pass
     Resnapshot {
-        /// The table, as `schema.table`
-        table: String,
+        /// The tables, each `schema.table`
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        tables: Vec<String>,
+        /// Every table of the pipeline (logical mode: also what re-creates a lost slot)
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -62,10 +66,10 @@ fn main() {
                 println!("{}", cdc_core::capture::setup(&cfg, &shutdown).await?);
                 Ok(())
             }
-            Command::Resnapshot { table } => {
+            Command::Resnapshot { tables, all } => {
                 println!(
                     "{}",
-                    cdc_core::capture::resnapshot(cfg, &table, shutdown).await?
+                    cdc_core::capture::resnapshot(cfg, &tables, all, shutdown).await?
                 );
                 Ok(())
             }

@@ -429,46 +429,58 @@ pub async fn setup(cfg: &ExtractorConfig, shutdown: &Shutdown) -> Result<String>
     Ok(done.join("\n"))
 }
 
-/// `extractor resnapshot <schema.table>`: records the request durably; the running extractor
-/// takes it at its next pass, or, when none runs, one pass here takes it (with `--once`
-/// semantics, under the extractor's lock). Returns what was done.
-pub async fn resnapshot(cfg: ExtractorConfig, table: &str, shutdown: Shutdown) -> Result<String> {
-    let table = if table.contains('.') {
-        table.to_owned()
-    } else {
-        format!("public.{table}")
-    };
-    if cfg.capture_mode == CaptureMode::Logical {
-        return Err(crate::error::Error::config(
-            "CDC_CAPTURE_MODE",
-            format!(
-                "`extractor resnapshot` reads a table again in timestamp mode only so far; in logical mode \
-                 run `extractor drop-slot` and start the extractor again to copy every table anew ({table} not \
-                 requested)"
-            ),
-        ));
-    }
+/// `extractor resnapshot <schema.table>… | --all`: records the requests durably; the running
+/// extractor takes them at its next pass, or, when none runs, one pass here takes them (with
+/// `--once` semantics, under the extractor's lock; in logical mode a lost slot is created
+/// again when every table is read again). Returns what was done.
+pub async fn resnapshot(
+    cfg: ExtractorConfig,
+    tables: &[String],
+    all: bool,
+    shutdown: Shutdown,
+) -> Result<String> {
     let source = db::connect(&cfg.source, &shutdown).await?;
     let specs = cfg.tables.describe(&source).await?;
     drop(source);
-    if !specs.iter().any(|s| s.qualified() == table) {
+    let ours: Vec<String> = specs.iter().map(|s| s.qualified()).collect();
+    let mut wanted: Vec<String> = if all {
+        ours.clone()
+    } else {
+        tables
+            .iter()
+            .map(|t| {
+                if t.contains('.') {
+                    t.clone()
+                } else {
+                    format!("public.{t}")
+                }
+            })
+            .collect()
+    };
+    wanted.dedup();
+    if wanted.is_empty() {
+        return Err(crate::error::Error::config(
+            "extractor resnapshot",
+            "name a table (schema.table), or --all",
+        ));
+    }
+    if let Some(t) = wanted.iter().find(|t| !ours.contains(t)) {
         return Err(crate::error::Error::config(
             "CDC_TABLES",
             format!(
-                "{table} is not one of the pipeline's tables ({}); name a table CDC_TABLES selects",
-                specs
-                    .iter()
-                    .map(|s| s.qualified())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                "{t} is not one of the pipeline's tables ({}); name a table CDC_TABLES selects",
+                ours.join(", ")
             ),
         ));
     }
-    let path = resnapshot::request(&cfg.state_dir, &table)?;
+    for t in &wanted {
+        resnapshot::request(&cfg.state_dir, t)?;
+    }
+    let list = wanted.join(", ");
     if let Some(pid) = crate::ownership::running(&cfg.log_dir, "extractor") {
         return Ok(format!(
-            "re-snapshot of {table} requested ({}); the running extractor (process {pid}) takes it at its next pass",
-            path.display()
+            "re-snapshot of {list} requested (in {}); the running extractor (process {pid}) takes it at its next pass",
+            cfg.state_dir.display()
         ));
     }
     let state_dir = cfg.state_dir.clone();
@@ -478,17 +490,22 @@ pub async fn resnapshot(cfg: ExtractorConfig, table: &str, shutdown: Shutdown) -
         ..cfg
     };
     run(once, shutdown).await?;
-    if resnapshot::requested(&state_dir, &table) {
+    let left: Vec<&String> = wanted
+        .iter()
+        .filter(|t| resnapshot::requested(&state_dir, t))
+        .collect();
+    if !left.is_empty() {
         return Err(crate::error::Error::internal(
             "extractor resnapshot",
             format!(
-                "the pass ended without taking the re-snapshot of {table}; the request stays in {} for the next pass",
-                path.display()
+                "the pass ended without taking the re-snapshot of {}; the request stays in {} for the next pass",
+                left.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(", "),
+                state_dir.display()
             ),
         ));
     }
     Ok(format!(
-        "re-snapshot of {table} taken: its rows and end are in the change log; the loader applies them"
+        "re-snapshot of {list} taken: its rows and end are in the change log; the loader applies them"
     ))
 }
 

@@ -5,7 +5,8 @@
 //! - the history has a change of the key at that instant already: nothing (a duplicate, or
 //!   a state the same instant's later change superseded);
 //! - a state inside a version: the version ends there and the state follows it up to where
-//!   the version ended (unless it equals the version's state);
+//!   the version ended (unless it equals the version's state); when the version after holds
+//!   the same state (a re-snapshot's row that arrived first), the state replaces it;
 //! - a state in a gap (before the key's first version, after a delete): a version from there
 //!   up to the next one, or to a remembered delete before that;
 //! - a delete inside a version: the version ends there, deleted;
@@ -31,6 +32,7 @@ pub struct Placed {
 }
 
 /// A version of a key around a position.
+#[derive(Clone, Copy)]
 struct Around {
     id: i64,
     from: (i64, i64),
@@ -239,17 +241,40 @@ async fn place_one(
             }
             end_at(tx, sql, p.id, pos, ev.lsn, false).await?;
             placed.closed += 1;
-            let op = if p.truncated {
+            // The version after `p` holding this very state (a re-snapshot's row, placed
+            // before the change that made it arrived) is this state, known late: the new
+            // version replaces it, as in order the later equal state would have added
+            // nothing.
+            let mut ends = *p;
+            if let (false, false, Some((to, to_lsn))) = (p.current, p.deleted, p.to) {
+                let at = (to, to_lsn.unwrap_or(0));
+                if let Some(n) = around_prev(tx, sql, &ev.key, at).await? {
+                    if n.from == at && n.hash == hash {
+                        tx.execute(
+                            &format!("DELETE FROM {} WHERE surrogate_key = $1", sql.history()),
+                            &[&n.id],
+                        )
+                        .await
+                        .map_err(ctx(format!(
+                            "replacing an equal version in {}",
+                            sql.history()
+                        )))?;
+                        placed.closed += 1;
+                        ends = n;
+                    }
+                }
+            }
+            let op = if ends.truncated {
                 Op::Truncate
-            } else if p.deleted {
+            } else if ends.deleted {
                 Op::Delete
             } else {
                 Op::Update
             };
-            if p.current {
+            if ends.current {
                 None
             } else {
-                p.to.map(|(t, l)| (op, t, l))
+                ends.to.map(|(t, l)| (op, t, l))
             }
         }
         None => {
