@@ -154,8 +154,10 @@ pub async fn refuse_lost_history(client: &Client, spec: &TableSpec) -> Result<()
         format!(
             "{state} while cdc_applied_batches records {applied} change-log file(s) that added versions to it; \
              applying on would leave it without them for good. Rebuild it from the kept change logs: \
-             `scd2-loader rebuild {} --replace`",
-            spec.qualified()
+             `scd2-loader rebuild {t} --replace`; if processed/ no longer holds them all, follow it with \
+             `extractor resnapshot {t}`, which versions every row the rebuild lacks and ends the keys the source \
+             no longer has",
+            t = spec.qualified()
         ),
     ))
 }

@@ -419,6 +419,42 @@ mod tests {
     }
 
     #[test]
+    fn a_resnapshot_is_marked_rows_and_an_end_of_format_5() {
+        let spec = TableSpec::orders();
+        let row = UPDATE
+            .replace("\"format_version\":1", "\"format_version\":5")
+            .replace("\"op\":\"u\"", "\"op\":\"r\"")
+            .replace(
+                "\"capture_mode\":\"timestamp\"",
+                "\"capture_mode\":\"timestamp\",\"snapshot\":\"incremental\"",
+            );
+        let e = decode(&row, &spec).expect("decode");
+        assert_eq!((e.op, e.resnapshot, e.key.as_str()), (Op::Read, true, "7"));
+        // An initial copy's row, or any other event, is not a re-snapshot's.
+        let plain = row.replace("\"snapshot\":\"incremental\"", "\"snapshot\":true");
+        assert!(!decode(&plain, &spec).expect("decode").resnapshot);
+        // Only an `r` event of format 5 can be one.
+        for bad in [
+            row.replace("\"op\":\"r\"", "\"op\":\"u\""),
+            row.replace("\"format_version\":5", "\"format_version\":4"),
+        ] {
+            assert!(decode(&bad, &spec)
+                .unwrap_err()
+                .contains("a re-snapshot's row"));
+        }
+        let end = r#"{"format_version":5,"op":"e","before":null,"after":null,"source":{"schema":"public","table":"orders","snapshot":"incremental","key":null,"ts_us":5,"lsn":80,"txId":null},"ts_ms":6}"#;
+        let e = decode(end, &spec).expect("decode");
+        assert_eq!(
+            (e.op, e.key.as_str(), e.ts_us, e.lsn, e.resnapshot),
+            (Op::SnapshotEnd, "", 5, Some(80), false)
+        );
+        let old = end.replace("\"format_version\":5", "\"format_version\":4");
+        assert!(decode(&old, &spec)
+            .unwrap_err()
+            .contains("needs format_version 5"));
+    }
+
+    #[test]
     fn a_truncate_has_no_key_and_needs_format_3() {
         let line = r#"{"format_version":3,"op":"t","before":null,"after":null,"source":{"schema":"public","table":"orders","key":null,"ts_us":5,"lsn":80,"txId":7},"ts_ms":6}"#;
         let e = decode(line, &TableSpec::orders()).expect("decode");
