@@ -5,10 +5,11 @@
 //! - the history has a change of the key at that instant already: nothing (a duplicate, or
 //!   a state the same instant's later change superseded);
 //! - a state inside a version: the version ends there and the state follows it up to where
-//!   the version ended (unless it equals the version's state); when the version after holds
-//!   the same state (a re-snapshot's row that arrived first), the state replaces it;
+//!   the version ended (unless it equals the version's state);
 //! - a state in a gap (before the key's first version, after a delete): a version from there
 //!   up to the next one, or to a remembered delete before that;
+//! - either way, a version the new one runs up to that holds the same state (a re-snapshot's
+//!   row that arrived before the change that made it) is replaced by it;
 //! - a delete inside a version: the version ends there, deleted;
 //! - a delete the history holds nothing of before (in a gap, or of a key it does not hold
 //!   at all): remembered in `cdc_pending_deletes`, and applied when a version it ends
@@ -32,7 +33,6 @@ pub struct Placed {
 }
 
 /// A version of a key around a position.
-#[derive(Clone, Copy)]
 struct Around {
     id: i64,
     from: (i64, i64),
@@ -188,6 +188,22 @@ async fn settle(
     Ok(())
 }
 
+/// Where a version ends and by what (`None`: it is current).
+fn ends_of(v: &Around) -> Option<(Op, i64, Option<i64>)> {
+    let op = if v.truncated {
+        Op::Truncate
+    } else if v.deleted {
+        Op::Delete
+    } else {
+        Op::Update
+    };
+    if v.current {
+        None
+    } else {
+        v.to.map(|(t, l)| (op, t, l))
+    }
+}
+
 fn covers(v: &Around, ts: i64) -> bool {
     v.to.is_none_or(|(to, _)| to > ts)
 }
@@ -241,41 +257,7 @@ async fn place_one(
             }
             end_at(tx, sql, p.id, pos, ev.lsn, false).await?;
             placed.closed += 1;
-            // The version after `p` holding this very state (a re-snapshot's row, placed
-            // before the change that made it arrived) is this state, known late: the new
-            // version replaces it, as in order the later equal state would have added
-            // nothing.
-            let mut ends = *p;
-            if let (false, false, Some((to, to_lsn))) = (p.current, p.deleted, p.to) {
-                let at = (to, to_lsn.unwrap_or(0));
-                if let Some(n) = around_prev(tx, sql, &ev.key, at).await? {
-                    if n.from == at && n.hash == hash {
-                        tx.execute(
-                            &format!("DELETE FROM {} WHERE surrogate_key = $1", sql.history()),
-                            &[&n.id],
-                        )
-                        .await
-                        .map_err(ctx(format!(
-                            "replacing an equal version in {}",
-                            sql.history()
-                        )))?;
-                        placed.closed += 1;
-                        ends = n;
-                    }
-                }
-            }
-            let op = if ends.truncated {
-                Op::Truncate
-            } else if ends.deleted {
-                Op::Delete
-            } else {
-                Op::Update
-            };
-            if ends.current {
-                None
-            } else {
-                ends.to.map(|(t, l)| (op, t, l))
-            }
+            ends_of(p)
         }
         None => {
             let h = sql.history().to_owned();
@@ -305,6 +287,31 @@ async fn place_one(
                 (_, None) => None,
             }
         }
+    };
+    // The version the new one runs up to holding this very state (a re-snapshot's row,
+    // placed before the change that made it arrived) is this state, known late: the new
+    // version replaces it, as in order the later equal state would have added nothing.
+    let end = match end {
+        Some((Op::Update, t, l)) => {
+            let at = (t, l.unwrap_or(0));
+            match around_prev(tx, sql, &ev.key, at).await? {
+                Some(n) if n.from == at && n.hash == hash => {
+                    tx.execute(
+                        &format!("DELETE FROM {} WHERE surrogate_key = $1", sql.history()),
+                        &[&n.id],
+                    )
+                    .await
+                    .map_err(ctx(format!(
+                        "replacing an equal version in {}",
+                        sql.history()
+                    )))?;
+                    placed.closed += 1;
+                    ends_of(&n)
+                }
+                _ => end,
+            }
+        }
+        end => end,
     };
     let next_ev = end.map(|(op, ts_us, lsn)| DecodedEvent {
         table: ev.table,

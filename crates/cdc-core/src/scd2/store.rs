@@ -345,7 +345,8 @@ impl HistorySql {
         let resnapshot_keys =
             format!(
             "INSERT INTO public.cdc_resnapshot_keys (history_table, snapshot_at, snapshot_lsn, key)
-             SELECT $1, $2, $3, ARRAY[{parts}] FROM unnest({arrays}) AS f({names})
+             SELECT $1, f.at, f.lsn, ARRAY[{parts}]
+             FROM unnest($2::timestamptz[], $3::int8[], {arrays}) AS f(at, lsn, {names})
              ON CONFLICT DO NOTHING",
             parts = (0..n).map(|j| format!("f.k{j}")).collect::<Vec<_>>().join(", "),
             arrays = key_arrays(4),
@@ -519,13 +520,17 @@ impl HistoryStore for PgHistory<'_> {
     }
 
     async fn resnapshot_keys(&mut self, table: usize, rows: &[&DecodedEvent]) -> Result<()> {
-        let Some(first) = rows.first() else {
+        if rows.is_empty() {
             return Ok(());
-        };
+        }
         let sql = self.sql(table)?;
-        // (One snapshot per table at a time: its rows share one position.)
-        let at = DateTime::from_timestamp_micros(first.ts_us).unwrap_or_default();
-        let lsn = first.lsn.unwrap_or(0);
+        // Each row at its snapshot's position (a chunk may hold the rows of two snapshots of
+        // a table when the end of the first is in a file not applied yet).
+        let at: Vec<DateTime<Utc>> = rows
+            .iter()
+            .map(|e| DateTime::from_timestamp_micros(e.ts_us).unwrap_or_default())
+            .collect();
+        let lsn: Vec<i64> = rows.iter().map(|e| e.lsn.unwrap_or(0)).collect();
         let arrays = sql.key_arrays(rows.iter().map(|e| e.key.as_str()))?;
         let arrays: Vec<Vec<&str>> = arrays
             .iter()
