@@ -40,7 +40,7 @@ BENCH_ENV = BENCH_SOURCE_PORT=55634 BENCH_WAREHOUSE_PORT=55633
 BENCH_ARGS ?=
 
 .PHONY: help quick-start prereqs start stop status restart loader test test-db-stop test-rapid \
-        validate logs clean clean-archive prod-start db-up db-down db-status db-reset build fmt lint mutate-burst \
+        validate resnapshot logs clean clean-archive prod-start db-up db-down db-status db-reset build fmt lint mutate-burst \
         check-monitoring monitoring-up monitoring-down \
         bench bench-quick bench-db-stop soak
 
@@ -117,6 +117,10 @@ logs: ## Follow the current logs, text and JSON, and crash output (tail -F: acro
 
 validate: $(ENSURE_BINS) ## Check the SCD2 history invariants (scd2-loader verify)
 	$(BIN_DIR)/scd2-loader verify
+
+resnapshot: $(ENSURE_BINS) ## Read TABLE (schema.table, or ALL=1 every table) again while capture goes on: history gains what the capture missed
+	@test -n "$(TABLE)$(ALL)" || { echo "usage: make resnapshot TABLE=public.orders   (or ALL=1)" >&2; exit 2; }
+	$(BIN_DIR)/extractor resnapshot $(if $(ALL),--all,$(TABLE))
 
 mutate-burst: $(ENSURE_BINS) ## Run COUNT operations on the source at once (COUNT=1000)
 	$(BIN_DIR)/mutator --count $(COUNT)

@@ -11,6 +11,7 @@ mod logical;
 mod logs;
 mod outage;
 mod pipeline;
+mod resnapshot;
 mod schema;
 mod setup;
 mod tls;

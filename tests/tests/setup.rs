@@ -294,7 +294,7 @@ async fn a_loader_given_fewer_tables_than_the_extractor_stops_without_quarantini
 }
 
 #[tokio::test]
-async fn a_table_added_after_the_logical_initial_copy_is_refused() {
+async fn a_table_added_after_the_logical_initial_copy_takes_its_copy_and_one_left_out_is_refused() {
     let db = TestDb::new("e2e_added_table").await;
     let extractor = |tables: &str, args: &[&str]| {
         let mut c = cmd(&db, "extractor");
@@ -305,10 +305,20 @@ async fn a_table_added_after_the_logical_initial_copy_is_refused() {
     };
     let out = extractor("public.orders,public.customers", &["--once"]);
     assert!(out.status.success(), "{}", text(&out));
+    // A new table matching `public.*`: its initial copy, as a re-snapshot.
     let out = extractor("public.*", &["--once"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        stderr(&out).contains("re-snapshot taken table=public.order_items"),
+        "{}",
+        text(&out)
+    );
+    // A table left out would stay current in the history without its changes.
+    let out = extractor("public.orders,public.order_items", &["--once"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(
-        stderr(&out).contains("public.order_items") && stderr(&out).contains("drop-slot"),
+        stderr(&out).contains("would stop delivering public.customers")
+            && stderr(&out).contains("drop-slot"),
         "{}",
         text(&out)
     );

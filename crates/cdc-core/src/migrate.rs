@@ -30,6 +30,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "held_tables",
         include_str!("../migrations/0004_held_tables.sql"),
     ),
+    (
+        5,
+        "resnapshot_keys",
+        include_str!("../migrations/0005_resnapshot_keys.sql"),
+    ),
 ];
 
 /// Brings the warehouse schema up to date for `spec` (the source's description of a table).
@@ -154,8 +159,10 @@ pub async fn refuse_lost_history(client: &Client, spec: &TableSpec) -> Result<()
         format!(
             "{state} while cdc_applied_batches records {applied} change-log file(s) that added versions to it; \
              applying on would leave it without them for good. Rebuild it from the kept change logs: \
-             `scd2-loader rebuild {} --replace`",
-            spec.qualified()
+             `scd2-loader rebuild {t} --replace`; if processed/ no longer holds them all, follow it with \
+             `extractor resnapshot {t}`, which versions every row the rebuild lacks and ends the keys the source \
+             no longer has",
+            t = spec.qualified()
         ),
     ))
 }

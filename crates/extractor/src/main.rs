@@ -16,7 +16,7 @@ struct Cli {
     log: LogArgs,
 }
 
-#[derive(Subcommand, Debug, Clone, Copy)]
+#[derive(Subcommand, Debug, Clone)]
 enum Command {
     /// Capture changes (the default)
     Run,
@@ -25,6 +25,18 @@ enum Command {
     Setup,
     /// Logical mode: drop the replication slot and the publication, and forget the progress
     DropSlot,
+    /// Read one table again, whole, while capture of the others goes on: the loader adds a
+    /// version where a row differs from the history and ends the keys the table no longer
+    /// has (deletes the capture missed). The running extractor takes the request at its next
+    /// pass; when none runs, this runs one pass
+    Resnapshot {
+        /// The tables, each `schema.table`
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        tables: Vec<String>,
+        /// Every table of the pipeline (logical mode: also what re-creates a lost slot)
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 fn main() {
@@ -52,6 +64,13 @@ fn main() {
             }
             Command::Setup => {
                 println!("{}", cdc_core::capture::setup(&cfg, &shutdown).await?);
+                Ok(())
+            }
+            Command::Resnapshot { tables, all } => {
+                println!(
+                    "{}",
+                    cdc_core::capture::resnapshot(cfg, &tables, all, shutdown).await?
+                );
                 Ok(())
             }
             Command::DropSlot => {

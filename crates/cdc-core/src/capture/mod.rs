@@ -4,6 +4,7 @@
 //! recorded in `pipeline_metadata`; a lost connection is retried with backoff.
 
 pub mod logical;
+pub mod resnapshot;
 mod rows;
 pub mod schema;
 pub mod setup;
@@ -426,6 +427,86 @@ pub async fn setup(cfg: &ExtractorConfig, shutdown: &Shutdown) -> Result<String>
         }
     }
     Ok(done.join("\n"))
+}
+
+/// `extractor resnapshot <schema.table>… | --all`: records the requests durably; the running
+/// extractor takes them at its next pass, or, when none runs, one pass here takes them (with
+/// `--once` semantics, under the extractor's lock; in logical mode a lost slot is created
+/// again when every table is read again). Returns what was done.
+pub async fn resnapshot(
+    cfg: ExtractorConfig,
+    tables: &[String],
+    all: bool,
+    shutdown: Shutdown,
+) -> Result<String> {
+    let source = db::connect(&cfg.source, &shutdown).await?;
+    let specs = cfg.tables.describe(&source).await?;
+    drop(source);
+    let ours: Vec<String> = specs.iter().map(|s| s.qualified()).collect();
+    let mut wanted: Vec<String> = if all {
+        ours.clone()
+    } else {
+        tables
+            .iter()
+            .map(|t| {
+                if t.contains('.') {
+                    t.clone()
+                } else {
+                    format!("public.{t}")
+                }
+            })
+            .collect()
+    };
+    wanted.dedup();
+    if wanted.is_empty() {
+        return Err(crate::error::Error::config(
+            "extractor resnapshot",
+            "name a table (schema.table), or --all",
+        ));
+    }
+    if let Some(t) = wanted.iter().find(|t| !ours.contains(t)) {
+        return Err(crate::error::Error::config(
+            "CDC_TABLES",
+            format!(
+                "{t} is not one of the pipeline's tables ({}); name a table CDC_TABLES selects",
+                ours.join(", ")
+            ),
+        ));
+    }
+    for t in &wanted {
+        resnapshot::request(&cfg.state_dir, t)?;
+    }
+    let list = wanted.join(", ");
+    if let Some(pid) = crate::ownership::running(&cfg.log_dir, "extractor") {
+        return Ok(format!(
+            "re-snapshot of {list} requested (in {}); the running extractor (process {pid}) takes it at its next pass",
+            cfg.state_dir.display()
+        ));
+    }
+    let state_dir = cfg.state_dir.clone();
+    let once = ExtractorConfig {
+        once: true,
+        metrics_addr: None,
+        ..cfg
+    };
+    run(once, shutdown).await?;
+    let left: Vec<&String> = wanted
+        .iter()
+        .filter(|t| resnapshot::requested(&state_dir, t))
+        .collect();
+    if !left.is_empty() {
+        return Err(crate::error::Error::internal(
+            "extractor resnapshot",
+            format!(
+                "the pass ended without taking the re-snapshot of {}; the request stays in {} for the next pass",
+                left.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(", "),
+                state_dir.display()
+            ),
+        ));
+    }
+    Ok(format!(
+        "re-snapshot of {list} taken: its rows and end are in the change log; the loader applies them"
+    ))
 }
 
 /// `extractor drop-slot`: removes the slot and publication, and the logical progress file

@@ -322,6 +322,7 @@ pub(super) fn row_header<'a>(
         op,
         mode,
         snapshot,
+        incremental: false,
         db: Some(&cols.db),
         ts_us,
         key,

@@ -325,6 +325,13 @@ impl ChangeSource for TimestampCapture {
         let Some(last) = &self.last_snapshot else {
             return Ok(false);
         };
+        if self
+            .tables
+            .iter()
+            .any(|(s, _)| super::resnapshot::requested(&self.state_dir, &s.qualified()))
+        {
+            return Ok(false);
+        }
         let now: String = client
             .query_one("SELECT pg_current_snapshot()::text", &[])
             .await
@@ -364,6 +371,19 @@ impl ChangeSource for TimestampCapture {
             });
         };
         let captured_ms = now.timestamp_millis();
+        // Re-snapshots asked for (`extractor resnapshot`); a table still to take its initial
+        // copy takes that instead.
+        let requested: Vec<bool> = self
+            .tables
+            .iter()
+            .map(|(s, _)| super::resnapshot::requested(&self.state_dir, &s.qualified()))
+            .collect();
+        let resnap: Vec<bool> = self
+            .tables
+            .iter()
+            .zip(&requested)
+            .map(|((_, p), &r)| r && p.watermark.is_some())
+            .collect();
 
         let tx = client
             .build_transaction()
@@ -383,12 +403,35 @@ impl ChangeSource for TimestampCapture {
             .await
             .map_err(ctx("locking the tables for the pass"))?;
         }
-        // The pass's snapshot, taken here (the first statement that needs one).
-        let pass_snapshot: String = tx
-            .query_one("SELECT pg_current_snapshot()::text", &[])
+        let resnap_names: Vec<String> = self
+            .tables
+            .iter()
+            .zip(&resnap)
+            .filter(|(_, &r)| r)
+            .map(|((s, _), _)| s.qualified())
+            .collect();
+        if !resnap_names.is_empty() {
+            // A table read again: its writers finish first and the next wait for this pass
+            // to end, so every change of it our snapshot shows is stamped before the clock
+            // read with the snapshot, and every change it does not show after.
+            tx.batch_execute(&format!(
+                "LOCK TABLE {} IN SHARE MODE",
+                resnap_names.join(", ")
+            ))
             .await
-            .map_err(ctx("reading the capture snapshot"))?
-            .get(0);
+            .map_err(ctx("locking the tables to read again"))?;
+        }
+        // The pass's snapshot, taken here (the first statement that needs one), and the
+        // clock after it (a re-snapshot's time).
+        let row = tx
+            .query_one(
+                "SELECT pg_current_snapshot()::text, (extract(epoch FROM clock_timestamp()) * 1000000)::int8",
+                &[],
+            )
+            .await
+            .map_err(ctx("reading the capture snapshot"))?;
+        let pass_snapshot: String = row.get(0);
+        let snapshot_us: i64 = row.get(1);
         sink.begin(now, self.next_seq());
         let snapshot = self.snapshot_needed();
         let mut out = PassOutcome {
@@ -410,6 +453,21 @@ impl ChangeSource for TimestampCapture {
             for (spec, progress) in tables.iter() {
                 let prev = progress.watermark.as_ref();
                 found.push(capture_table(&tx, spec, prev, captured_ms, sink, &mut out).await?);
+            }
+            // After the table's changes (all stamped before it): its rows as they are now.
+            for ((spec, _), _) in tables.iter().zip(&resnap).filter(|(_, &r)| r) {
+                let rows = super::resnapshot::copy_table(
+                    &tx,
+                    spec,
+                    CaptureMode::Timestamp,
+                    snapshot_us,
+                    None,
+                    captured_ms,
+                    sink,
+                )
+                .await?;
+                out.rows += rows;
+                tracing::info!(table = %spec.qualified(), rows, "re-snapshot taken");
             }
             Ok((found, shapes))
         }
@@ -463,6 +521,10 @@ impl ChangeSource for TimestampCapture {
                 progress.next_file_seq = next_seq;
                 progress.save(&self.state_dir, &spec.qualified(), prev.as_ref(), &durable)?;
             }
+        }
+        // The snapshots asked for are durable, and the progress after them.
+        for ((spec, _), _) in self.tables.iter().zip(&requested).filter(|(_, &r)| r) {
+            super::resnapshot::done(&self.state_dir, &spec.qualified())?;
         }
         out.watermark = self
             .tables

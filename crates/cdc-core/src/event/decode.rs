@@ -1,7 +1,9 @@
 //! Reading change events (the loader's side of the format) without building a
 //! `serde_json::Value` per row.
 
-use super::{Op, FORMAT_VERSION, SCHEMA_FORMAT_VERSION, TRUNCATE_FORMAT_VERSION};
+use super::{
+    Op, FORMAT_VERSION, RESNAPSHOT_FORMAT_VERSION, SCHEMA_FORMAT_VERSION, TRUNCATE_FORMAT_VERSION,
+};
 use crate::table::TableSpec;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -35,6 +37,9 @@ struct Source<'a> {
     lsn: Option<u64>,
     #[serde(default, rename = "txId")]
     tx_id: Option<i64>,
+    /// `true`/`false`, or `"incremental"` for a re-snapshot's rows and end.
+    #[serde(borrow, default)]
+    snapshot: Option<&'a RawValue>,
 }
 
 /// One decoded event, ready to apply: values as text in the spec's column order.
@@ -54,6 +59,9 @@ pub struct DecodedEvent {
     pub values: Values,
     /// A schema event's changes and the table's shape after them.
     pub schema: Option<Box<crate::schema_change::SchemaEvent>>,
+    /// A row of a re-snapshot (`source.snapshot` `"incremental"`, format 5): the loader
+    /// remembers its key until the snapshot's end.
+    pub resnapshot: bool,
 }
 
 /// Column values in text form, kept compactly: one string and where each value ends.
@@ -194,6 +202,7 @@ pub fn decode_where(
     let whole_table = match env.op {
         Op::Truncate => Some(("a truncate (op t)", TRUNCATE_FORMAT_VERSION)),
         Op::Schema => Some(("a schema change (op s)", SCHEMA_FORMAT_VERSION)),
+        Op::SnapshotEnd => Some(("a re-snapshot's end (op e)", RESNAPSHOT_FORMAT_VERSION)),
         _ => None,
     };
     if let Some((what, since)) = whole_table {
@@ -225,7 +234,23 @@ pub fn decode_where(
             captured_ms: env.ts_ms,
             values: Values::default(),
             schema,
+            resnapshot: false,
         }));
+    }
+    let resnapshot = env
+        .source
+        .snapshot
+        .is_some_and(|s| s.get() == "\"incremental\"");
+    if resnapshot {
+        let v = env.format_version.unwrap_or(1);
+        if env.op != Op::Read || v < RESNAPSHOT_FORMAT_VERSION {
+            return Err(format!(
+                "a re-snapshot's row (source.snapshot \"incremental\") must be op r of format_version \
+                 {RESNAPSHOT_FORMAT_VERSION} or later; this event is op {} of format_version {v}",
+                env.op.as_char()
+            )
+            .into());
+        }
     }
     let image = match env.op {
         Op::Delete => env.before.ok_or("a delete (op d) needs `before`")?,
@@ -285,6 +310,7 @@ pub fn decode_where(
         captured_ms: env.ts_ms,
         values,
         schema: None,
+        resnapshot,
     }))
 }
 
@@ -390,6 +416,42 @@ mod tests {
         let line = r#"{"op":"d","before":{"id":9},"after":null,"source":{"schema":"public","table":"orders","ts_us":5},"ts_ms":6}"#;
         let e = decode(line, &TableSpec::orders()).expect("decode");
         assert_eq!((e.op, e.key.as_str(), e.values.len()), (Op::Delete, "9", 0));
+    }
+
+    #[test]
+    fn a_resnapshot_is_marked_rows_and_an_end_of_format_5() {
+        let spec = TableSpec::orders();
+        let row = UPDATE
+            .replace("\"format_version\":1", "\"format_version\":5")
+            .replace("\"op\":\"u\"", "\"op\":\"r\"")
+            .replace(
+                "\"capture_mode\":\"timestamp\"",
+                "\"capture_mode\":\"timestamp\",\"snapshot\":\"incremental\"",
+            );
+        let e = decode(&row, &spec).expect("decode");
+        assert_eq!((e.op, e.resnapshot, e.key.as_str()), (Op::Read, true, "7"));
+        // An initial copy's row, or any other event, is not a re-snapshot's.
+        let plain = row.replace("\"snapshot\":\"incremental\"", "\"snapshot\":true");
+        assert!(!decode(&plain, &spec).expect("decode").resnapshot);
+        // Only an `r` event of format 5 can be one.
+        for bad in [
+            row.replace("\"op\":\"r\"", "\"op\":\"u\""),
+            row.replace("\"format_version\":5", "\"format_version\":4"),
+        ] {
+            assert!(decode(&bad, &spec)
+                .unwrap_err()
+                .contains("a re-snapshot's row"));
+        }
+        let end = r#"{"format_version":5,"op":"e","before":null,"after":null,"source":{"schema":"public","table":"orders","snapshot":"incremental","key":null,"ts_us":5,"lsn":80,"txId":null},"ts_ms":6}"#;
+        let e = decode(end, &spec).expect("decode");
+        assert_eq!(
+            (e.op, e.key.as_str(), e.ts_us, e.lsn, e.resnapshot),
+            (Op::SnapshotEnd, "", 5, Some(80), false)
+        );
+        let old = end.replace("\"format_version\":5", "\"format_version\":4");
+        assert!(decode(&old, &spec)
+            .unwrap_err()
+            .contains("needs format_version 5"));
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub struct Header<'a> {
     pub op: Op,
     pub mode: CaptureMode,
     pub snapshot: bool,
+    /// A re-snapshot's row or end (`source.snapshot` `"incremental"`; `snapshot` is ignored).
+    pub incremental: bool,
     /// `source.db`, when known.
     pub db: Option<&'a str>,
     pub ts_us: i64,
@@ -102,8 +104,12 @@ fn write_source(b: &mut Vec<u8>, spec: &TableSpec, h: &Header<'_>) {
     json_str(b, &spec.name);
     b.extend_from_slice(b",\"capture_mode\":");
     json_str(b, h.mode.as_str());
-    b.extend_from_slice(format!(",\"snapshot\":{},\"key\":", h.snapshot).as_bytes());
-    if matches!(h.op, Op::Truncate | Op::Schema) {
+    if h.incremental {
+        b.extend_from_slice(b",\"snapshot\":\"incremental\",\"key\":");
+    } else {
+        b.extend_from_slice(format!(",\"snapshot\":{},\"key\":", h.snapshot).as_bytes());
+    }
+    if matches!(h.op, Op::Truncate | Op::Schema | Op::SnapshotEnd) {
         // A truncate or schema change is of the whole table: no key.
         b.extend_from_slice(b"null");
     } else {
@@ -119,6 +125,23 @@ fn write_source(b: &mut Vec<u8>, spec: &TableSpec, h: &Header<'_>) {
             h.captured_ms
         )
         .as_bytes(),
+    );
+}
+
+/// Writes a re-snapshot's end (`op` `e`): no row images and no key; `h.ts_us` (and `h.lsn`)
+/// the snapshot's position, where the keys it did not name end.
+pub fn write_snapshot_end(b: &mut Vec<u8>, spec: &TableSpec, h: &Header<'_>) {
+    let null = |b: &mut Vec<u8>| b.extend_from_slice(b"null");
+    write_event(
+        b,
+        spec,
+        &Header {
+            op: Op::SnapshotEnd,
+            incremental: true,
+            ..*h
+        },
+        null,
+        null,
     );
 }
 
@@ -209,6 +232,7 @@ mod tests {
             op: Op::Update,
             mode: CaptureMode::Timestamp,
             snapshot: false,
+            incremental: false,
             db: Some("d"),
             ts_us: 5,
             key: "7",
@@ -249,6 +273,7 @@ mod tests {
             op: Op::Update,
             mode: CaptureMode::Logical,
             snapshot: false,
+            incremental: false,
             db: Some("d"),
             ts_us: 5,
             key: "ignored",

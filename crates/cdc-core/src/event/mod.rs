@@ -22,7 +22,15 @@ use serde::Deserialize;
 /// Version 4 adds the schema event (`op` `s`: no row images, no key; a `schema_change` object
 /// with the table's changes and its columns after them); a loader that reads only version 3
 /// refuses version-4 files instead of applying changes of a shape it does not know.
-pub const FORMAT_VERSION: u32 = 4;
+/// Version 5 adds the re-snapshot (`extractor resnapshot`): its rows are `r` events with
+/// `source.snapshot` `"incremental"` (Debezium's name for a snapshot taken while streaming),
+/// all at the snapshot's position, and it ends with a snapshot-end event (`op` `e`: no row
+/// images, no key) at the same position: every key the history holds at that position and
+/// the snapshot did not name ends there. A loader that reads only version 4 refuses version-5
+/// files instead of leaving those keys current.
+pub const FORMAT_VERSION: u32 = 5;
+/// The first format version with re-snapshots.
+pub const RESNAPSHOT_FORMAT_VERSION: u32 = 5;
 /// The first format version with schema events.
 pub const SCHEMA_FORMAT_VERSION: u32 = 4;
 /// The first format version with truncate events.
@@ -46,6 +54,9 @@ pub enum Op {
     /// A change of the table's columns (`schema_change` says which).
     #[serde(rename = "s")]
     Schema,
+    /// The end of a re-snapshot of the table: the keys it did not name end at its position.
+    #[serde(rename = "e")]
+    SnapshotEnd,
 }
 
 impl Op {
@@ -57,10 +68,11 @@ impl Op {
             Op::Read => 'r',
             Op::Truncate => 't',
             Op::Schema => 's',
+            Op::SnapshotEnd => 'e',
         }
     }
 
-    /// The code as it stands in an event (`"c"`, `"u"`, `"d"`, `"r"`, `"t"`, `"s"`).
+    /// The code as it stands in an event (`"c"`, `"u"`, `"d"`, `"r"`, `"t"`, `"s"`, `"e"`).
     pub fn as_str(self) -> &'static str {
         match self {
             Op::Create => "c",
@@ -69,6 +81,7 @@ impl Op {
             Op::Read => "r",
             Op::Truncate => "t",
             Op::Schema => "s",
+            Op::SnapshotEnd => "e",
         }
     }
 
@@ -81,6 +94,7 @@ impl Op {
             "r" => Some(Op::Read),
             "t" => Some(Op::Truncate),
             "s" => Some(Op::Schema),
+            "e" => Some(Op::SnapshotEnd),
             _ => None,
         }
     }

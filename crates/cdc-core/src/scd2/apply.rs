@@ -287,6 +287,29 @@ pub async fn apply_files(
                 }
                 stats.phases_ms[2] += lap(&mut clock);
             }
+            Read::SnapshotEnd { file, ev } => {
+                if how.held.get(ev.table).is_some_and(|h| h.is_some()) {
+                    continue;
+                }
+                stats.events += 1;
+                let n = store.snapshot_end(ev.table, ev.ts_us, ev.lsn).await?;
+                stats.versions_closed += n;
+                stats.deletes += n;
+                facts[file].deletes += n as i64;
+                if let Some(s) = stats.tables.get_mut(ev.table) {
+                    s.events += 1;
+                    s.closed += n;
+                    s.deletes += n;
+                }
+                if n > 0 {
+                    tracing::info!(
+                        table = %how.specs.get(ev.table).map(|s| s.qualified()).unwrap_or_default(),
+                        ended = n,
+                        "a re-snapshot ended the keys it no longer has"
+                    );
+                }
+                stats.phases_ms[2] += lap(&mut clock);
+            }
             Read::Done(read) => {
                 for (f, r) in facts.iter_mut().zip(read) {
                     (f.events, f.first, f.last) = (r.events, r.first, r.last);
@@ -341,6 +364,12 @@ async fn apply_table(
     if let Some(t) = stats.tables.get_mut(table) {
         t.events += events.len() as u64;
     }
+    let snapshot_rows: Vec<&crate::event::DecodedEvent> = events
+        .iter()
+        .filter(|e| e.ev.resnapshot)
+        .map(|e| &e.ev)
+        .collect();
+    store.resnapshot_keys(table, &snapshot_rows).await?;
     let keys = plan::keys(events);
     let newest = if keys.is_empty() {
         Default::default()

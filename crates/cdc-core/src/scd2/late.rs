@@ -8,6 +8,8 @@
 //!   the version ended (unless it equals the version's state);
 //! - a state in a gap (before the key's first version, after a delete): a version from there
 //!   up to the next one, or to a remembered delete before that;
+//! - either way, a version the new one runs up to that holds the same state (a re-snapshot's
+//!   row that arrived before the change that made it) is replaced by it;
 //! - a delete inside a version: the version ends there, deleted;
 //! - a delete the history holds nothing of before (in a gap, or of a key it does not hold
 //!   at all): remembered in `cdc_pending_deletes`, and applied when a version it ends
@@ -188,6 +190,22 @@ async fn settle(
     Ok(())
 }
 
+/// Where a version ends and by what (`None`: it is current).
+fn ends_of(v: &Around) -> Option<(Op, i64, Option<i64>)> {
+    let op = if v.truncated {
+        Op::Truncate
+    } else if v.deleted {
+        Op::Delete
+    } else {
+        Op::Update
+    };
+    if v.current {
+        None
+    } else {
+        v.to.map(|(t, l)| (op, t, l))
+    }
+}
+
 fn covers(v: &Around, ts: i64) -> bool {
     v.to.is_none_or(|(to, _)| to > ts)
 }
@@ -202,7 +220,7 @@ async fn place_one(
     batch: &str,
     placed: &mut Placed,
 ) -> Result<()> {
-    if ev.op == Op::Truncate || ev.op == Op::Schema {
+    if matches!(ev.op, Op::Truncate | Op::Schema | Op::SnapshotEnd) {
         return Ok(());
     }
     let pos = (ev.ts_us, ev.lsn.unwrap_or(0));
@@ -246,18 +264,7 @@ async fn place_one(
             }
             end_at(tx, sql, p.id, pos, ev.lsn, false).await?;
             placed.closed += 1;
-            let op = if p.truncated {
-                Op::Truncate
-            } else if p.deleted {
-                Op::Delete
-            } else {
-                Op::Update
-            };
-            if p.current {
-                None
-            } else {
-                p.to.map(|(t, l)| (op, t, l))
-            }
+            ends_of(p)
         }
         None => {
             let h = sql.history().to_owned();
@@ -288,6 +295,31 @@ async fn place_one(
             }
         }
     };
+    // The version the new one runs up to holding this very state (a re-snapshot's row,
+    // placed before the change that made it arrived) is this state, known late: the new
+    // version replaces it, as in order the later equal state would have added nothing.
+    let end = match end {
+        Some((Op::Update, t, l)) => {
+            let at = (t, l.unwrap_or(0));
+            match around_prev(tx, sql, &ev.key, at).await? {
+                Some(n) if n.from == at && n.hash == hash => {
+                    tx.execute(
+                        &format!("DELETE FROM {} WHERE surrogate_key = $1", sql.history()),
+                        &[&n.id],
+                    )
+                    .await
+                    .map_err(ctx(format!(
+                        "replacing an equal version in {}",
+                        sql.history()
+                    )))?;
+                    placed.closed += 1;
+                    ends_of(&n)
+                }
+                _ => end,
+            }
+        }
+        end => end,
+    };
     let next_ev = end.map(|(op, ts_us, lsn)| DecodedEvent {
         table: ev.table,
         op,
@@ -298,6 +330,7 @@ async fn place_one(
         captured_ms: ev.captured_ms,
         values: Values::default(),
         schema: None,
+        resnapshot: false,
     });
     let v = NewVersion {
         event: ev,

@@ -377,6 +377,7 @@ mod tests {
                 captured_ms: 0,
                 values: [Some("a"), Some(qty)].into_iter().collect(),
                 schema: None,
+                resnapshot: false,
             };
             Ev {
                 ord,
@@ -438,6 +439,7 @@ mod tests {
                             captured_ms: 0,
                             values: Values::default(),
                             schema: None,
+                            resnapshot: false,
                         });
                         continue;
                     }
@@ -469,6 +471,7 @@ mod tests {
                         captured_ms: 0,
                         values,
                         schema: None,
+                        resnapshot: false,
                     });
                 }
             }

@@ -23,6 +23,8 @@ pub enum Read {
         line: usize,
         ev: DecodedEvent,
     },
+    /// A re-snapshot's end (from file `file`): its rows are in earlier chunks.
+    SnapshotEnd { file: usize, ev: DecodedEvent },
     /// All read: per file, its events and first and last change times.
     Done(Vec<FileRead>),
 }
@@ -39,7 +41,8 @@ pub struct FileRead {
 /// The reading thread: decodes and hashes the events of `files` and sends them in chunks of
 /// at most `chunk_events` (never splitting one change time: events at one instant, a
 /// transaction in logical mode, stay together, so a key never gets two versions at one
-/// instant; only a schema event ends a chunk wherever it stands), then the per-file facts.
+/// instant, except a re-snapshot's rows, which are of distinct keys; only a schema event or a
+/// re-snapshot's end ends a chunk wherever it stands), then the per-file facts.
 /// A schema event changes the description later events of its table are decoded by. Stops
 /// when the applier has gone.
 /// The events of the tables `reads` says no to are skipped undecoded, and so are the lines
@@ -172,7 +175,25 @@ pub fn read_chunks(
                 }
                 continue;
             }
-            if chunk.len() >= chunk_events && chunk.last().is_some_and(|l| l.ev.ts_us != ev.ts_us) {
+            if ev.op == crate::event::Op::SnapshotEnd {
+                tables.insert(ev.table);
+                if let Some(p) = permit.take() {
+                    p.send(Ok(Read::Chunk(std::mem::take(&mut chunk))));
+                }
+                if send
+                    .blocking_send(Ok(Read::SnapshotEnd { file: fi, ev }))
+                    .is_err()
+                {
+                    return;
+                }
+                continue;
+            }
+            // A re-snapshot's rows share one instant but never a key: they may be split.
+            if chunk.len() >= chunk_events
+                && chunk
+                    .last()
+                    .is_some_and(|l| l.ev.ts_us != ev.ts_us || (l.ev.resnapshot && ev.resnapshot))
+            {
                 if let Some(p) = permit.take() {
                     p.send(Ok(Read::Chunk(std::mem::take(&mut chunk))));
                 }

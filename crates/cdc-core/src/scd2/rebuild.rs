@@ -54,7 +54,8 @@ impl Rebuilt {
         if !self.missing_files.is_empty() {
             out.push_str(&format!(
                 "  {} file(s) recorded as applied are not in processed/ (pruned by CDC_PROCESSED_RETENTION_DAYS, or moved): \
-                 their changes are not in the rebuild; first: {}\n",
+                 their changes are not in the rebuild (after --replace, `extractor resnapshot` of the table makes \
+                 its current rows the source's again); first: {}\n",
                 self.missing_files.len(),
                 self.missing_files[0]
             ));

@@ -72,6 +72,7 @@ mod tests {
             captured_ms: 0,
             values: values.iter().copied().collect(),
             schema: None,
+            resnapshot: false,
         }
     }
 

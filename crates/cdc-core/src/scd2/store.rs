@@ -92,6 +92,25 @@ pub trait HistoryStore {
         versions: &[NewVersion<'_>],
     ) -> impl Future<Output = Result<u64>> + Send;
 
+    /// Remembers the keys of a re-snapshot's rows of `table` (each event's key, at its
+    /// position) until the snapshot's end.
+    fn resnapshot_keys(
+        &mut self,
+        table: usize,
+        rows: &[&DecodedEvent],
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// A re-snapshot of `table` ends at `(ts_us, lsn)`: every version there that holds a key
+    /// the snapshot did not name ends there, deleted (a current one is closed; a later one
+    /// is split, as a late delete would); the snapshot's keys are forgotten. Returns how many
+    /// versions ended.
+    fn snapshot_end(
+        &mut self,
+        table: usize,
+        ts_us: i64,
+        lsn: Option<i64>,
+    ) -> impl Future<Output = Result<u64>> + Send;
+
     /// Places late events of `table` in their keys' chains, remembers the deletes of keys it
     /// holds nothing of, and ends the versions of `touched` keys at remembered deletes (see
     /// `scd2::late`).
@@ -155,6 +174,9 @@ pub struct HistorySql {
     late_next: String,
     /// Which of a list of (key, time) the history has a change at already.
     late_dups: String,
+    /// Remember a re-snapshot's keys; end the versions of the keys it did not name.
+    resnapshot_keys: String,
+    snapshot_end: String,
 }
 
 impl HistorySql {
@@ -345,7 +367,38 @@ impl HistorySql {
             lsn = n + 2,
             matched = key_match("f"),
         );
+        let resnapshot_keys =
+            format!(
+            "INSERT INTO public.cdc_resnapshot_keys (history_table, snapshot_at, snapshot_lsn, key)
+             SELECT $1, f.at, f.lsn, ARRAY[{parts}]
+             FROM unnest($2::timestamptz[], $3::int8[], {arrays}) AS f(at, lsn, {names})
+             ON CONFLICT DO NOTHING",
+            parts = (0..n).map(|j| format!("f.k{j}")).collect::<Vec<_>>().join(", "),
+            arrays = key_arrays(4),
+            names = (0..n).map(|j| format!("k{j}")).collect::<Vec<_>>().join(", "),
+        );
+        // The version of each key at the snapshot's position (started before it, ended after
+        // it), unless the snapshot named the key.
+        let named = spec
+            .key
+            .iter()
+            .zip(&spec.history_key_columns)
+            .enumerate()
+            .map(|(j, (k, hk))| format!("x.{hk} = s.key[{}]::{}", j + 1, k.sql_type))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        let snapshot_end = format!(
+            "UPDATE {h} x SET valid_to = $1, end_lsn = CASE WHEN $2::int8 = 0 THEN NULL ELSE '0/0'::pg_lsn + $2::int8::numeric END,
+                              is_current = false, is_deleted = true, is_truncated = false, updated_at = now()
+             WHERE (x.valid_from, coalesce(x.source_lsn, '0/0')) < ($1::timestamptz, '0/0'::pg_lsn + $2::int8::numeric)
+               AND (x.valid_to IS NULL
+                    OR (x.valid_to, coalesce(x.end_lsn, '0/0')) > ($1::timestamptz, '0/0'::pg_lsn + $2::int8::numeric))
+               AND NOT EXISTS (SELECT 1 FROM public.cdc_resnapshot_keys s
+                               WHERE s.history_table = $3 AND s.snapshot_at = $1 AND s.snapshot_lsn = $2 AND {named})"
+        );
         HistorySql {
+            resnapshot_keys,
+            snapshot_end,
             history: h,
             newest,
             close,
@@ -497,6 +550,58 @@ impl HistoryStore for PgHistory<'_> {
     async fn insert(&mut self, table: usize, versions: &[NewVersion<'_>]) -> Result<u64> {
         let sql = self.sql(table)?;
         copy_versions(self.tx, sql, versions).await
+    }
+
+    async fn resnapshot_keys(&mut self, table: usize, rows: &[&DecodedEvent]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let sql = self.sql(table)?;
+        // Each row at its snapshot's position (a chunk may hold the rows of two snapshots of
+        // a table when the end of the first is in a file not applied yet).
+        let at: Vec<DateTime<Utc>> = rows
+            .iter()
+            .map(|e| DateTime::from_timestamp_micros(e.ts_us).unwrap_or_default())
+            .collect();
+        let lsn: Vec<i64> = rows.iter().map(|e| e.lsn.unwrap_or(0)).collect();
+        let arrays = sql.key_arrays(rows.iter().map(|e| e.key.as_str()))?;
+        let arrays: Vec<Vec<&str>> = arrays
+            .iter()
+            .map(|a| a.iter().map(|p| p.as_ref()).collect())
+            .collect();
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&sql.history, &at, &lsn];
+        params.extend(arrays.iter().map(|a| a as &(dyn ToSql + Sync)));
+        self.tx
+            .execute(sql.resnapshot_keys.as_str(), &params)
+            .await
+            .map_err(ctx(format!(
+                "remembering the keys of a re-snapshot of {}",
+                sql.history
+            )))?;
+        Ok(())
+    }
+
+    async fn snapshot_end(&mut self, table: usize, ts_us: i64, lsn: Option<i64>) -> Result<u64> {
+        let sql = self.sql(table)?;
+        let at = DateTime::from_timestamp_micros(ts_us).unwrap_or_default();
+        let lsn = lsn.unwrap_or(0);
+        let ended = self
+            .tx
+            .execute(sql.snapshot_end.as_str(), &[&at, &lsn, &sql.history])
+            .await
+            .map_err(ctx(format!(
+                "ending the keys a re-snapshot of {} did not name",
+                sql.history
+            )))?;
+        self.tx
+            .execute(
+                "DELETE FROM public.cdc_resnapshot_keys
+                 WHERE history_table = $1 AND snapshot_at = $2 AND snapshot_lsn = $3",
+                &[&sql.history, &at, &lsn],
+            )
+            .await
+            .map_err(ctx("forgetting a re-snapshot's keys"))?;
+        Ok(ended)
     }
 
     async fn late(

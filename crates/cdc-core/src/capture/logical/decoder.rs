@@ -290,6 +290,7 @@ impl<'a> TxDecoder<'a> {
             op,
             mode: CaptureMode::Logical,
             snapshot: false,
+            incremental: false,
             db: Some(self.db),
             ts_us: self.commit_ts_us,
             key,

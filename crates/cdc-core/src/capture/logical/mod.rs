@@ -222,6 +222,99 @@ impl LogicalCapture {
             }
         }
         let now = Utc::now();
+        // Re-snapshots asked for (`extractor resnapshot`): written first in the pass's batch.
+        let requested: Vec<String> = self
+            .specs
+            .iter()
+            .map(|s| s.qualified())
+            .filter(|t| super::resnapshot::requested(&self.state_dir, t))
+            .collect();
+        sink.begin(now, self.progress.next_file_seq);
+        let mut out = PassOutcome::default();
+        if !requested.is_empty() {
+            let taken = self
+                .resnapshot(client, sink, &requested, now.timestamp_millis())
+                .await;
+            match taken {
+                Ok(rows) => out.rows += rows,
+                Err(e) => {
+                    sink.abort();
+                    return Err(e);
+                }
+            }
+        }
+        let result = self.decode_slot(client, sink, now, out).await;
+        let (out, durable) = commit_if_ok(sink, result)?;
+        self.after_pass(client, out, durable, &requested).await
+    }
+
+    /// Reads `tables` again, each whole, in one snapshot, into `sink`. Each table is locked
+    /// `IN SHARE MODE` before the snapshot: its writers finish first, and the next wait for
+    /// the copy to end, so every transaction of the table the snapshot shows committed before
+    /// the clock and WAL position read with it (the snapshot's position) and every other
+    /// commits after. Returns the rows.
+    async fn resnapshot(
+        &mut self,
+        client: &mut Client,
+        sink: &mut dyn ChangeSink,
+        tables: &[String],
+        captured_ms: i64,
+    ) -> Result<u64> {
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .start()
+            .await
+            .map_err(ctx("starting the re-snapshot transaction"))?;
+        tx.batch_execute(&format!("LOCK TABLE {} IN SHARE MODE", tables.join(", ")))
+            .await
+            .map_err(ctx("locking the tables to read again"))?;
+        let row = tx
+            .query_one(
+                "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8,
+                        (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8",
+                &[],
+            )
+            .await
+            .map_err(ctx("reading the re-snapshot's position"))?;
+        let (ts_us, lsn): (i64, i64) = (row.get(0), row.get(1));
+        tx.batch_execute(TEXT_OUTPUT_SETTINGS)
+            .await
+            .map_err(ctx("setting the output format"))?;
+        let mut rows = 0;
+        for spec in self
+            .specs
+            .iter()
+            .filter(|s| tables.contains(&s.qualified()))
+        {
+            let n = super::resnapshot::copy_table(
+                &tx,
+                spec,
+                CaptureMode::Logical,
+                ts_us,
+                Some(lsn as u64),
+                captured_ms,
+                sink,
+            )
+            .await?;
+            tracing::info!(table = %spec.qualified(), rows = n, lsn, "re-snapshot taken");
+            rows += n;
+        }
+        tx.commit()
+            .await
+            .map_err(ctx("ending the re-snapshot transaction"))?;
+        Ok(rows)
+    }
+
+    /// The slot's part of a pass: the heartbeat, then every change the slot holds (up to the
+    /// pass's limit) decoded into `sink`'s open batch.
+    async fn decode_slot(
+        &mut self,
+        client: &mut Client,
+        sink: &mut dyn ChangeSink,
+        now: chrono::DateTime<Utc>,
+        mut out: PassOutcome,
+    ) -> Result<Decoded> {
         // The slot is confirmed only at the end of a commit this pass decoded: a position
         // decoding has provably passed (an arbitrary LSN, such as the flush position, can fall
         // inside a commit record not yet decoded, and that transaction would be skipped).
@@ -237,6 +330,11 @@ impl LogicalCapture {
             )
             .await
             .map_err(ctx("writing the heartbeat message"))?;
+        let filter = self
+            .progress
+            .logical
+            .as_ref()
+            .and_then(|l| l.filter.clone());
         let max = self.slot.max_changes_per_pass;
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
             [&self.slot.slot, &max, &self.slot.publication];
@@ -251,19 +349,12 @@ impl LogicalCapture {
             .map_err(ctx(format!("reading changes from slot {}", self.slot.slot)))?;
         pin_mut!(rows);
 
-        let filter = self
-            .progress
-            .logical
-            .as_ref()
-            .and_then(|l| l.filter.clone());
-        sink.begin(now, self.progress.next_file_seq);
         let written = if self.selection.is_some() {
             self.progress.shapes.clone()
         } else {
             Default::default()
         };
         let mut dec = TxDecoder::new(&self.specs, written, &self.db, now.timestamp_millis());
-        let mut out = PassOutcome::default();
         let mut last_end: Option<u64> = None;
         let mut last_commit_us: Option<i64> = None;
         let result: Result<()> = async {
@@ -295,7 +386,32 @@ impl LogicalCapture {
         .await;
         let written = std::mem::take(&mut dec.written);
         drop(dec);
-        let ((), durable) = commit_if_ok(sink, result)?;
+        result?;
+        Ok(Decoded {
+            out,
+            written,
+            filter,
+            last_end,
+            last_commit_us,
+        })
+    }
+
+    /// After the pass's batch is durable: the shapes it wrote, the slot confirmed, the
+    /// progress saved, then the re-snapshot requests it took removed.
+    async fn after_pass(
+        &mut self,
+        client: &mut Client,
+        decoded: Decoded,
+        durable: crate::sink::Durable,
+        requested: &[String],
+    ) -> Result<PassOutcome> {
+        let Decoded {
+            out,
+            written,
+            filter,
+            last_end,
+            last_commit_us,
+        } = decoded;
         // The schema events are durable: the change log describes the tables so from now on.
         if self.selection.is_some() {
             self.progress.shapes = written;
@@ -349,16 +465,29 @@ impl LogicalCapture {
                 .save(&self.state_dir, &self.progress_name, None, &durable)?;
         }
         self.drained_to = last_end;
+        for t in requested {
+            super::resnapshot::done(&self.state_dir, t)?;
+        }
         // For the metrics only: a failure to read it does not fail the pass.
         out.slot = slot::lag(client, &self.slot.slot).await.ok().flatten();
         Ok(out)
     }
 }
 
+/// What decoding the slot gave a pass, before its batch is committed.
+struct Decoded {
+    out: PassOutcome,
+    written: std::collections::BTreeMap<String, crate::schema_change::Shape>,
+    filter: Option<SnapshotFilter>,
+    last_end: Option<u64>,
+    last_commit_us: Option<i64>,
+}
+
 impl LogicalCapture {
-    /// The tables now configured must be those the initial copy took: a table added since
-    /// has no initial copy, and its rows that never change would be missing for good.
-    fn check_copied_tables(&self) -> Result<()> {
+    /// The tables now configured must include those the initial copy took (a table left out
+    /// would stay current in the history without its changes); a table added since takes its
+    /// initial copy as a re-snapshot (requested here, taken by the next pass).
+    fn check_copied_tables(&mut self) -> Result<()> {
         let Some(state) = &self.progress.logical else {
             return Ok(());
         };
@@ -373,16 +502,36 @@ impl LogicalCapture {
         if copied == now {
             return Ok(());
         }
-        Err(Error::State {
-            path: Progress::path(&self.state_dir, &self.progress_name),
-            message: format!(
-                "the initial copy took {}, but CDC_TABLES now names {}: a table added since has no initial copy. \
-                 Name the same tables, or run `extractor drop-slot` (which forgets this progress) to start over with \
-                 a new initial copy of every table",
-                copied.join(", "),
-                now.join(", ")
-            ),
-        })
+        let dropped: Vec<&String> = copied.iter().filter(|t| !now.contains(t)).collect();
+        if !dropped.is_empty() {
+            return Err(Error::State {
+                path: Progress::path(&self.state_dir, &self.progress_name),
+                message: format!(
+                    "the initial copy took {}, but CDC_TABLES now names {}: the slot would stop delivering {} while \
+                     its history stays current. Name them again, or run `extractor drop-slot` (which forgets this \
+                     progress) to start over with a new initial copy of every table",
+                    copied.join(", "),
+                    now.join(", "),
+                    dropped
+                        .iter()
+                        .map(|t| t.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+        }
+        // A table added since (to CDC_TABLES, or matching a `schema.*` entry) takes its
+        // initial copy as a re-snapshot: the request is durable before the progress names it.
+        for t in now.iter().filter(|t| !copied.contains(t)) {
+            if !super::resnapshot::requested(&self.state_dir, t) {
+                super::resnapshot::request(&self.state_dir, t)?;
+            }
+            tracing::info!(table = %t, "table added: its initial copy is taken as a re-snapshot");
+        }
+        if let Some(l) = self.progress.logical.as_mut() {
+            l.tables = now;
+        }
+        Ok(())
     }
 }
 
@@ -406,13 +555,33 @@ impl ChangeSource for LogicalCapture {
         slot::ensure_publication(client, &self.slot, &self.specs).await?;
         if !slot::exists(client, &self.slot).await? {
             if self.snapshot_done() {
-                return Err(Error::State {
-                    path: Progress::path(&self.state_dir, &self.progress_name),
-                    message: format!(
-                        "the replication slot {} is gone, so changes since the last pass may be lost; remove this file to take a new snapshot",
-                        self.slot.slot
-                    ),
-                });
+                let tables: Vec<String> = self.specs.iter().map(|s| s.qualified()).collect();
+                if !tables
+                    .iter()
+                    .all(|t| super::resnapshot::requested(&self.state_dir, t))
+                {
+                    return Err(Error::State {
+                        path: Progress::path(&self.state_dir, &self.progress_name),
+                        message: format!(
+                            "the replication slot {} is gone, so changes since the last pass may be lost; \
+                             run `extractor resnapshot --all` to create it again and read every table again \
+                             ({}): the history keeps its versions, gains one where a row differs and ends the \
+                             keys deleted meanwhile",
+                            self.slot.slot,
+                            tables.join(", ")
+                        ),
+                    });
+                }
+                // Every table is read again after the new slot's start: what the lost slot
+                // held is in the snapshots, and what commits after them comes from the slot.
+                tracing::warn!(slot = %self.slot.slot, "replication slot gone: creating it again; every table is read again");
+                slot::create_owned(client, &self.slot, &self.state_dir, &self.progress_name)
+                    .await?;
+                if let Some(l) = self.progress.logical.as_mut() {
+                    l.filter = None;
+                }
+                self.check_copied_tables()?;
+                return Ok(());
             }
             slot::create_owned(client, &self.slot, &self.state_dir, &self.progress_name).await?;
         } else if self.snapshot_done() {
@@ -445,6 +614,13 @@ impl ChangeSource for LogicalCapture {
         let Some(drained_to) = self.drained_to else {
             return Ok(false);
         };
+        if self
+            .specs
+            .iter()
+            .any(|s| super::resnapshot::requested(&self.state_dir, &s.qualified()))
+        {
+            return Ok(false);
+        }
         let end: i64 = client
             .query_one(
                 "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8",
