@@ -202,7 +202,7 @@ bench-quick: ## About a minute: 10,000 operations, 1 run, 15 s steady phase, no 
 	$(BENCH_DB_ENV) scripts/local-db.sh start
 	cargo build --release --bins
 	$(BENCH_ENV) $(or $(CARGO_TARGET_DIR),target)/release/bench --ops 10000 --runs 1 \
-	  --steady-seconds 15 --rss-factor 0 $(BENCH_ARGS)
+	  --steady-seconds 15 --rss-factor 0 --rounds 3 --round-rows 10000 $(BENCH_ARGS)
 
 bench-db-stop: ## Stop the benchmark's clusters (ports 55633/55634)
 	$(BENCH_DB_ENV) scripts/local-db.sh stop

@@ -74,7 +74,7 @@ pub async fn warm(source: &Client) -> Result<()> {
     Ok(())
 }
 
-async fn history_columns(wh: &Client, spec: &TableSpec) -> Result<Vec<String>> {
+pub async fn history_columns(wh: &Client, spec: &TableSpec) -> Result<Vec<String>> {
     let rows = wh
         .query(
             "SELECT column_name::text FROM information_schema.columns

@@ -6,6 +6,7 @@ mod ceilings;
 mod cpu;
 mod procs;
 mod report;
+mod rounds;
 mod setup;
 
 use anyhow::{bail, Context, Result};
@@ -42,9 +43,17 @@ enum Command {
 
 #[derive(clap::Args, Debug, Clone, Serialize)]
 pub struct BenchArgs {
-    /// Operations of the workload (the mutator's mix, seeded)
+    /// Operations of the workload (the mutator's mix, seeded); 0 skips the throughput and
+    /// memory runs
     #[arg(long, default_value = "100000")]
     ops: u64,
+    /// Update-every-row rounds: each updates every one of --round-rows orders and times the
+    /// loader beside the least SQL doing the same work (0 skips them)
+    #[arg(long, default_value = "10")]
+    rounds: usize,
+    /// Rows of the update-every-row rounds
+    #[arg(long, default_value = "100000")]
+    round_rows: u64,
     /// Runs of each measurement; figures are the median with min–max
     #[arg(long, default_value = "3")]
     runs: usize,
@@ -185,6 +194,7 @@ pub struct ModeResults {
     pub throughput: Vec<ThroughputRun>,
     pub steady: Vec<SteadyRun>,
     pub large: Option<ThroughputRun>,
+    pub rounds: Vec<rounds::Round>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -208,8 +218,11 @@ async fn run(args: BenchArgs) -> Result<()> {
             bail!("--modes: '{m}' is not a capture mode (timestamp, logical)");
         }
     }
-    if args.runs == 0 || args.ops == 0 {
-        bail!("--runs and --ops must be at least 1");
+    if args.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    if args.rounds > 0 && args.round_rows == 0 {
+        bail!("--round-rows must be at least 1");
     }
     let bin_dir = match &args.bin_dir {
         Some(d) => d.clone(),
@@ -260,7 +273,7 @@ async fn run(args: BenchArgs) -> Result<()> {
             mode: mode.clone(),
             ..Default::default()
         };
-        for i in 0..args.runs {
+        for i in (0..args.runs).filter(|_| args.ops > 0) {
             eprintln!("bench: {mode}: throughput run {}/{}", i + 1, args.runs);
             r.throughput.push(
                 bench
@@ -275,7 +288,14 @@ async fn run(args: BenchArgs) -> Result<()> {
                     .push(bench.steady(mode, args.seed + i as u64).await?);
             }
         }
-        if args.rss_factor > 1 {
+        if args.rounds > 0 {
+            eprintln!(
+                "bench: {mode}: {} update-every-row rounds over {} rows",
+                args.rounds, args.round_rows
+            );
+            r.rounds = bench.rounds(mode).await?;
+        }
+        if args.rss_factor > 1 && args.ops > 0 {
             let ops = args.ops * args.rss_factor;
             eprintln!("bench: {mode}: memory run at {ops} operations");
             r.large = Some(bench.throughput(mode, ops, args.seed, false).await?);

@@ -393,7 +393,36 @@ fn mode_lines(r: &ModeResults) -> Vec<Line> {
             None,
         ));
     }
+    out.extend(round_lines(m, &r.rounds));
     out.into_iter().flatten().collect()
+}
+
+/// Each update-every-row round (the loader's rate beside the least SQL's, ratio = least SQL
+/// time / loader time), and the last round's rate against the first's for both.
+fn round_lines(m: &str, rounds: &[crate::rounds::Round]) -> Vec<Option<Line>> {
+    let mut out = Vec::new();
+    for (i, r) in rounds.iter().enumerate() {
+        out.push(line(
+            m,
+            &format!("round {}: loader vs least SQL", i + 1),
+            "changes/s",
+            &[r.changes as f64 / r.loader_secs],
+            Some(&[r.changes as f64 / r.least_secs]),
+            Some(&[r.least_secs / r.loader_secs]),
+        ));
+    }
+    if let (Some(first), Some(last)) = (rounds.first(), rounds.last()) {
+        let rate = |n: u64, secs: f64| n as f64 / secs;
+        out.push(line(
+            m,
+            &format!("round {} / round 1: loader vs least SQL", rounds.len()),
+            "rate ratio",
+            &[rate(last.changes, last.loader_secs) / rate(first.changes, first.loader_secs)],
+            Some(&[rate(last.changes, last.least_secs) / rate(first.changes, first.least_secs)]),
+            None,
+        ));
+    }
+    out
 }
 
 #[cfg(test)]

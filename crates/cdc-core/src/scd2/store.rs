@@ -155,8 +155,14 @@ pub trait HistoryStore {
 #[derive(Debug, Clone)]
 pub struct HistorySql {
     history: String,
+    /// The current version of keys (from the one-current index: one row a key, however long
+    /// its history), with where it is stored (`ctid`).
+    newest_current: String,
+    /// The newest version of keys that have no current one (their chain ended).
     newest: String,
     close: String,
+    /// Closes current versions by where `newest_current` found them (and their key).
+    close_at: String,
     truncate: String,
     /// A late truncate (a file put back after later ones): the versions that spanned it,
     /// closed since by a later change, end at it.
@@ -293,6 +299,38 @@ impl HistorySql {
                 matched = key_match("f"),
             )
         };
+        let current_filter = if single_key_filter.is_empty() {
+            "WHERE x.is_current".to_owned()
+        } else {
+            format!("{single_key_filter} AND x.is_current")
+        };
+        let current_cols = "decode(replace(x.row_hash::text, '-', ''), 'hex'), x.valid_from,
+                    (coalesce(x.source_lsn, '0/0') - '0/0'::pg_lsn)::int8, x.ctid::text";
+        let newest_current = if key_by_text {
+            format!("SELECT {hk}::text, {current_cols} FROM {h} x {current_filter}")
+        } else {
+            format!(
+                "SELECT f.i::int8, {current_cols} FROM {h} x
+                 JOIN unnest({arrays}) WITH ORDINALITY AS f({key_names}i) ON {matched}
+                 {current_filter}",
+                arrays = key_arrays(1),
+                matched = key_match("f"),
+            )
+        };
+        let close_at = format!(
+            "UPDATE {h} x SET valid_to = f.ts, end_lsn = CASE WHEN f.lsn IS NULL THEN NULL ELSE '0/0'::pg_lsn + f.lsn::numeric END,
+                              is_current = false, is_deleted = f.del, is_truncated = f.trunc, updated_at = now()
+             FROM unnest(${tid}::text[]::tid[], {arrays}, ${ts}::timestamptz[], ${lsn}::int8[], ${del}::bool[], ${trunc}::bool[])
+                  AS f(tid, {key_names}ts, lsn, del, trunc)
+             WHERE x.ctid = f.tid AND {matched} AND x.is_current",
+            tid = 1,
+            arrays = key_arrays(2),
+            ts = n + 2,
+            lsn = n + 3,
+            del = n + 4,
+            trunc = n + 5,
+            matched = key_match("f"),
+        );
         let close = format!(
             "UPDATE {h} x SET valid_to = f.ts, end_lsn = CASE WHEN f.lsn IS NULL THEN NULL ELSE '0/0'::pg_lsn + f.lsn::numeric END,
                               is_current = false, is_deleted = f.del, is_truncated = f.trunc, updated_at = now()
@@ -400,8 +438,10 @@ impl HistorySql {
             resnapshot_keys,
             snapshot_end,
             history: h,
+            newest_current,
             newest,
             close,
+            close_at,
             truncate,
             truncate_late,
             copy_in,
@@ -429,6 +469,26 @@ pub struct PgHistory<'t> {
     remembered: super::late::Remembered,
     /// Whether applied batches are recorded (not by a rebuild, which replays them).
     record: bool,
+    /// Where the last `newest` found the current versions of its keys, for the `close`
+    /// that follows it: `(table, key → ctid)`.
+    found: Option<(usize, HashMap<String, Tid>)>,
+}
+
+/// Where a row is stored (`ctid`): block and line, as PostgreSQL prints it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Tid {
+    at: (u32, u16),
+    text: String,
+}
+
+impl Tid {
+    fn parse(text: String) -> Option<Tid> {
+        let (b, l) = text.strip_prefix('(')?.strip_suffix(')')?.split_once(',')?;
+        Some(Tid {
+            at: (b.parse().ok()?, l.parse().ok()?),
+            text,
+        })
+    }
 }
 
 impl<'t> PgHistory<'t> {
@@ -438,6 +498,7 @@ impl<'t> PgHistory<'t> {
             sqls,
             remembered: Default::default(),
             record: true,
+            found: None,
         }
     }
 
@@ -460,72 +521,83 @@ impl<'t> PgHistory<'t> {
 }
 
 impl HistoryStore for PgHistory<'_> {
+    /// The current versions of `keys` from the one-current index (one row a key, however
+    /// long its history); then, for the keys without one, their newest version. A key's
+    /// current version is its newest: versions of a key do not overlap and none is empty.
     async fn newest(&mut self, table: usize, keys: &[&str]) -> Result<HashMap<String, Newest>> {
+        self.found = None;
         let sql = self.sql(table)?;
-        let arrays = sql.key_arrays(keys.iter().copied())?;
-        let arrays: Vec<Vec<&str>> = arrays
-            .iter()
-            .map(|a| a.iter().map(|p| p.as_ref()).collect())
-            .collect();
-        let params: Vec<&(dyn ToSql + Sync)> =
-            arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
-        let rows = self
-            .tx
-            .query(sql.newest.as_str(), &params)
-            .await
-            .map_err(ctx(format!(
-                "reading the newest versions in {}",
-                sql.history
-            )))?;
-        let mut newest = HashMap::with_capacity(rows.len());
-        for r in rows {
-            let ts: DateTime<Utc> = r.get(3);
-            let key = if sql.key_by_text {
-                r.get::<_, String>(0)
-            } else {
-                let i: i64 = r.get(0);
-                let Some(key) = usize::try_from(i - 1).ok().and_then(|i| keys.get(i)) else {
-                    continue;
-                };
-                (*key).to_owned()
-            };
+        let rows = query_keys(self.tx, sql, &sql.newest_current, keys).await?;
+        let mut newest = HashMap::with_capacity(keys.len());
+        let mut found = HashMap::with_capacity(keys.len());
+        for (key, r) in rows {
+            let ts: DateTime<Utc> = r.get(2);
             newest.insert(
-                key,
+                key.clone(),
                 Newest {
-                    current: r.get(1),
-                    hash: hash16(r.get(2)),
+                    current: true,
+                    hash: hash16(r.get(1)),
                     ts_us: ts.timestamp_micros(),
-                    pos: r.get(4),
+                    pos: r.get(3),
                 },
             );
+            if let Some(tid) = Tid::parse(r.get(4)) {
+                found.insert(key, tid);
+            }
         }
+        let ended: Vec<&str> = keys
+            .iter()
+            .copied()
+            .filter(|k| !newest.contains_key(*k))
+            .collect();
+        if !ended.is_empty() {
+            for (key, r) in query_keys(self.tx, sql, &sql.newest, &ended).await? {
+                let ts: DateTime<Utc> = r.get(3);
+                newest.insert(
+                    key,
+                    Newest {
+                        current: r.get(1),
+                        hash: hash16(r.get(2)),
+                        ts_us: ts.timestamp_micros(),
+                        pos: r.get(4),
+                    },
+                );
+            }
+        }
+        self.found = Some((table, found));
         Ok(newest)
     }
 
+    /// Closes by where `newest` found the current versions (in storage order, so each page is
+    /// visited once, with no index lookup), checking each row is still its key's current
+    /// version; whatever that did not close (a key it did not find) is closed by key.
     async fn close(&mut self, table: usize, closes: &[Close<'_>]) -> Result<u64> {
+        let found = self.found.take();
         if closes.is_empty() {
             return Ok(0);
         }
         let sql = self.sql(table)?;
-        let arrays = sql.key_arrays(closes.iter().map(|c| c.key))?;
-        let arrays: Vec<Vec<&str>> = arrays
-            .iter()
-            .map(|a| a.iter().map(|p| p.as_ref()).collect())
-            .collect();
-        let ts: Vec<DateTime<Utc>> = closes
-            .iter()
-            .map(|c| DateTime::from_timestamp_micros(c.ts_us).unwrap_or_default())
-            .collect();
-        let lsn: Vec<Option<i64>> = closes.iter().map(|c| c.lsn).collect();
-        let del: Vec<bool> = closes.iter().map(|c| c.deleted).collect();
-        let trunc: Vec<bool> = closes.iter().map(|c| c.truncated).collect();
-        let mut params: Vec<&(dyn ToSql + Sync)> =
-            arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
-        params.extend([&ts as &(dyn ToSql + Sync), &lsn, &del, &trunc]);
-        self.tx
-            .execute(sql.close.as_str(), &params)
-            .await
-            .map_err(ctx(format!("closing current versions in {}", sql.history)))
+        let mut at: Vec<(&Tid, &Close<'_>)> = match &found {
+            Some((t, found)) if *t == table => closes
+                .iter()
+                .filter_map(|c| found.get(c.key).map(|tid| (tid, c)))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let mut closed = 0;
+        if !at.is_empty() {
+            at.sort_by(|a, b| a.0.cmp(b.0));
+            let tids: Vec<&str> = at.iter().map(|(t, _)| t.text.as_str()).collect();
+            let by_at: Vec<&Close<'_>> = at.iter().map(|(_, c)| *c).collect();
+            closed = close_rows(self.tx, sql, &sql.close_at, Some(&tids), &by_at).await?;
+        }
+        if closed < closes.len() as u64 {
+            // Rows that moved or keys not found: the key-based close finds what is still
+            // current (the rows closed above are not any more).
+            let all: Vec<&Close<'_>> = closes.iter().collect();
+            closed += close_rows(self.tx, sql, &sql.close, None, &all).await?;
+        }
+        Ok(closed)
     }
 
     async fn truncate(&mut self, table: usize, ts_us: i64, lsn: Option<i64>) -> Result<u64> {
@@ -708,6 +780,72 @@ impl HistoryStore for PgHistory<'_> {
             .map_err(ctx("recording applied batches"))?;
         Ok(())
     }
+}
+
+/// Runs a query over `keys` (as key-column arrays, `$1…`) whose first column is the key
+/// (its text, or its position in `keys`); returns each row with its key.
+async fn query_keys(
+    tx: &Transaction<'_>,
+    sql: &HistorySql,
+    query: &str,
+    keys: &[&str],
+) -> Result<Vec<(String, tokio_postgres::Row)>> {
+    let arrays = sql.key_arrays(keys.iter().copied())?;
+    let arrays: Vec<Vec<&str>> = arrays
+        .iter()
+        .map(|a| a.iter().map(|p| p.as_ref()).collect())
+        .collect();
+    let params: Vec<&(dyn ToSql + Sync)> =
+        arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+    let rows = tx.query(query, &params).await.map_err(ctx(format!(
+        "reading the newest versions in {}",
+        sql.history
+    )))?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let key = if sql.key_by_text {
+            r.get::<_, String>(0)
+        } else {
+            let i: i64 = r.get(0);
+            let Some(key) = usize::try_from(i - 1).ok().and_then(|i| keys.get(i)) else {
+                continue;
+            };
+            (*key).to_owned()
+        };
+        out.push((key, r));
+    }
+    Ok(out)
+}
+
+/// Runs a close (`close`, or `close_at` given the rows' `tids`) of `closes`.
+async fn close_rows(
+    tx: &Transaction<'_>,
+    sql: &HistorySql,
+    query: &str,
+    tids: Option<&[&str]>,
+    closes: &[&Close<'_>],
+) -> Result<u64> {
+    let arrays = sql.key_arrays(closes.iter().map(|c| c.key))?;
+    let arrays: Vec<Vec<&str>> = arrays
+        .iter()
+        .map(|a| a.iter().map(|p| p.as_ref()).collect())
+        .collect();
+    let ts: Vec<DateTime<Utc>> = closes
+        .iter()
+        .map(|c| DateTime::from_timestamp_micros(c.ts_us).unwrap_or_default())
+        .collect();
+    let lsn: Vec<Option<i64>> = closes.iter().map(|c| c.lsn).collect();
+    let del: Vec<bool> = closes.iter().map(|c| c.deleted).collect();
+    let trunc: Vec<bool> = closes.iter().map(|c| c.truncated).collect();
+    let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(arrays.len() + 5);
+    if let Some(t) = &tids {
+        params.push(t);
+    }
+    params.extend(arrays.iter().map(|a| a as &(dyn ToSql + Sync)));
+    params.extend([&ts as &(dyn ToSql + Sync), &lsn, &del, &trunc]);
+    tx.execute(query, &params)
+        .await
+        .map_err(ctx(format!("closing current versions in {}", sql.history)))
 }
 
 /// Writes versions with one text `COPY` straight into the history table.
