@@ -27,6 +27,7 @@ async fn logical_pass_with(db: &TestDb, max_rows: u64) -> PassOutcome {
         cfg.state_dir.clone(),
         cfg.slot.clone(),
         spec.qualified(),
+        cfg.source.clone(),
     )
     .unwrap();
     let mut sink = ChangeLogSink::new(&cfg.log_dir, &spec.name, max_rows);
