@@ -112,37 +112,14 @@ impl ReplicationStream {
     }
 
     async fn connect_inner(db: &DbSettings) -> Res<Self> {
-        let tcp = TcpStream::connect((db.host.as_str(), db.port)).await?;
-        tcp.set_nodelay(true)?;
-        let io: Box<dyn Io> = match db.tls.mode {
-            SslMode::Disable => Box::new(tcp),
-            mode => {
-                let mut tcp = tcp;
-                let mut req = BytesMut::new();
-                frontend::ssl_request(&mut req);
-                tcp.write_all(&req).await?;
-                let answer = tcp.read_u8().await?;
-                match answer {
-                    b'S' => {
-                        let mut maker = db
-                            .tls
-                            .connector()
-                            .map_err(|e| ReplicationError::Tls(Box::new(e)))?;
-                        let tls =
-                            MakeTlsConnect::<TcpStream>::make_tls_connect(&mut maker, &db.host)
-                                .map_err(|e| ReplicationError::Tls(e.into()))?;
-                        let stream = tls.connect(tcp).await.map_err(ReplicationError::Tls)?;
-                        Box::new(stream)
-                    }
-                    b'N' if mode == SslMode::Prefer => Box::new(tcp),
-                    b'N' => return Err(ReplicationError::NoTls),
-                    other => {
-                        return Err(ReplicationError::Protocol(format!(
-                            "answer {other:#x} to the SSL request"
-                        )))
-                    }
-                }
-            }
+        // A host that is a directory is a Unix socket's, as in libpq.
+        let io = if db.host.starts_with('/') {
+            let path = format!("{}/.s.PGSQL.{}", db.host, db.port);
+            negotiate(db, tokio::net::UnixStream::connect(path).await?).await?
+        } else {
+            let tcp = TcpStream::connect((db.host.as_str(), db.port)).await?;
+            tcp.set_nodelay(true)?;
+            negotiate(db, tcp).await?
         };
         let mut conn = ReplicationStream {
             io,
@@ -416,6 +393,38 @@ impl ReplicationStream {
                 )));
             }
         }
+    }
+}
+
+/// TLS as the SSL mode says: asked for unless `disable`; a server that declines is refused
+/// unless `prefer`; the handshake by the connector every other connection uses.
+async fn negotiate<S>(db: &DbSettings, mut stream: S) -> Res<Box<dyn Io>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + Sync + std::fmt::Debug + 'static,
+{
+    let mode = db.tls.mode;
+    if mode == SslMode::Disable {
+        return Ok(Box::new(stream));
+    }
+    let mut req = BytesMut::new();
+    frontend::ssl_request(&mut req);
+    stream.write_all(&req).await?;
+    match stream.read_u8().await? {
+        b'S' => {
+            let mut maker = db
+                .tls
+                .connector()
+                .map_err(|e| ReplicationError::Tls(Box::new(e)))?;
+            let tls = MakeTlsConnect::<S>::make_tls_connect(&mut maker, &db.host)
+                .map_err(|e| ReplicationError::Tls(e.into()))?;
+            let stream = tls.connect(stream).await.map_err(ReplicationError::Tls)?;
+            Ok(Box::new(stream))
+        }
+        b'N' if mode == SslMode::Prefer => Ok(Box::new(stream)),
+        b'N' => Err(ReplicationError::NoTls),
+        other => Err(ReplicationError::Protocol(format!(
+            "answer {other:#x} to the SSL request"
+        ))),
     }
 }
 
