@@ -5,7 +5,8 @@
 //! - one version per distinct committed state of a key, `valid_from` = its change time;
 //! - events at or before the newest position the history holds for a key are late (a file
 //!   applied again, the same change in two files, a quarantined file put back): the store
-//!   drops those it holds already and places the others in the key's chain (`Plan::late`);
+//!   drops those it holds already and places the others in the key's chain (`Plan::late`),
+//!   the last of each instant only;
 //! - of several events of one key at one instant the last (by LSN, then read order) wins;
 //! - an event equal to the state before it adds nothing;
 //! - a delete closes the chain; a later insert starts a new one;
@@ -157,10 +158,15 @@ pub fn plan(chunk: &[Ev], newest: &HashMap<String, Newest>) -> Plan {
         let lat = newest.get(key);
         let fresh = |i: usize| lat.is_none_or(|l| pos(&chunk[i].ev) > (l.ts_us, l.pos));
         // Late: before the newest position, at another instant (one at the newest's instant is
-        // that change again, or superseded by it).
+        // that change again, or superseded by it). Of one instant only the last state is
+        // placed, as in order: a transaction applied again whose states of the key came to
+        // nothing (6 → 18 → 6) left no row at its instant, and its intermediate state must
+        // not become one.
         out.late.extend((start..end).filter(|&i| {
             lat.is_some_and(|l| {
-                pos(&chunk[i].ev) < (l.ts_us, l.pos) && chunk[i].ev.ts_us != l.ts_us
+                pos(&chunk[i].ev) < (l.ts_us, l.pos)
+                    && chunk[i].ev.ts_us != l.ts_us
+                    && (i + 1 == end || chunk[i + 1].ev.ts_us != chunk[i].ev.ts_us)
             })
         }));
         // The key's events and the table's truncates, in position order (then read order).
