@@ -79,6 +79,52 @@ async fn the_binaries_run_the_pipeline_over_verified_tls_and_refuse_what_does_no
         .get(0);
     assert!(versions > 0, "history was written over TLS");
 
+    // Logical capture too: its replication stream is a connection of its own, held to the
+    // same settings (verify-full, SCRAM, a server that refuses anything unencrypted).
+    let logical = TestDb::on(
+        "e2e_tls_logical",
+        full(&source, DbRole::Source),
+        full(&warehouse, DbRole::Warehouse),
+    )
+    .await;
+    let versions = async || -> i64 {
+        logical
+            .warehouse_client()
+            .await
+            .query_one("SELECT count(*) FROM dim_orders_history", &[])
+            .await
+            .unwrap()
+            .get(0)
+    };
+    let mut copied = 0;
+    for args in [
+        &["extractor", "setup"][..],
+        &["extractor", "--once"],
+        &["scd2-loader", "--once"],
+        &["mutator", "--count", "40", "--seed", "7"],
+        &["extractor", "--once"],
+        &["scd2-loader", "--once"],
+        &["scd2-loader", "verify"],
+    ] {
+        if args[0] == "mutator" {
+            copied = versions().await;
+        }
+        let mut c = cmd(&logical, args[0]);
+        c.args(&args[1..]).env("CDC_CAPTURE_MODE", "logical");
+        let out = run(c);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "logical {args:?}: {}",
+            text(&out)
+        );
+    }
+    assert!(
+        versions().await > copied,
+        "changes after the initial copy were streamed over TLS"
+    );
+    logical.cleanup().await;
+
     // verify-ca does not check the host name: 127.0.0.1, which the certificate does not name,
     // passes.
     let mut c = cmd(&db, "scd2-loader");

@@ -21,6 +21,14 @@ pub enum Error {
         source: tokio_postgres::Error,
     },
 
+    /// Logical capture's replication stream (`db::replication`) failed.
+    #[error("replication stream error while {context}")]
+    Replication {
+        context: String,
+        #[source]
+        source: crate::db::replication::ReplicationError,
+    },
+
     #[error("could not get a connection while {context}")]
     Pool {
         context: String,
@@ -115,6 +123,7 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Db { source, .. } => is_transient_pg(source),
+            Error::Replication { source, .. } => source.is_transient(),
             Error::Pool { source, .. } => match source {
                 deadpool_postgres::PoolError::Backend(e) => is_transient_pg(e),
                 deadpool_postgres::PoolError::Timeout(_) => true,

@@ -345,7 +345,7 @@ fn kind(e: &Error) -> &'static str {
         return "data";
     }
     match e {
-        Error::Db { .. } | Error::Pool { .. } => "database",
+        Error::Db { .. } | Error::Pool { .. } | Error::Replication { .. } => "database",
         Error::Io { .. } => "io",
         Error::Config { .. } | Error::Setup { .. } | Error::State { .. } => "setup",
         Error::Parse { .. } | Error::Decode { .. } => "data",

@@ -1,10 +1,10 @@
 //! Replication slot administration for logical capture: check the server, create the
-//! publication and the `pgoutput` slot, confirm (advance) it once changes are durable, report
-//! its lag, drop it. Used by logical capture, `extractor drop-slot` and `status`.
+//! publication and the `pgoutput` slot, report its lag, drop it (the stream itself, and the
+//! confirmation of durable positions, are `db::replication` and `capture::logical`). Used
+//! by logical capture, `extractor drop-slot` and `status`.
 
 use crate::db::ctx;
 use crate::error::{Error, Result};
-use crate::sink::Durable;
 use crate::table::TableSpec;
 use tokio_postgres::Client;
 
@@ -288,27 +288,6 @@ pub async fn ensure_publication(
 
 fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
-}
-
-/// Confirms the slot up to `target` (never backwards). Takes the proof that the changes up
-/// to there are durable in the sink.
-pub async fn advance(
-    client: &Client,
-    slot: &SlotSettings,
-    target: u64,
-    _durable: &Durable,
-) -> Result<()> {
-    let target = target as i64;
-    client
-        .execute(
-            "SELECT pg_replication_slot_advance($1, '0/0'::pg_lsn + $2::int8::numeric)
-             FROM pg_replication_slots
-             WHERE slot_name = $1 AND confirmed_flush_lsn < '0/0'::pg_lsn + $2::int8::numeric",
-            &[&slot.slot, &target],
-        )
-        .await
-        .map_err(ctx(format!("confirming slot {}", slot.slot)))?;
-    Ok(())
 }
 
 /// The slot's retained WAL and confirmed lag, if it exists.

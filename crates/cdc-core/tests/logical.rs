@@ -27,6 +27,7 @@ async fn logical_pass_with(db: &TestDb, max_rows: u64) -> PassOutcome {
         cfg.state_dir.clone(),
         cfg.slot.clone(),
         spec.qualified(),
+        cfg.source.clone(),
     )
     .unwrap();
     let mut sink = ChangeLogSink::new(&cfg.log_dir, &spec.name, max_rows);
@@ -184,6 +185,65 @@ async fn logical_changes_inside_one_transaction_collapse_to_the_committed_state(
     );
     assert_eq!(flags(4).await, vec![(false, true)]);
     assert_eq!(flags(600).await, vec![(true, false)]);
+    db.cleanup().await;
+}
+
+/// A transaction whose changes of a key came to nothing (a value changed and changed back)
+/// leaves no version; applied again from another file after the key moved on (a restart
+/// before the slot was confirmed streams it again), its intermediate state must not become
+/// one.
+#[tokio::test]
+async fn logical_a_transaction_applied_again_adds_none_of_its_intermediate_states() {
+    let db = TestDb::new("logical_again_mid").await;
+    let source = db.source_client().await;
+    install_audit(&source).await;
+    let basis = logical_snapshot(&db).await;
+    source
+        .batch_execute(
+            "BEGIN;
+             UPDATE orders SET quantity = quantity + 100 WHERE id = 1;
+             UPDATE orders SET quantity = quantity - 100 WHERE id = 1;
+             COMMIT;",
+        )
+        .await
+        .unwrap();
+    source
+        .batch_execute("DELETE FROM orders WHERE id = 1")
+        .await
+        .unwrap();
+    drain(&db).await;
+    load(&db).await;
+    assert_history_exact_on(&db, &basis).await;
+    let wh = db.warehouse_client().await;
+    let versions = async || -> i64 {
+        wh.query_one(
+            "SELECT count(*) FROM dim_orders_history WHERE order_key = 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    };
+    let before = versions().await;
+    let processed = db.log_dir().join(cdc_core::changelog::PROCESSED_DIR);
+    let mut files: Vec<_> = std::fs::read_dir(&processed)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    for (i, f) in files.iter().enumerate() {
+        std::fs::copy(
+            f,
+            db.log_dir()
+                .join(format!("orders_99990101T000000.000000Z_{i:010}.jsonl")),
+        )
+        .unwrap();
+    }
+    let totals = load(&db).await;
+    assert_eq!(totals.applied.versions_inserted, 0, "{totals:?}");
+    assert_eq!(versions().await, before);
+    assert_history_exact_on(&db, &basis).await;
     db.cleanup().await;
 }
 

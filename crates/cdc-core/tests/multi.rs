@@ -54,6 +54,7 @@ pub async fn pass(db: &TestDb, specs: &[TableSpec], logical: bool) {
             cfg.state_dir.clone(),
             cfg.slot.clone(),
             logical_progress_name(specs, "cdc"),
+            cfg.source.clone(),
         )
         .unwrap();
         cap.prepare(&client).await.unwrap();

@@ -322,6 +322,7 @@ async fn a_publication_that_does_not_publish_truncates_is_refused() {
         cfg.state_dir.clone(),
         cfg.slot.clone(),
         spec.qualified(),
+        cfg.source.clone(),
     )
     .unwrap();
     let err = cap.prepare(&source).await.unwrap_err();

@@ -60,6 +60,12 @@ pub trait ChangeSource {
     /// when unsure, and always before the first pass). The loop then skips the pass.
     fn unchanged(&self, client: &Client) -> impl Future<Output = Result<bool>> + Send;
 
+    /// Whether a pass waits for changes itself (a replication stream): the loop then runs
+    /// the next pass at once instead of sleeping `CDC_EXTRACTION_INTERVAL_SECONDS`.
+    fn waits_for_changes(&self) -> bool {
+        false
+    }
+
     /// One pass: the changes since the last saved progress, written into `sink` and made
     /// durable there, then the progress moved.
     fn pass(
@@ -163,8 +169,14 @@ pub async fn run(cfg: ExtractorConfig, shutdown: Shutdown) -> Result<()> {
                 cfg.state_dir.clone(),
                 cfg.slot.clone(),
                 logical_progress_name(&specs, pipeline),
+                cfg.source.clone(),
             )?
             .following(cfg.tables.clone());
+            let source = if cfg.once {
+                source
+            } else {
+                source.streaming(looping.shutdown.clone())
+            };
             Box::pin(run_source(source, sink, client, looping)).await
         }
     }
@@ -256,7 +268,9 @@ async fn run_source(
     let mut last_full: Option<Instant> = None;
     let mut last_recorded: Option<Instant> = None;
     let outcome = loop {
-        if last_full.is_some_and(|t| t.elapsed() < IDLE_FULL_PASS_EVERY) {
+        if !capture.waits_for_changes()
+            && last_full.is_some_and(|t| t.elapsed() < IDLE_FULL_PASS_EVERY)
+        {
             match capture.unchanged(&source).await {
                 Ok(true) => {
                     if shutdown.sleep(cfg.interval).await {
@@ -346,7 +360,14 @@ async fn run_source(
             }
             Err(e) => break Err(e),
         }
-        if cfg.once || shutdown.sleep(cfg.interval).await {
+        if cfg.once {
+            break Ok(());
+        }
+        if capture.waits_for_changes() {
+            if shutdown.is_triggered() {
+                break Ok(());
+            }
+        } else if shutdown.sleep(cfg.interval).await {
             break Ok(());
         }
     };

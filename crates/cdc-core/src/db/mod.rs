@@ -2,6 +2,7 @@
 //! pools, and the backoff policy used when a connection is lost in the middle of work.
 
 pub mod copy_text;
+pub mod replication;
 pub mod tls;
 
 use crate::error::{Error, Result};
@@ -10,6 +11,13 @@ use crate::waiting::Waiting;
 use std::fmt;
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
+
+/// The `application_name` of every connection.
+pub(crate) const APPLICATION_NAME: &str = "cdc-historical-warehouse";
+
+/// The session settings of every connection (the replication connection's too): the text
+/// form of times depends on them.
+pub(crate) const SESSION_OPTIONS: &str = "-c TimeZone=UTC -c DateStyle=ISO";
 
 /// A password: never printed by `Debug` or `Display`.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -78,8 +86,8 @@ impl DbSettings {
             .dbname(&self.dbname)
             .user(&self.user)
             .password(self.password.0.as_bytes())
-            .application_name("cdc-historical-warehouse")
-            .options("-c TimeZone=UTC -c DateStyle=ISO")
+            .application_name(APPLICATION_NAME)
+            .options(SESSION_OPTIONS)
             .connect_timeout(Duration::from_secs(10));
         self.tls.apply(&mut c);
         c

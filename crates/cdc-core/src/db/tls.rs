@@ -201,10 +201,16 @@ impl TlsSettings {
 /// wrong host name, expired): retrying cannot fix that. Decided from OpenSSL's reason code,
 /// not the message text.
 pub fn is_refusal(e: &tokio_postgres::Error) -> bool {
+    std::error::Error::source(e).is_some_and(is_certificate_refusal)
+}
+
+/// The same for any error: whether it, or an error beneath it, is OpenSSL refusing the
+/// server's certificate.
+pub fn is_certificate_refusal(e: &(dyn std::error::Error + 'static)) -> bool {
     // ERR_LIB_SSL and SSL_R_CERTIFICATE_VERIFY_FAILED of OpenSSL's ssl/sslerr.h.
     const LIB_SSL: i32 = 20;
     const CERTIFICATE_VERIFY_FAILED: i32 = 134;
-    let mut cur = std::error::Error::source(e);
+    let mut cur = Some(e);
     while let Some(s) = cur {
         if let Some(ssl) = s.downcast_ref::<openssl::ssl::Error>() {
             return ssl.ssl_error().is_some_and(|stack| {

@@ -237,7 +237,7 @@ impl TlsCluster {
              unix_socket_directories = '{}'\nssl = on\nssl_cert_file = 'server.crt'\n\
              ssl_key_file = 'server.key'\nfsync = off\nsynchronous_commit = off\n\
              full_page_writes = off\nmax_connections = 40\nshared_buffers = 16MB\n\
-             timezone = 'UTC'\nlog_timezone = 'UTC'\n",
+             timezone = 'UTC'\nlog_timezone = 'UTC'\nwal_level = logical\n",
             self.data.display()
         );
         self.append(&self.data.join("postgresql.conf"), &conf);

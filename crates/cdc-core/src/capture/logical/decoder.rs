@@ -23,10 +23,12 @@ pub(super) struct TxDecoder<'a> {
     /// The source database's name (`source.db`).
     db: &'a str,
     captured_ms: i64,
-    relations: HashMap<u32, Relation>,
+    /// The relation messages seen, by OID: the stream sends each once per connection (and
+    /// again after a change), so they outlive a pass (`LogicalCapture` keeps them).
+    pub(super) relations: HashMap<u32, Relation>,
     commit_ts_us: i64,
     xid: u32,
-    /// LSN of the change being decoded (from the slot's output).
+    /// LSN of the change being decoded (its XLogData message's start).
     pub(super) change_lsn: u64,
     /// The current transaction is shown by the initial copy: its changes are skipped.
     pub(super) skip: bool,

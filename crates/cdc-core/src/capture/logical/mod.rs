@@ -1,7 +1,9 @@
-//! Logical-replication capture: a `pgoutput` slot and a publication, read through the SQL
-//! interface (`pg_logical_slot_peek_binary_changes`, then the slot is advanced once the
-//! files are durable). Every committed change becomes an event in commit order, stamped with
-//! its commit time, LSN and transaction id.
+//! Logical-replication capture: a `pgoutput` slot and a publication, read through the
+//! streaming replication protocol (`db::replication`): the server sends each transaction as
+//! it commits; a pass cuts the stream at a transaction boundary, makes the files durable,
+//! saves the progress, and only then confirms the position to the server. Every committed
+//! change becomes an event in commit order, stamped with its commit time, LSN and
+//! transaction id.
 //!
 //! The initial copy is consistent with the slot: the slot is created first, then the table is
 //! read in a REPEATABLE READ snapshot whose transaction list is kept; transactions the
@@ -17,21 +19,41 @@ pub mod pgoutput;
 use super::rows::{check_source_table, read_rows, snapshot_copy_sql, ImageColumns};
 use super::{ChangeSource, PassOutcome};
 use crate::catalog::TableSelection;
-use crate::db::ctx;
+use crate::db::replication::{ReplicationError, ReplicationStream, StreamMessage};
+use crate::db::{ctx, DbSettings};
 use crate::error::{Error, Result};
 use crate::event::encode::TEXT_OUTPUT_SETTINGS;
 use crate::event::CaptureMode;
 use crate::progress::{LogicalState, Progress, SnapshotFilter};
 use crate::schema_change::shape_of;
+use crate::shutdown::Shutdown;
 use crate::sink::{commit_if_ok, ChangeSink};
 use crate::slot::{self, SlotSettings};
 use crate::table::TableSpec;
+use bytes::Bytes;
 use chrono::Utc;
 use decoder::TxDecoder;
-use futures_util::{pin_mut, TryStreamExt};
-use pgoutput::Message;
+use pgoutput::{Message, Relation};
+use std::collections::HashMap;
 use std::path::PathBuf;
-use tokio_postgres::Client;
+use std::time::{Duration, Instant};
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+/// Following the stream, a batch is cut when no message has come for this long after a
+/// commit ...
+const FLUSH_QUIET: Duration = Duration::from_millis(5);
+/// ... or when it is this old (at the next commit): under steady traffic the stream is never
+/// quiet, and this bounds how long a change waits for its file.
+const FLUSH_MAX_AGE: Duration = Duration::from_millis(50);
+/// An idle stream: a heartbeat this often, which confirms the slot (so it holds no WAL for
+/// long) and moves the capture time `status` reports.
+const IDLE_HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+/// A standby status update at least this often (the server drops a client silent for
+/// `wal_sender_timeout`, 60 s by default).
+const STATUS_EVERY: Duration = Duration::from_secs(10);
+/// How long starting the stream waits for the slot to be released by the walsender of a
+/// connection that just went away.
+const SLOT_BUSY_WAIT: Duration = Duration::from_secs(10);
 
 /// Logical capture of the pipeline's tables: one slot and one publication for all of them,
 /// one progress file (named by `progress_name`), every transaction in commit order.
@@ -46,9 +68,14 @@ pub struct LogicalCapture {
     /// Given, schema changes are followed (see `TimestampCapture::following`).
     selection: Option<TableSelection>,
     watch: super::schema::Watch,
-    /// The end of the last commit the last successful pass decoded (its own heartbeat when
-    /// the slot was drained): while the source's WAL ends there, there is nothing to decode.
-    drained_to: Option<u64>,
+    /// Where the replication connection goes (the source database).
+    source: DbSettings,
+    /// Given (the looping extractor), passes follow the stream: the connection stays open,
+    /// a pass waits for changes and ends at this shutdown signal. Without it, each pass
+    /// drains what was committed before it began and closes the connection (`--once`).
+    follow: Option<Shutdown>,
+    /// The open replication connection, between passes when following.
+    replication: Option<Replication>,
 }
 
 impl LogicalCapture {
@@ -57,6 +84,7 @@ impl LogicalCapture {
         state_dir: PathBuf,
         slot: SlotSettings,
         progress_name: String,
+        source: DbSettings,
     ) -> Result<Self> {
         let progress = Progress::load(&state_dir, &progress_name, CaptureMode::Logical)?;
         Ok(LogicalCapture {
@@ -68,8 +96,16 @@ impl LogicalCapture {
             db: String::new(),
             selection: None,
             watch: Default::default(),
-            drained_to: None,
+            source,
+            follow: None,
+            replication: None,
         })
+    }
+
+    /// Follows the stream (the looping extractor): passes wait for changes, until `shutdown`.
+    pub fn streaming(mut self, shutdown: Shutdown) -> Self {
+        self.follow = Some(shutdown);
+        self
     }
 
     /// Follows the tables' schema changes: the catalog is read at the start of each pass
@@ -196,56 +232,64 @@ impl LogicalCapture {
         client: &mut Client,
         sink: &mut dyn ChangeSink,
     ) -> Result<PassOutcome> {
-        // Before the slot is read: one query at a time on the connection.
-        if self.db.is_empty() {
-            self.db = client
-                .query_one("SELECT current_database()::text", &[])
-                .await
-                .map_err(ctx("reading the database name"))?
-                .get(0);
+        let repl = match self.replication.take() {
+            Some(r) => r,
+            None => self.open().await?,
+        };
+        // A failed pass drops the connection (it starts again at the confirmed position).
+        let (out, repl) = self.stream_into(repl, client, sink).await?;
+        if self.follow.is_some() {
+            self.replication = Some(repl);
+        } else {
+            // One pass at a time (`--once`): the slot is released before the pass returns.
+            repl.stream.close().await;
         }
-        if let Some(sel) = &self.selection {
-            let changed = self.watch.changed(client, sel, &self.specs).await?;
-            for (spec, now) in self.specs.iter_mut().zip(changed) {
-                if let Some(mut now) = now {
-                    let written = self.progress.shapes.get(&now.qualified());
-                    super::schema::settle_existing(client, &mut now, written, None).await?;
-                    *spec = now;
+        Ok(out)
+    }
+
+    /// Opens the replication connection and starts streaming from the slot's confirmed
+    /// position. A slot still active for a walsender whose client just went away (a
+    /// restarted extractor, a previous pass) is waited for a moment.
+    async fn open(&self) -> Result<Replication> {
+        let started = Instant::now();
+        let mut backoff = crate::db::Backoff::default();
+        loop {
+            let attempt = async {
+                let mut stream = ReplicationStream::connect(&self.source).await?;
+                stream
+                    .start(&self.slot.slot, &self.slot.publication)
+                    .await?;
+                Ok(stream)
+            }
+            .await;
+            match attempt {
+                Ok(stream) => {
+                    return Ok(Replication {
+                        stream,
+                        relations: HashMap::new(),
+                        received: 0,
+                        confirmed: 0,
+                        last_status: Instant::now(),
+                    })
+                }
+                Err(ReplicationError::Server { code, .. })
+                    if code == "55006" && started.elapsed() < SLOT_BUSY_WAIT =>
+                {
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+                Err(source) => {
+                    let p = self.source.role.setting_prefix();
+                    return Err(Error::Replication {
+                        context: format!(
+                            "streaming from slot {} of the source database at {} (settings {p}_HOST, {p}_PORT, {p}_NAME, {p}_USER, {p}_PASSWORD, {p}_SSLMODE, {p}_SSLROOTCERT)",
+                            self.slot.slot,
+                            self.source.display()
+                        ),
+                        source,
+                    });
                 }
             }
-            // A table the change log has no shape of yet: its shape now is the baseline.
-            for spec in &self.specs {
-                self.progress
-                    .shapes
-                    .entry(spec.qualified())
-                    .or_insert_with(|| shape_of(spec));
-            }
         }
-        let now = Utc::now();
-        // Re-snapshots asked for (`extractor resnapshot`): written first in the pass's batch.
-        let requested: Vec<String> = self
-            .specs
-            .iter()
-            .map(|s| s.qualified())
-            .filter(|t| super::resnapshot::requested(&self.state_dir, t))
-            .collect();
-        sink.begin(now, self.progress.next_file_seq);
-        let mut out = PassOutcome::default();
-        if !requested.is_empty() {
-            let taken = self
-                .resnapshot(client, sink, &requested, now.timestamp_millis())
-                .await;
-            match taken {
-                Ok(rows) => out.rows += rows,
-                Err(e) => {
-                    sink.abort();
-                    return Err(e);
-                }
-            }
-        }
-        let result = self.decode_slot(client, sink, now, out).await;
-        let (out, durable) = commit_if_ok(sink, result)?;
-        self.after_pass(client, out, durable, &requested).await
     }
 
     /// Reads `tables` again, each whole, in one snapshot, into `sink`. Each table is locked
@@ -306,112 +350,182 @@ impl LogicalCapture {
         Ok(rows)
     }
 
-    /// The slot's part of a pass: the heartbeat, then every change the slot holds (up to the
-    /// pass's limit) decoded into `sink`'s open batch.
-    async fn decode_slot(
+    /// One pass over the stream: the transactions it delivers, cut at a transaction
+    /// boundary, made durable, saved in the progress, then confirmed to the server.
+    ///
+    /// Following (the looping extractor), the pass waits for the first change and cuts when
+    /// the stream has been quiet for `FLUSH_QUIET` after a commit, when the batch is
+    /// `FLUSH_MAX_AGE` old, or at the size bound. Otherwise (`--once`, or an idle stream
+    /// for `IDLE_HEARTBEAT_EVERY`) it drains up to a heartbeat it writes first: every
+    /// transaction committed before the pass began.
+    async fn stream_into(
         &mut self,
+        mut repl: Replication,
         client: &mut Client,
         sink: &mut dyn ChangeSink,
-        now: chrono::DateTime<Utc>,
-        mut out: PassOutcome,
-    ) -> Result<Decoded> {
+    ) -> Result<(PassOutcome, Replication)> {
+        let follow = self.follow.clone();
+        // Following: the first change, or an idle stream, or shutdown.
+        let mut first: Option<(u64, Bytes)> = None;
+        if let Some(shutdown) = &follow {
+            match repl
+                .recv(Some(IDLE_HEARTBEAT_EVERY), Some(shutdown))
+                .await?
+            {
+                Recv::Data(start, data) => first = Some((start, data)),
+                Recv::Quiet => {}
+                Recv::Stop => return Ok((PassOutcome::default(), repl)),
+            }
+        }
+        // Before the stream's changes are decoded: one query at a time on the connection.
+        if self.db.is_empty() {
+            self.db = client
+                .query_one("SELECT current_database()::text", &[])
+                .await
+                .map_err(ctx("reading the database name"))?
+                .get(0);
+        }
+        if let Some(sel) = &self.selection {
+            let changed = self.watch.changed(client, sel, &self.specs).await?;
+            for (spec, now) in self.specs.iter_mut().zip(changed) {
+                if let Some(mut now) = now {
+                    let written = self.progress.shapes.get(&now.qualified());
+                    super::schema::settle_existing(client, &mut now, written, None).await?;
+                    *spec = now;
+                }
+            }
+            // A table the change log has no shape of yet: its shape now is the baseline.
+            for spec in &self.specs {
+                self.progress
+                    .shapes
+                    .entry(spec.qualified())
+                    .or_insert_with(|| shape_of(spec));
+            }
+        }
+        let now = Utc::now();
         // The slot is confirmed only at the end of a commit this pass decoded: a position
         // decoding has provably passed (an arbitrary LSN, such as the flush position, can fall
         // inside a commit record not yet decoded, and that transaction would be skipped).
         // A heartbeat transaction (a WAL message, no table write) gives an idle table a
-        // commit to confirm, so the slot never holds WAL forever.
-        // Its commit is synchronous, so all WAL before it is flushed and this pass decodes
-        // every transaction committed before it began, whatever the source's
-        // synchronous_commit.
-        client
-            .batch_execute(
-                "BEGIN; SET LOCAL synchronous_commit = on;
-                 SELECT pg_logical_emit_message(true, 'cdc_heartbeat', ''); COMMIT;",
-            )
-            .await
-            .map_err(ctx("writing the heartbeat message"))?;
+        // commit to confirm, so the slot never holds WAL for long, and marks how far a
+        // draining pass reads. Its commit is synchronous, so all WAL before it is flushed and
+        // the pass decodes every transaction committed before it began, whatever the
+        // source's synchronous_commit.
+        let drain_to = if first.is_none() {
+            Some(heartbeat(client).await?)
+        } else {
+            None
+        };
+        let max = u64::try_from(self.slot.max_changes_per_pass).unwrap_or(1);
+
         let filter = self
             .progress
             .logical
             .as_ref()
             .and_then(|l| l.filter.clone());
-        let max = self.slot.max_changes_per_pass;
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
-            [&self.slot.slot, &max, &self.slot.publication];
-        let rows = client
-            .query_raw(
-                "SELECT (lsn - '0/0'::pg_lsn)::int8, data
-                 FROM pg_logical_slot_peek_binary_changes($1, NULL, $2,
-                        'proto_version', '1', 'publication_names', $3, 'messages', 'true')",
-                params.iter().copied(),
-            )
-            .await
-            .map_err(ctx(format!("reading changes from slot {}", self.slot.slot)))?;
-        pin_mut!(rows);
-
+        // Re-snapshots asked for (`extractor resnapshot`): written first in the pass's batch
+        // (a change the stream delivers after one but committed before it is placed before
+        // it by the loader).
+        let requested: Vec<String> = self
+            .specs
+            .iter()
+            .map(|s| s.qualified())
+            .filter(|t| super::resnapshot::requested(&self.state_dir, t))
+            .collect();
+        sink.begin(now, self.progress.next_file_seq);
+        let mut out = PassOutcome::default();
+        if !requested.is_empty() {
+            match self
+                .resnapshot(client, sink, &requested, now.timestamp_millis())
+                .await
+            {
+                Ok(rows) => out.rows += rows,
+                Err(e) => {
+                    sink.abort();
+                    return Err(e);
+                }
+            }
+        }
         let written = if self.selection.is_some() {
             self.progress.shapes.clone()
         } else {
             Default::default()
         };
         let mut dec = TxDecoder::new(&self.specs, written, &self.db, now.timestamp_millis());
+        dec.relations = std::mem::take(&mut repl.relations);
         let mut last_end: Option<u64> = None;
         let mut last_commit_us: Option<i64> = None;
+        let batch_started = Instant::now();
         let result: Result<()> = async {
-            while let Some(row) = rows
-                .try_next()
-                .await
-                .map_err(ctx("reading changes from the slot"))?
-            {
-                dec.change_lsn = row.get::<_, i64>(0) as u64;
-                let data: &[u8] = row.get(1);
+            let mut in_tx = false;
+            let mut drained = drain_to.is_none();
+            let mut changes: u64 = 0;
+            let mut pending = first.take();
+            loop {
+                let (start, data) = match pending.take() {
+                    Some(m) => m,
+                    None => {
+                        // Inside a transaction, or short of the heartbeat: read on. Between
+                        // transactions, following: cut when quiet (or at shutdown).
+                        let (wait, stop) = if in_tx || !drained {
+                            (None, None)
+                        } else if follow.is_some() {
+                            (Some(FLUSH_QUIET), follow.as_ref())
+                        } else {
+                            break;
+                        };
+                        match repl.recv(wait, stop).await? {
+                            Recv::Data(start, data) => (start, data),
+                            Recv::Quiet | Recv::Stop => break,
+                        }
+                    }
+                };
+                dec.change_lsn = start;
                 let msg =
-                    pgoutput::decode(data).map_err(|m| Error::decode("pgoutput stream", m))?;
-                if let Message::Begin { xid, .. } = &msg {
-                    dec.skip = filter.as_ref().is_some_and(|f| f.shows(*xid));
-                }
-                if let Message::Commit {
-                    end_lsn,
-                    commit_ts_us,
-                    ..
-                } = &msg
-                {
-                    last_end = Some(*end_lsn);
-                    last_commit_us = Some(*commit_ts_us);
+                    pgoutput::decode(&data).map_err(|m| Error::decode("pgoutput stream", m))?;
+                changes += 1;
+                let mut committed = false;
+                match &msg {
+                    Message::Begin { xid, .. } => {
+                        in_tx = true;
+                        dec.skip = filter.as_ref().is_some_and(|f| f.shows(*xid));
+                    }
+                    Message::Commit {
+                        end_lsn,
+                        commit_ts_us,
+                        ..
+                    } => {
+                        in_tx = false;
+                        committed = true;
+                        last_end = Some(*end_lsn);
+                        last_commit_us = Some(*commit_ts_us);
+                        if drain_to.is_some_and(|t| *end_lsn >= t) {
+                            drained = true;
+                        }
+                    }
+                    _ => {}
                 }
                 dec.handle(msg, sink, &mut out)?;
+                if committed
+                    && drained
+                    && (changes >= max
+                        || follow.is_none()
+                        || batch_started.elapsed() >= FLUSH_MAX_AGE)
+                {
+                    break;
+                }
+                if committed && changes >= max {
+                    // The size bound, short of the heartbeat: the next pass reads on.
+                    break;
+                }
             }
             Ok(())
         }
         .await;
+        repl.relations = std::mem::take(&mut dec.relations);
         let written = std::mem::take(&mut dec.written);
         drop(dec);
-        result?;
-        Ok(Decoded {
-            out,
-            written,
-            filter,
-            last_end,
-            last_commit_us,
-        })
-    }
-
-    /// After the pass's batch is durable: the shapes it wrote, the slot confirmed, the
-    /// progress saved, then the re-snapshot requests it took removed.
-    async fn after_pass(
-        &mut self,
-        client: &mut Client,
-        decoded: Decoded,
-        durable: crate::sink::Durable,
-        requested: &[String],
-    ) -> Result<PassOutcome> {
-        let Decoded {
-            out,
-            written,
-            filter,
-            last_end,
-            last_commit_us,
-        } = decoded;
+        let ((), durable) = commit_if_ok(sink, result)?;
         // The schema events are durable: the change log describes the tables so from now on.
         if self.selection.is_some() {
             self.progress.shapes = written;
@@ -430,20 +544,8 @@ impl LogicalCapture {
         {
             std::process::abort();
         }
-        // Durable: confirm up to the end of the last whole transaction decoded.
-        if let Some(target) = last_end {
-            slot::advance(client, &self.slot, target, &durable).await?;
-            if let Some(f) = &filter {
-                if target >= f.until_lsn {
-                    if let Some(l) = self.progress.logical.as_mut() {
-                        l.filter = None;
-                    }
-                }
-            }
-        }
-        // How far capture has come, for `status`: saved with every pass that confirmed a
-        // newer commit (each pass does, by its heartbeat), as timestamp capture saves its
-        // watermark.
+        // Durable, so the progress moves: how far capture has come (for `status`), and the
+        // file sequence.
         let mut through_moved = false;
         if let (Some(t), Some(l)) = (last_commit_us, self.progress.logical.as_mut()) {
             if l.captured_through_us.is_none_or(|before| t > before) {
@@ -451,36 +553,140 @@ impl LogicalCapture {
                 through_moved = true;
             }
         }
-        if !out.files.is_empty()
-            || through_moved
-            || self
-                .progress
-                .logical
-                .as_ref()
-                .is_some_and(|l| l.filter.is_none())
-                != filter.is_none()
-        {
+        if !out.files.is_empty() || through_moved {
             self.progress.next_file_seq = durable.next_seq();
             self.progress
                 .save(&self.state_dir, &self.progress_name, None, &durable)?;
         }
-        self.drained_to = last_end;
-        for t in requested {
+        // The re-snapshots taken are durable and the progress after them saved.
+        for t in &requested {
             super::resnapshot::done(&self.state_dir, t)?;
+        }
+        // Then the server's confirmation: up to the end of the last whole transaction
+        // decoded.
+        if let Some(target) = last_end {
+            repl.confirm(target).await?;
+            // The initial copy's filter is needed no more once the slot is confirmed past
+            // the snapshot (saved only now: a restart before the confirmation reads those
+            // transactions again, and must still skip those the copy shows).
+            if filter.as_ref().is_some_and(|f| target >= f.until_lsn) {
+                if let Some(l) = self.progress.logical.as_mut() {
+                    l.filter = None;
+                }
+                self.progress
+                    .save(&self.state_dir, &self.progress_name, None, &durable)?;
+            }
         }
         // For the metrics only: a failure to read it does not fail the pass.
         out.slot = slot::lag(client, &self.slot.slot).await.ok().flatten();
-        Ok(out)
+        Ok((out, repl))
     }
 }
 
-/// What decoding the slot gave a pass, before its batch is committed.
-struct Decoded {
-    out: PassOutcome,
-    written: std::collections::BTreeMap<String, crate::schema_change::Shape>,
-    filter: Option<SnapshotFilter>,
-    last_end: Option<u64>,
-    last_commit_us: Option<i64>,
+/// The open replication connection and what it has seen.
+struct Replication {
+    stream: ReplicationStream,
+    /// The relation messages of this connection (sent once per connection).
+    relations: HashMap<u32, Relation>,
+    /// How far the stream has been read (reported as written).
+    received: u64,
+    /// How far the server has been told the changes are durable.
+    confirmed: u64,
+    last_status: Instant,
+}
+
+/// What waiting on the stream gave.
+enum Recv {
+    /// A pgoutput message and its LSN.
+    Data(u64, Bytes),
+    /// Nothing for the time waited.
+    Quiet,
+    /// Shutdown was requested.
+    Stop,
+}
+
+fn stream_err(source: ReplicationError) -> Error {
+    Error::Replication {
+        context: "reading the replication stream".into(),
+        source,
+    }
+}
+
+impl Replication {
+    /// The next pgoutput message, waiting at most `wait` (unbounded without), and not past
+    /// `stop`'s shutdown. Keepalives are answered when the server asks, and a status update
+    /// goes out every `STATUS_EVERY` (the server drops a silent client).
+    async fn recv(&mut self, wait: Option<Duration>, stop: Option<&Shutdown>) -> Result<Recv> {
+        let deadline = wait.map(|w| Instant::now() + w);
+        loop {
+            let status_due = self.last_status + STATUS_EVERY;
+            let until = deadline.map_or(status_due, |d| d.min(status_due));
+            let got = tokio::select! {
+                m = self.stream.next() => Some(m.map_err(stream_err)?),
+                () = tokio::time::sleep_until(until.into()) => None,
+                () = async {
+                    match stop {
+                        Some(s) => s.wait().await,
+                        None => std::future::pending().await,
+                    }
+                } => return Ok(Recv::Stop),
+            };
+            match got {
+                Some(StreamMessage::XLogData { start, data }) => {
+                    self.received = self.received.max(start);
+                    return Ok(Recv::Data(start, data));
+                }
+                Some(StreamMessage::Keepalive { wal_end, reply }) => {
+                    self.received = self.received.max(wal_end);
+                    if reply {
+                        self.status().await?;
+                    }
+                }
+                None => {
+                    if Instant::now() >= status_due {
+                        self.status().await?;
+                    }
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Ok(Recv::Quiet);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tells the server the changes up to `target` are durable: the slot may move there.
+    async fn confirm(&mut self, target: u64) -> Result<()> {
+        self.confirmed = self.confirmed.max(target);
+        self.status().await
+    }
+
+    async fn status(&mut self) -> Result<()> {
+        self.last_status = Instant::now();
+        self.stream
+            .confirm(self.received, self.confirmed)
+            .await
+            .map_err(|source| Error::Replication {
+                context: "confirming the durable position to the server".into(),
+                source,
+            })
+    }
+}
+
+/// Writes the heartbeat transaction; returns its message's LSN (its commit ends after it).
+async fn heartbeat(client: &Client) -> Result<u64> {
+    let rows = client
+        .simple_query(
+            "BEGIN; SET LOCAL synchronous_commit = on;
+             SELECT (pg_logical_emit_message(true, 'cdc_heartbeat', '') - '0/0'::pg_lsn)::int8; COMMIT;",
+        )
+        .await
+        .map_err(ctx("writing the heartbeat message"))?;
+    rows.iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0).and_then(|v| v.parse::<u64>().ok()),
+            _ => None,
+        })
+        .ok_or_else(|| Error::internal("heartbeat", "the heartbeat returned no position"))
 }
 
 impl LogicalCapture {
@@ -594,42 +800,26 @@ impl ChangeSource for LogicalCapture {
         Ok(())
     }
 
-    /// One pass: the initial copy if it has not been taken, otherwise the changes the slot
-    /// holds. The slot is confirmed only after the files are durable.
+    /// One pass: the initial copy if it has not been taken, otherwise the changes the
+    /// stream delivers. The slot is confirmed only after the files are durable.
     async fn pass(
         &mut self,
         client: &mut Client,
         sink: &mut dyn ChangeSink,
     ) -> Result<PassOutcome> {
-        self.drained_to = None;
         if !self.snapshot_done() {
             return self.snapshot(client, sink).await;
         }
         self.stream(client, sink).await
     }
 
-    /// Nothing was written to the WAL after the last commit the last pass decoded (any
-    /// write, in any database of the server, or a schema change, moves it on).
-    async fn unchanged(&self, client: &Client) -> Result<bool> {
-        let Some(drained_to) = self.drained_to else {
-            return Ok(false);
-        };
-        if self
-            .specs
-            .iter()
-            .any(|s| super::resnapshot::requested(&self.state_dir, &s.qualified()))
-        {
-            return Ok(false);
-        }
-        let end: i64 = client
-            .query_one(
-                "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8",
-                &[],
-            )
-            .await
-            .map_err(ctx("reading the source's WAL position"))?
-            .get(0);
-        Ok(u64::try_from(end).is_ok_and(|end| end <= drained_to))
+    /// Never skipped: a pass waits on the stream itself.
+    async fn unchanged(&self, _client: &Client) -> Result<bool> {
+        Ok(false)
+    }
+
+    fn waits_for_changes(&self) -> bool {
+        self.follow.is_some() && self.snapshot_done()
     }
 }
 

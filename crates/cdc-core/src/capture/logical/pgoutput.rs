@@ -1,5 +1,5 @@
 //! A decoder for the `pgoutput` logical replication messages (protocol version 1) as the
-//! SQL interface (`pg_logical_slot_peek_binary_changes`) returns them: Begin, Commit,
+//! replication stream carries them (one per XLogData message): Begin, Commit,
 //! Relation, Insert, Update, Delete, Truncate; the rest (Origin, Type, Message) is skipped.
 //! Column values arrive in their text form.
 
