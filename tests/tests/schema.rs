@@ -88,6 +88,60 @@ impl Gadgets {
         out
     }
 
+    /// Nothing is in `dead_letter/`.
+    fn nothing_quarantined(&self) {
+        let dead = self.db.log_dir().join("dead_letter");
+        assert_eq!(
+            std::fs::read_dir(&dead).map(|d| d.count()).unwrap_or(0),
+            0,
+            "{}: nothing quarantined",
+            self.mode
+        );
+    }
+
+    /// The change-log files waiting in `CDC_LOG_DIR`, in name order.
+    fn pending(&self) -> Vec<std::path::PathBuf> {
+        let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(self.db.log_dir())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+            .collect();
+        files.sort();
+        files
+    }
+
+    /// File `f` goes bad before the loader reads it (quarantined, the files after it
+    /// applied), then is repaired and put back, and applied late.
+    fn quarantined_then_put_back(&self, f: &std::path::Path) {
+        let good = std::fs::read_to_string(f).unwrap();
+        std::fs::write(f, format!("{good}not a change event\n")).unwrap();
+        self.ok("scd2-loader", &["--once"]);
+        let dead = self.db.log_dir().join("dead_letter");
+        let name = f.file_name().unwrap();
+        assert!(dead.join(name).exists(), "{}: quarantined", self.mode);
+        assert!(
+            self.pending().is_empty(),
+            "{}: the later files applied",
+            self.mode
+        );
+        std::fs::write(f, good).unwrap();
+        std::fs::remove_file(dead.join(name)).unwrap();
+        self.ok("scd2-loader", &["--once"]);
+    }
+
+    /// A `rebuild` (a replay of `processed/` in capture order) equals the live history.
+    fn rebuild_agrees(&self) {
+        let out = self.step("scd2-loader", &["rebuild", "public.gadgets"]);
+        assert!(
+            String::from_utf8_lossy(&out.stdout)
+                .contains("equal to the live history, version for version"),
+            "{}: the live history is the in-order one: {}",
+            self.mode,
+            text(&out)
+        );
+    }
+
     /// `verify` passes.
     fn verified(&self) {
         let out = self.ok("scd2-loader", &["verify"]);
@@ -263,12 +317,7 @@ async fn the_history_follows_added_renamed_retyped_and_dropped_columns_in_both_m
             said.contains("dim_gadgets_history cannot follow") && said.contains("numeric(14,2)"),
             "{mode}: {said}"
         );
-        let dead = db.log_dir().join("dead_letter");
-        assert_eq!(
-            std::fs::read_dir(&dead).map(|d| d.count()).unwrap_or(0),
-            0,
-            "{mode}: nothing quarantined"
-        );
+        g.nothing_quarantined();
         // The user makes the history hold both; the loader goes on from the change.
         exec(
             &wh,
@@ -407,21 +456,10 @@ async fn a_quarantined_file_put_back_late_makes_the_history_exact_in_both_modes(
         )
         .await;
         let (db, src) = (&g.db, &g.src);
-        let step = |binary: &str, args: &[&str]| g.step(binary, args);
         let ok = |binary: &str, args: &[&str]| g.ok(binary, args);
         ok("extractor", &["setup"]);
         ok("extractor", &["--once"]);
         ok("scd2-loader", &["--once"]);
-        let pending = || {
-            let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(db.log_dir())
-                .unwrap()
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
-                .collect();
-            files.sort();
-            files
-        };
         // File A: new keys and updates; then files that update and delete A's keys, delete a
         // key A updated, re-insert one.
         exec(
@@ -431,7 +469,7 @@ async fn a_quarantined_file_put_back_late_makes_the_history_exact_in_both_modes(
         )
         .await;
         ok("extractor", &["--once"]);
-        let a = pending();
+        let a = g.pending();
         assert_eq!(a.len(), 1, "{mode}: one file for round A");
         let a = a[0].clone();
         for sql in [
@@ -444,18 +482,9 @@ async fn a_quarantined_file_put_back_late_makes_the_history_exact_in_both_modes(
             exec(src, sql).await;
             ok("extractor", &["--once"]);
         }
-        // A goes bad before the loader reads it: quarantined, the later files applied.
-        let good = std::fs::read_to_string(&a).unwrap();
-        std::fs::write(&a, format!("{good}not a change event\n")).unwrap();
-        ok("scd2-loader", &["--once"]);
-        let dead = db.log_dir().join("dead_letter");
-        let name = a.file_name().unwrap();
-        assert!(dead.join(name).exists(), "{mode}: A quarantined");
-        assert!(pending().is_empty(), "{mode}: the later files applied");
-        // Repaired and put back.
-        std::fs::write(&a, good).unwrap();
-        std::fs::remove_file(dead.join(name)).unwrap();
-        ok("scd2-loader", &["--once"]);
+        // A goes bad before the loader reads it; the later files are applied; A is repaired
+        // and put back.
+        g.quarantined_then_put_back(&a);
 
         let wh = db.warehouse_client().await;
         let cols = ["name", "price"];
@@ -465,13 +494,7 @@ async fn a_quarantined_file_put_back_late_makes_the_history_exact_in_both_modes(
             "{mode}: current rows"
         );
         g.verified();
-        let out = step("scd2-loader", &["rebuild", "public.gadgets"]);
-        assert!(
-            String::from_utf8_lossy(&out.stdout)
-                .contains("equal to the live history, version for version"),
-            "{mode}: the late history is the in-order one: {}",
-            text(&out)
-        );
+        g.rebuild_agrees();
         let pending_deletes: i64 = wh
             .query_one("SELECT count(*) FROM public.cdc_pending_deletes", &[])
             .await
@@ -599,12 +622,7 @@ async fn a_table_held_at_a_schema_change_waits_while_the_others_go_on_in_both_mo
             .await;
             ok("extractor", &["--once"]);
         }
-        let dead = db.log_dir().join("dead_letter");
-        assert_eq!(
-            std::fs::read_dir(&dead).map(|d| d.count()).unwrap_or(0),
-            0,
-            "{mode}: nothing quarantined"
-        );
+        g.nothing_quarantined();
 
         // The user, knowing no price has more than two decimals, gives the history the new
         // type; the looping loader catches gadgets up from the archive by itself, and
@@ -707,12 +725,7 @@ async fn enum_labels_and_relaxed_domains_of_the_source_are_followed_in_both_mode
             source_rows(src, &cols).await,
             "{mode}"
         );
-        let dead = db.log_dir().join("dead_letter");
-        assert_eq!(
-            std::fs::read_dir(&dead).map(|d| d.count()).unwrap_or(0),
-            0,
-            "{mode}: nothing quarantined"
-        );
+        g.nothing_quarantined();
         let order = "SELECT enum_range(NULL::public.gadget_state)::text";
         let (w, s): (String, String) = (
             wh.query_one(order, &[]).await.unwrap().get(0),
@@ -828,21 +841,10 @@ async fn a_truncate_put_back_late_ends_the_versions_it_ended_in_both_modes() {
         )
         .await;
         let (db, src) = (&g.db, &g.src);
-        let step = |binary: &str, args: &[&str]| g.step(binary, args);
         let ok = |binary: &str, args: &[&str]| g.ok(binary, args);
         ok("extractor", &["setup"]);
         ok("extractor", &["--once"]);
         ok("scd2-loader", &["--once"]);
-        let pending = || {
-            let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(db.log_dir())
-                .unwrap()
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
-                .collect();
-            files.sort();
-            files
-        };
         // One transaction: the truncate, and key 4 written again after it.
         exec(
             src,
@@ -850,7 +852,7 @@ async fn a_truncate_put_back_late_ends_the_versions_it_ended_in_both_modes() {
         )
         .await;
         ok("extractor", &["--once"]);
-        let t = pending();
+        let t = g.pending();
         assert_eq!(t.len(), 1, "{mode}: one file for the truncate");
         let t = t[0].clone();
         for sql in [
@@ -860,16 +862,9 @@ async fn a_truncate_put_back_late_ends_the_versions_it_ended_in_both_modes() {
             exec(src, sql).await;
             ok("extractor", &["--once"]);
         }
-        // The truncate's file goes bad before the loader reads it; the later ones are applied.
-        let good = std::fs::read_to_string(&t).unwrap();
-        std::fs::write(&t, format!("{good}not a change event\n")).unwrap();
-        ok("scd2-loader", &["--once"]);
-        let dead = db.log_dir().join("dead_letter");
-        let name = t.file_name().unwrap();
-        assert!(dead.join(name).exists(), "{mode}: quarantined");
-        std::fs::write(&t, good).unwrap();
-        std::fs::remove_file(dead.join(name)).unwrap();
-        ok("scd2-loader", &["--once"]);
+        // The truncate's file goes bad before the loader reads it; the later ones are applied;
+        // it is repaired and put back.
+        g.quarantined_then_put_back(&t);
 
         let wh = db.warehouse_client().await;
         assert_eq!(
@@ -909,13 +904,7 @@ async fn a_truncate_put_back_late_ends_the_versions_it_ended_in_both_modes() {
             "{mode}: written again in the truncate's transaction"
         );
         g.verified();
-        let out = step("scd2-loader", &["rebuild", "public.gadgets"]);
-        assert!(
-            String::from_utf8_lossy(&out.stdout)
-                .contains("equal to the live history, version for version"),
-            "{mode}: the late history is the in-order one: {}",
-            text(&out)
-        );
+        g.rebuild_agrees();
         g.db.cleanup().await;
     }
 }
