@@ -456,7 +456,17 @@ async fn apply_table(
         .iter()
         .map(|&i| (&events[i].ev, facts[events[i].file].name.as_str()))
         .collect();
-    let placed = store.late(table, &late, &orphans, &keys).await?;
+    // Only a version written now can hold a remembered delete (a key whose chunk events are
+    // deletes has none: timestamp mode's rows inserted and deleted between passes).
+    let mut written: Vec<&str> = plan
+        .kept
+        .iter()
+        .map(|k| &events[k.idx])
+        .filter(|e| !ends_chain(e))
+        .map(|e| e.ev.key.as_str())
+        .collect();
+    written.dedup();
+    let placed = store.late(table, &late, &orphans, &written).await?;
     counts.inserted += placed.inserted;
     counts.closed += placed.closed;
     counts.deletes += placed.deletes;

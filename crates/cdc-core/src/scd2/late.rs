@@ -93,9 +93,10 @@ pub async fn place(
 ) -> Result<Placed> {
     let mut placed = Placed::default();
     let h = sql.history().to_owned();
-    for (ev, batch) in orphans {
-        remember(tx, &h, ev, batch).await?;
-        remembered.keys(tx, &h).await?.insert(ev.key.clone());
+    if !orphans.is_empty() {
+        remember_all(tx, &h, orphans).await?;
+        let keys = remembered.keys(tx, &h).await?;
+        keys.extend(orphans.iter().map(|(ev, _)| ev.key.clone()));
     }
     // Those at an instant the history has a change of their key at (duplicates, mostly) in
     // one query; the rest one by one.
@@ -133,6 +134,29 @@ pub async fn place(
         settle(tx, sql, remembered, key, &mut placed).await?;
     }
     Ok(placed)
+}
+
+/// `remember` for many deletes, in one statement (a pass of timestamp mode can hold many:
+/// every row inserted and deleted since the pass before is a delete of a key the history
+/// never held).
+async fn remember_all(
+    tx: &Transaction<'_>,
+    h: &str,
+    deletes: &[(&DecodedEvent, &str)],
+) -> Result<()> {
+    let keys: Vec<&str> = deletes.iter().map(|(e, _)| e.key.as_str()).collect();
+    let at: Vec<DateTime<Utc>> = deletes.iter().map(|(e, _)| time(e.ts_us)).collect();
+    let lsns: Vec<i64> = deletes.iter().map(|(e, _)| e.lsn.unwrap_or(0)).collect();
+    let batches: Vec<&str> = deletes.iter().map(|(_, b)| *b).collect();
+    tx.execute(
+        "INSERT INTO public.cdc_pending_deletes (history_table, key, deleted_at, lsn, batch_id)
+         SELECT $1, k, d, l, b FROM unnest($2::text[], $3::timestamptz[], $4::int8[], $5::text[]) AS u(k, d, l, b)
+         ON CONFLICT DO NOTHING",
+        &[&h, &keys, &at, &lsns, &batches],
+    )
+    .await
+    .map_err(ctx("remembering deletes in cdc_pending_deletes"))?;
+    Ok(())
 }
 
 async fn remember(tx: &Transaction<'_>, h: &str, ev: &DecodedEvent, batch: &str) -> Result<()> {
