@@ -566,8 +566,29 @@ async fn the_dashboard_of_a_running_pipeline_shows_every_table_its_lag_and_a_key
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    // The key's versions once the pipeline has caught up again.
-    caught_up(&addr);
+    // The key's versions once the pipeline has caught up with the mutator's last change:
+    // the mutator has stopped, so once the history holds as many versions over 2 s (ten
+    // capture intervals), nothing is on its way.
+    let total = || async {
+        wh.query_one("SELECT count(*) FROM public.dim_orders_history", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let mut seen = total().await;
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        caught_up(&addr);
+        let now = total().await;
+        if now == seen {
+            break;
+        }
+        seen = now;
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the history keeps growing"
+        );
+    }
     let versions = order_versions(&wh, &key).await.max(versions);
 
     let (browser, webdriver) = Browser::start(&db.dir);
