@@ -544,6 +544,9 @@ async fn the_dashboard_of_a_running_pipeline_shows_every_table_its_lag_and_a_key
         .stderr(Stdio::null());
     let extractor = start(&mut e);
     let loader = loader_with_dashboard(&db, &addr);
+    // The initial copy first: traffic it would take in (a busy machine can start it after
+    // the mutator is done) would leave every order a single version.
+    caught_up(&addr);
     let mut m = cmd(&db, "mutator");
     m.args(["--count", "200", "--seed", "12"])
         .env("MUTATION_TABLES", "all");
