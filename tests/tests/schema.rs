@@ -88,6 +88,13 @@ impl Gadgets {
         out
     }
 
+    /// `extractor setup`, the initial copy captured and applied.
+    fn initial_copy_applied(&self) {
+        self.ok("extractor", &["setup"]);
+        self.ok("extractor", &["--once"]);
+        self.ok("scd2-loader", &["--once"]);
+    }
+
     /// Nothing is in `dead_letter/`.
     fn nothing_quarantined(&self) {
         let dead = self.db.log_dir().join("dead_letter");
@@ -354,9 +361,7 @@ async fn a_dropped_history_is_refused_then_rebuilt_version_for_version_in_both_m
         let (db, src) = (&g.db, &g.src);
         let step = |binary: &str, args: &[&str]| g.step(binary, args);
         let ok = |binary: &str, args: &[&str]| g.ok(binary, args);
-        ok("extractor", &["setup"]);
-        ok("extractor", &["--once"]);
-        ok("scd2-loader", &["--once"]);
+        g.initial_copy_applied();
         for (i, sql) in [
             "UPDATE public.gadgets SET price = price + 1 WHERE id % 3 = 0",
             "ALTER TABLE public.gadgets ADD COLUMN color text NOT NULL DEFAULT 'red';
@@ -457,9 +462,7 @@ async fn a_quarantined_file_put_back_late_makes_the_history_exact_in_both_modes(
         .await;
         let (db, src) = (&g.db, &g.src);
         let ok = |binary: &str, args: &[&str]| g.ok(binary, args);
-        ok("extractor", &["setup"]);
-        ok("extractor", &["--once"]);
-        ok("scd2-loader", &["--once"]);
+        g.initial_copy_applied();
         // File A: new keys and updates; then files that update and delete A's keys, delete a
         // key A updated, re-insert one.
         exec(
@@ -548,9 +551,7 @@ async fn a_table_held_at_a_schema_change_waits_while_the_others_go_on_in_both_mo
             let cols = ["trim_scale(price)"];
             (current(&wh, &cols).await, source_rows(src, &cols).await)
         };
-        ok("extractor", &["setup"]);
-        ok("extractor", &["--once"]);
-        ok("scd2-loader", &["--once"]);
+        g.initial_copy_applied();
 
         // In one file: sprockets changed before and after a narrowing change of gadgets;
         // in the next, both tables changed again.
@@ -698,9 +699,7 @@ async fn enum_labels_and_relaxed_domains_of_the_source_are_followed_in_both_mode
         let (db, src) = (&g.db, &g.src);
         let wh = db.warehouse_client().await;
         let ok = |binary: &str, args: &[&str]| g.ok(binary, args);
-        ok("extractor", &["setup"]);
-        ok("extractor", &["--once"]);
-        ok("scd2-loader", &["--once"]);
+        g.initial_copy_applied();
 
         exec(
             src,
@@ -765,9 +764,7 @@ async fn a_file_delivered_again_later_changes_nothing_in_both_modes() {
         let (db, src) = (&g.db, &g.src);
         let wh = db.warehouse_client().await;
         let ok = |binary: &str, args: &[&str]| g.ok(binary, args);
-        ok("extractor", &["setup"]);
-        ok("extractor", &["--once"]);
-        ok("scd2-loader", &["--once"]);
+        g.initial_copy_applied();
         exec(
             src,
             "BEGIN;
@@ -842,9 +839,7 @@ async fn a_truncate_put_back_late_ends_the_versions_it_ended_in_both_modes() {
         .await;
         let (db, src) = (&g.db, &g.src);
         let ok = |binary: &str, args: &[&str]| g.ok(binary, args);
-        ok("extractor", &["setup"]);
-        ok("extractor", &["--once"]);
-        ok("scd2-loader", &["--once"]);
+        g.initial_copy_applied();
         // One transaction: the truncate, and key 4 written again after it.
         exec(
             src,
