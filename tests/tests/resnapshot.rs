@@ -19,17 +19,7 @@ async fn exec(c: &Client, sql: &str) {
 
 /// `id|name|qty` of `table`'s rows (`filter` picks), ordered by id.
 async fn rows(c: &Client, table: &str, filter: &str) -> Vec<String> {
-    c.query(
-        &format!(
-            "SELECT id::text || '|' || name || '|' || coalesce(qty::text, 'NULL') FROM {table} {filter} ORDER BY id"
-        ),
-        &[],
-    )
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| r.get(0))
-    .collect()
+    super::schema::rows(c, table, filter, &["name", "qty"]).await
 }
 
 async fn count(c: &Client, sql: &str) -> i64 {

@@ -15,7 +15,7 @@ async fn exec(c: &Client, sql: &str) {
 }
 
 /// Rows as text `key|value|...` over `cols` (expressions) of `table`, ordered by key.
-async fn rows(c: &Client, table: &str, filter: &str, cols: &[&str]) -> Vec<String> {
+pub(crate) async fn rows(c: &Client, table: &str, filter: &str, cols: &[&str]) -> Vec<String> {
     let list = cols
         .iter()
         .map(|c| format!("coalesce({c}::text, 'NULL')"))
