@@ -149,6 +149,7 @@ pub fn plan(chunk: &[Ev], newest: &HashMap<String, Newest>) -> Plan {
     let n_truncates = truncates(chunk).len();
     let mut start = n_truncates;
     let mut merged: Vec<usize> = Vec::new();
+    let mut instant: Vec<usize> = Vec::new();
     while start < chunk.len() {
         let key = chunk[start].ev.key.as_str();
         let mut end = start;
@@ -194,7 +195,8 @@ pub fn plan(chunk: &[Ev], newest: &HashMap<String, Newest>) -> Plan {
             while b < merged.len() && chunk[merged[b]].ev.ts_us == ts {
                 b += 1;
             }
-            let instant: Vec<usize> = merged[a..b].iter().copied().filter(|&i| fresh(i)).collect();
+            instant.clear();
+            instant.extend(merged[a..b].iter().copied().filter(|&i| fresh(i)));
             a = b;
             let states = match instant
                 .iter()

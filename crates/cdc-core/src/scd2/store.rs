@@ -155,13 +155,11 @@ pub trait HistoryStore {
 #[derive(Debug, Clone)]
 pub struct HistorySql {
     history: String,
-    /// The current version of keys (from the one-current index: one row a key, however long
-    /// its history), with where it is stored (`ctid`).
-    newest_current: String,
-    /// The newest version of keys that have no current one (their chain ended).
+    /// The newest version of keys (current, or where the chain ended), with where it is
+    /// stored (`ctid`).
     newest: String,
     close: String,
-    /// Closes current versions by where `newest_current` found them (and their key).
+    /// Closes current versions by where `newest` found them (and their key).
     close_at: String,
     truncate: String,
     /// A late truncate (a file put back after later ones): the versions that spanned it,
@@ -259,16 +257,10 @@ impl HistorySql {
                 .join(", ")
         };
         let key_names: String = (0..n).map(|j| format!("k{j}, ")).collect();
-        let hk = spec.history_key_list("x");
         // Keys come back as their position in the key arrays, so that the event's spelling of
         // a key (a JSON number, padded char(n), ...) never has to match the warehouse's output;
         // except for a single key of a type whose text is the event's spelling, which comes back
-        // as its text from an index scan alone (the cheaper plan). A single-column key also
-        // filters with `= ANY`, which the planner drives the index by.
-        let single_key_filter = match (&spec.key[..], &spec.history_key_columns[..]) {
-            ([k], [h]) => format!("WHERE x.{h} = ANY($1::text[]::{}[])", k.sql_type),
-            _ => String::new(),
-        };
+        // as its text.
         let key_by_text = match (&spec.key[..], &spec.history_key_columns[..]) {
             ([k], [_]) => {
                 let t = k.sql_type.to_ascii_lowercase();
@@ -277,45 +269,33 @@ impl HistorySql {
             }
             _ => false,
         };
-        let newest = if key_by_text {
-            format!(
-                "SELECT DISTINCT ON ({hk}) {hk}::text, x.is_current, decode(replace(x.row_hash::text, '-', ''), 'hex'),
-                        CASE WHEN x.is_current THEN x.valid_from ELSE x.valid_to END,
-                        (coalesce(CASE WHEN x.is_current THEN x.source_lsn ELSE x.end_lsn END, '0/0') - '0/0'::pg_lsn)::int8
-                 FROM {h} x
-                 {single_key_filter}
-                 ORDER BY {hk}, x.valid_from DESC, x.source_lsn DESC NULLS LAST"
-            )
-        } else {
-            format!(
-            "SELECT DISTINCT ON ({hk}) f.i::int8, x.is_current, decode(replace(x.row_hash::text, '-', ''), 'hex'),
+        // Each key's newest version, one backward probe of the key-position index a key
+        // (however long its history): its current version if it has one (a key's current
+        // version is its newest: versions of a key do not overlap and none is empty), else
+        // where its chain ended; with where it is stored (`ctid`), for the close.
+        let newest_cols = "x.is_current, decode(replace(x.row_hash::text, '-', ''), 'hex'),
                     CASE WHEN x.is_current THEN x.valid_from ELSE x.valid_to END,
-                    (coalesce(CASE WHEN x.is_current THEN x.source_lsn ELSE x.end_lsn END, '0/0') - '0/0'::pg_lsn)::int8
-             FROM {h} x
-             JOIN unnest({arrays}) WITH ORDINALITY AS f({key_names}i) ON {matched}
-             {single_key_filter}
-             ORDER BY {hk}, x.valid_from DESC, x.source_lsn DESC NULLS LAST",
-                arrays = key_arrays(1),
-                matched = key_match("f"),
-            )
-        };
-        let current_filter = if single_key_filter.is_empty() {
-            "WHERE x.is_current".to_owned()
-        } else {
-            format!("{single_key_filter} AND x.is_current")
-        };
-        let current_cols = "decode(replace(x.row_hash::text, '-', ''), 'hex'), x.valid_from,
-                    (coalesce(x.source_lsn, '0/0') - '0/0'::pg_lsn)::int8, x.ctid::text";
-        let newest_current = if key_by_text {
-            format!("SELECT {hk}::text, {current_cols} FROM {h} x {current_filter}")
-        } else {
+                    (coalesce(CASE WHEN x.is_current THEN x.source_lsn ELSE x.end_lsn END, '0/0') - '0/0'::pg_lsn)::int8,
+                    x.tid::text";
+        let newest_of = |matched: String| {
             format!(
-                "SELECT f.i::int8, {current_cols} FROM {h} x
-                 JOIN unnest({arrays}) WITH ORDINALITY AS f({key_names}i) ON {matched}
-                 {current_filter}",
-                arrays = key_arrays(1),
-                matched = key_match("f"),
+                "LATERAL (SELECT x.*, x.ctid AS tid FROM {h} x WHERE {matched}
+                          ORDER BY x.valid_from DESC, x.source_lsn DESC LIMIT 1) x"
             )
+        };
+        let newest = match (&spec.key[..], &spec.history_key_columns[..]) {
+            ([k], [hk1]) if key_by_text => format!(
+                "SELECT x.{hk1}::text, {newest_cols}
+                 FROM unnest($1::text[]::{t}[]) AS f(k0), {lateral}",
+                t = k.sql_type,
+                lateral = newest_of(format!("x.{hk1} = f.k0")),
+            ),
+            _ => format!(
+                "SELECT f.i::int8, {newest_cols}
+                 FROM unnest({arrays}) WITH ORDINALITY AS f({key_names}i), {lateral}",
+                arrays = key_arrays(1),
+                lateral = newest_of(key_match("f")),
+            ),
         };
         let close_at = format!(
             "UPDATE {h} x SET valid_to = f.ts, end_lsn = CASE WHEN f.lsn IS NULL THEN NULL ELSE '0/0'::pg_lsn + f.lsn::numeric END,
@@ -438,7 +418,6 @@ impl HistorySql {
             resnapshot_keys,
             snapshot_end,
             history: h,
-            newest_current,
             newest,
             close,
             close_at,
@@ -521,48 +500,31 @@ impl<'t> PgHistory<'t> {
 }
 
 impl HistoryStore for PgHistory<'_> {
-    /// The current versions of `keys` from the one-current index (one row a key, however
-    /// long its history); then, for the keys without one, their newest version. A key's
-    /// current version is its newest: versions of a key do not overlap and none is empty.
+    /// The newest version of each of `keys` (its current one if it has one), one index probe
+    /// a key.
     async fn newest(&mut self, table: usize, keys: &[&str]) -> Result<HashMap<String, Newest>> {
         self.found = None;
         let sql = self.sql(table)?;
-        let rows = query_keys(self.tx, sql, &sql.newest_current, keys).await?;
+        let rows = query_keys(self.tx, sql, &sql.newest, keys).await?;
         let mut newest = HashMap::with_capacity(keys.len());
         let mut found = HashMap::with_capacity(keys.len());
         for (key, r) in rows {
-            let ts: DateTime<Utc> = r.get(2);
+            let current: bool = r.get(1);
+            let ts: DateTime<Utc> = r.get(3);
+            if current {
+                if let Some(tid) = Tid::parse(r.get(5)) {
+                    found.insert(key.clone(), tid);
+                }
+            }
             newest.insert(
-                key.clone(),
+                key,
                 Newest {
-                    current: true,
-                    hash: hash16(r.get(1)),
+                    current,
+                    hash: hash16(r.get(2)),
                     ts_us: ts.timestamp_micros(),
-                    pos: r.get(3),
+                    pos: r.get(4),
                 },
             );
-            if let Some(tid) = Tid::parse(r.get(4)) {
-                found.insert(key, tid);
-            }
-        }
-        let ended: Vec<&str> = keys
-            .iter()
-            .copied()
-            .filter(|k| !newest.contains_key(*k))
-            .collect();
-        if !ended.is_empty() {
-            for (key, r) in query_keys(self.tx, sql, &sql.newest, &ended).await? {
-                let ts: DateTime<Utc> = r.get(3);
-                newest.insert(
-                    key,
-                    Newest {
-                        current: r.get(1),
-                        hash: hash16(r.get(2)),
-                        ts_us: ts.timestamp_micros(),
-                        pos: r.get(4),
-                    },
-                );
-            }
         }
         self.found = Some((table, found));
         Ok(newest)
