@@ -8,25 +8,50 @@ use std::fmt::Write as _;
 
 /// A value, escaped.
 pub fn push_text(buf: &mut String, v: &str) {
-    for c in v.chars() {
-        match c {
-            '\\' => buf.push_str("\\\\"),
-            '\t' => buf.push_str("\\t"),
-            '\n' => buf.push_str("\\n"),
-            '\r' => buf.push_str("\\r"),
-            c => buf.push(c),
-        }
+    let mut rest = v;
+    // Runs without a character to escape are copied whole.
+    while let Some(at) = rest.find(['\\', '\t', '\n', '\r']) {
+        buf.push_str(&rest[..at]);
+        buf.push_str(match rest.as_bytes()[at] {
+            b'\\' => "\\\\",
+            b'\t' => "\\t",
+            b'\n' => "\\n",
+            _ => "\\r",
+        });
+        rest = &rest[at + 1..];
     }
+    buf.push_str(rest);
 }
 
 /// A time in microseconds since the epoch as a UTC timestamptz (`\N` when out of range).
 pub fn push_time(buf: &mut String, us: i64) {
-    match DateTime::from_timestamp_micros(us) {
-        Some(t) => {
-            let _ = write!(buf, "{}", t.format("%Y-%m-%d %H:%M:%S%.6f+00"));
-        }
-        None => buf.push_str("\\N"),
+    use chrono::{Datelike, Timelike};
+    let Some(t) = DateTime::from_timestamp_micros(us) else {
+        buf.push_str("\\N");
+        return;
+    };
+    let year = t.year();
+    if !(1000..=9999).contains(&year) {
+        let _ = write!(buf, "{}", t.format("%Y-%m-%d %H:%M:%S%.6f+00"));
+        return;
     }
+    // The common case by hand: `YYYY-MM-DD HH:MM:SS.ffffff+00` (chrono's formatter parses
+    // its pattern for every value).
+    let mut out = *b"0000-00-00 00:00:00.000000+00";
+    let mut put = |at: usize, width: usize, mut n: u32| {
+        for i in (at..at + width).rev() {
+            out[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+    };
+    put(0, 4, year as u32);
+    put(5, 2, t.month());
+    put(8, 2, t.day());
+    put(11, 2, t.hour());
+    put(14, 2, t.minute());
+    put(17, 2, t.second());
+    put(20, 6, t.timestamp_subsec_micros());
+    buf.push_str(std::str::from_utf8(&out).expect("ASCII digits"));
 }
 
 /// A WAL position as a `pg_lsn` (`\N` for none).
@@ -42,12 +67,19 @@ pub fn push_lsn(buf: &mut String, lsn: Option<i64>) {
 
 /// 16 bytes as a `uuid`.
 pub fn push_uuid(buf: &mut String, bytes: &[u8; 16]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 36];
+    let mut at = 0;
     for (i, b) in bytes.iter().enumerate() {
         if matches!(i, 4 | 6 | 8 | 10) {
-            buf.push('-');
+            out[at] = b'-';
+            at += 1;
         }
-        let _ = write!(buf, "{b:02x}");
+        out[at] = HEX[(b >> 4) as usize];
+        out[at + 1] = HEX[(b & 0xf) as usize];
+        at += 2;
     }
+    buf.push_str(std::str::from_utf8(&out).expect("ASCII hex digits"));
 }
 
 /// Splits one row of COPY text (without its newline) into its values: `None` for `\N`,
@@ -153,6 +185,41 @@ mod tests {
             parse_row(b.as_bytes()).unwrap()[0].as_deref(),
             Some("x\ty\\\nz\r")
         );
+    }
+
+    #[test]
+    fn times_and_uuids_are_written_as_chrono_and_postgresql_spell_them() {
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut cases: Vec<i64> = vec![0, -1, 1, 253_402_300_799_999_999, -62_135_596_800_000_000];
+        cases.extend(
+            (0..2000).map(|_| (next() % 600_000_000_000_000_000) as i64 - 300_000_000_000_000_000),
+        );
+        for us in cases {
+            let mut got = String::new();
+            push_time(&mut got, us);
+            let want = DateTime::from_timestamp_micros(us)
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string())
+                .unwrap_or_else(|| "\\N".into());
+            assert_eq!(got, want, "{us}");
+        }
+        let mut got = String::new();
+        push_uuid(
+            &mut got,
+            &[
+                0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0xf0, 0x0f, 0, 0xff, 0x10, 0x20,
+                0x30, 0x40,
+            ],
+        );
+        assert_eq!(got, "01234567-89ab-cdef-f00f-00ff10203040");
+        let mut got = String::new();
+        push_text(&mut got, "\\a\tb\nc\rd\u{e9}\\");
+        assert_eq!(got, "\\\\a\\tb\\nc\\rd\u{e9}\\\\");
     }
 
     #[test]
