@@ -511,6 +511,114 @@ async fn a_quarantined_file_put_back_late_makes_the_history_exact_in_both_modes(
     }
 }
 
+/// The keys of the deletes the loader remembers (`cdc_pending_deletes`).
+async fn remembered(wh: &Client) -> Vec<String> {
+    wh.query(
+        "SELECT key FROM public.cdc_pending_deletes ORDER BY key",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// Deletes of keys the history holds nothing of are remembered while a file could still bring
+/// those keys' earlier versions (here: one waits in `dead_letter/`), and forgotten once none
+/// can: `cdc_pending_deletes` does not grow with timestamp mode's rows inserted and deleted
+/// between two passes.
+#[tokio::test]
+async fn remembered_deletes_are_kept_while_a_file_is_quarantined_and_forgotten_after_in_both_modes()
+{
+    for mode in ["timestamp", "logical"] {
+        let g = Gadgets::new(
+            "e2e_forget",
+            mode,
+            "CREATE TABLE public.gadgets (id integer PRIMARY KEY, name text NOT NULL,
+                 last_updated timestamptz NOT NULL DEFAULT clock_timestamp());
+             INSERT INTO public.gadgets SELECT g, 'g' || g FROM generate_series(1, 5) g;",
+        )
+        .await;
+        let src = &g.src;
+        let ok = |binary: &str, args: &[&str]| g.ok(binary, args);
+        g.initial_copy_applied();
+        // File A inserts keys 201-210; the next file deletes them; the one after that has
+        // rows inserted and deleted in one transaction.
+        exec(
+            src,
+            "INSERT INTO public.gadgets SELECT g, 'a' || g FROM generate_series(201, 210) g",
+        )
+        .await;
+        ok("extractor", &["--once"]);
+        let a = g.pending();
+        assert_eq!(a.len(), 1, "{mode}: one file for A");
+        let a = a[0].clone();
+        exec(
+            src,
+            "DELETE FROM public.gadgets WHERE id BETWEEN 201 AND 210",
+        )
+        .await;
+        ok("extractor", &["--once"]);
+        exec(
+            src,
+            "INSERT INTO public.gadgets SELECT g, 'short' || g FROM generate_series(301, 320) g;
+             DELETE FROM public.gadgets WHERE id BETWEEN 301 AND 320;",
+        )
+        .await;
+        ok("extractor", &["--once"]);
+        let good = std::fs::read_to_string(&a).unwrap();
+        std::fs::write(&a, format!("{good}not a change event\n")).unwrap();
+        ok("scd2-loader", &["--once"]);
+        let dead =
+            g.db.log_dir()
+                .join("dead_letter")
+                .join(a.file_name().unwrap());
+        assert!(dead.exists(), "{mode}: A quarantined");
+        let wh = g.db.warehouse_client().await;
+        let keys = remembered(&wh).await;
+        // The rows inserted and deleted in one transaction leave only a delete; so do keys
+        // 201-210 in logical mode (timestamp mode's delete carries the row it deleted, which
+        // gives the key its version).
+        let expected = if mode == "timestamp" { 20 } else { 30 };
+        assert_eq!(
+            keys.len(),
+            expected,
+            "{mode}: kept while A is quarantined: {keys:?}"
+        );
+        // Still kept by a loader that finds nothing to do while A waits.
+        ok("scd2-loader", &["--once"]);
+        assert_eq!(remembered(&wh).await.len(), expected, "{mode}: still kept");
+
+        // A put back: its keys end at the remembered deletes, and the rest are forgotten.
+        std::fs::write(&a, good).unwrap();
+        std::fs::remove_file(&dead).unwrap();
+        ok("scd2-loader", &["--once"]);
+        assert_eq!(
+            remembered(&wh).await,
+            Vec::<String>::new(),
+            "{mode}: forgotten"
+        );
+        let ends = rows(
+            &wh,
+            "public.dim_gadgets_history",
+            "WHERE id BETWEEN 201 AND 210",
+            &["is_current", "is_deleted"],
+        )
+        .await;
+        let want: Vec<String> = (201..=210).map(|k| format!("{k}|false|true")).collect();
+        assert_eq!(ends, want, "{mode}: one version each, ended by its delete");
+        let cols = ["name"];
+        assert_eq!(
+            current(&wh, &cols).await,
+            source_rows(src, &cols).await,
+            "{mode}"
+        );
+        g.verified();
+        g.db.cleanup().await;
+    }
+}
+
 /// A schema change one table's history cannot hold holds that table only: the other table's
 /// changes, in the same files and in later ones, go on into its history; `--once` exits 2,
 /// `status` and `verify` name the held table; nothing is quarantined. Once the history can

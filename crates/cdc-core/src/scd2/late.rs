@@ -55,6 +55,8 @@ fn micros(t: DateTime<Utc>) -> i64 {
 #[derive(Default)]
 pub struct Remembered {
     loaded: HashMap<String, HashSet<String>>,
+    /// Deletes remembered in this transaction.
+    pub added: u64,
 }
 
 impl Remembered {
@@ -95,6 +97,7 @@ pub async fn place(
     let h = sql.history().to_owned();
     if !orphans.is_empty() {
         remember_all(tx, &h, orphans).await?;
+        remembered.added += orphans.len() as u64;
         let keys = remembered.keys(tx, &h).await?;
         keys.extend(orphans.iter().map(|(ev, _)| ev.key.clone()));
     }
@@ -274,6 +277,7 @@ async fn place_one(
             None => {
                 let h = sql.history().to_owned();
                 remember(tx, &h, ev, batch).await?;
+                remembered.added += 1;
                 remembered.keys(tx, &h).await?.insert(ev.key.clone());
             }
         }

@@ -44,6 +44,8 @@ pub struct Applier {
     /// The source's enums and domains the tables use (their warehouse copies follow the
     /// source's when a value is refused: `follow_types`).
     types: Vec<crate::table::TypeDef>,
+    /// Whether `cdc_pending_deletes` may hold deletes to forget (see `forget_pending_deletes`).
+    forget_due: bool,
 }
 
 impl Applier {
@@ -120,7 +122,48 @@ impl Applier {
                     }
                     all
                 }),
+            forget_due: true,
         })
+    }
+
+    /// Forgets the remembered deletes of keys the history held nothing of, once no file can
+    /// bring those keys' earlier versions any more: such a file is quarantined or waiting to
+    /// be applied (a delete is only remembered when the key's earlier events were not applied
+    /// before it), so with `dead_letter/` and the change-log directory both empty of
+    /// change-log files, nothing can end a version at them. Without this the table grows by
+    /// one row for every row timestamp mode saw only as deleted (inserted and deleted between
+    /// two passes), and each batch that remembers one reads them all. `dead_letter/` is
+    /// listed first: a file moved back between the two listings is seen in the second. A held
+    /// table keeps its deletes (its later files are replayed). Returns how many were forgotten.
+    async fn forget_pending_deletes(&mut self, cfg: &LoaderConfig) -> Result<u64> {
+        if !self.forget_due {
+            return Ok(0);
+        }
+        let quarantined = changelog::pending_files(&cfg.log_dir.join(changelog::DEAD_LETTER_DIR))?;
+        if !quarantined.is_empty() || !changelog::pending_files(&cfg.log_dir)?.is_empty() {
+            return Ok(0);
+        }
+        let held: Vec<usize> = self.how.held().map(|(t, _, _)| t).collect();
+        let tables: Vec<String> = (0..self.sqls.len())
+            .filter(|t| !held.contains(t))
+            .map(|t| self.how.spec(t).history_qualified())
+            .collect();
+        let n = self
+            .client
+            .execute(
+                "DELETE FROM public.cdc_pending_deletes WHERE history_table = ANY($1)",
+                &[&tables],
+            )
+            .await
+            .map_err(ctx("forgetting remembered deletes in cdc_pending_deletes"))?;
+        self.forget_due = false;
+        if n > 0 {
+            tracing::debug!(
+                forgotten = n,
+                "remembered deletes no file can end a version at any more"
+            );
+        }
+        Ok(n)
     }
 
     /// Which of `names` are already recorded as applied.
@@ -156,6 +199,7 @@ impl Applier {
         let stats = apply_files(&mut store, &mut how, files, run_id)
             .instrument(span)
             .await?;
+        let remembered = store.deletes_remembered();
         let sqls = store.into_sqls();
         let record = RunRecord {
             pipeline_name: PIPELINE_NAME,
@@ -181,6 +225,7 @@ impl Applier {
             .await
             .map_err(ctx("committing the apply transaction"))?;
         (self.how, self.sqls) = (how, sqls);
+        self.forget_due |= remembered > 0;
         metrics::batch_applied(&stats, (Utc::now() - started).to_std().unwrap_or_default());
         Ok(stats)
     }
@@ -485,6 +530,10 @@ pub async fn run(cfg: &LoaderConfig, once: bool, shutdown: Shutdown) -> Result<L
                 drop(applier);
                 applier =
                     Applier::connect(cfg, &specs, &shutdown, Some(&mut warehouse_wait)).await?;
+            }
+            // Caught up: deletes waiting for versions no file can bring any more go.
+            if let Err(e) = applier.forget_pending_deletes(cfg).await {
+                tracing::warn!(error = %error_chain(&e), "could not forget remembered deletes; trying again when caught up next");
             }
             let Some(watch) = new_files.as_mut() else {
                 break;
