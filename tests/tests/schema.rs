@@ -903,3 +903,184 @@ async fn a_truncate_put_back_late_ends_the_versions_it_ended_in_both_modes() {
         g.db.cleanup().await;
     }
 }
+
+/// When the ALTER of `xid` (a transaction id) happened as the history must date it: logical
+/// mode, a microsecond before the transaction's commit (the changes the same transaction
+/// makes after the ALTER are at its commit time); timestamp mode, the time the event trigger
+/// recorded in `cdc_alters` (the clock the change-time column uses), read before a pass
+/// removes it.
+async fn alter_time_us(src: &Client, mode: &str, xid: i64) -> i64 {
+    if mode == "logical" {
+        let commit: i64 = src
+            .query_one(
+                "SELECT (extract(epoch FROM pg_xact_commit_timestamp($1::text::xid)) * 1000000)::int8",
+                &[&xid.to_string()],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        commit - 1
+    } else {
+        src.query_one(
+            "SELECT (extract(epoch FROM min(altered_at)) * 1000000)::int8 FROM public.cdc_alters
+             WHERE table_name = 'gadgets'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    }
+}
+
+/// Runs `sql` (ALTERs and changes) in one transaction; returns its id.
+async fn in_one_transaction(src: &Client, sql: &str) -> i64 {
+    exec(src, &format!("BEGIN; {sql}")).await;
+    let xid: i64 = src
+        .query_one("SELECT pg_current_xact_id()::text::int8", &[])
+        .await
+        .unwrap()
+        .get(0);
+    exec(src, "COMMIT").await;
+    xid
+}
+
+/// Microseconds since the epoch of a history's timestamp expression.
+async fn micros(wh: &Client, sql: &str) -> Vec<i64> {
+    wh.query(
+        &format!("SELECT (extract(epoch FROM t) * 1000000)::int8 FROM ({sql}) s(t)"),
+        &[],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// `ALTER TABLE … ADD COLUMN … DEFAULT` gives every live row its value at the ALTER, not at
+/// the table's next change (logical mode's relation message) or the pass that notices it
+/// (timestamp mode): the event trigger `extractor setup` installs records each ALTER in its
+/// transaction. Also: several ALTERs in one transaction with a change between them, a table
+/// rewrite right after a column was added with a default (its value for the existing rows
+/// still known), and an ALTER of a table that is not captured (ignored).
+#[tokio::test]
+async fn a_schema_change_is_dated_at_its_alter_in_both_modes() {
+    for mode in ["timestamp", "logical"] {
+        let g = Gadgets::new(
+            "e2e_schema_dated",
+            mode,
+            "CREATE TABLE public.gadgets (id integer PRIMARY KEY, name text NOT NULL,
+                 price numeric(10,2) NOT NULL,
+                 last_updated timestamptz NOT NULL DEFAULT clock_timestamp());
+             INSERT INTO public.gadgets SELECT g, 'g' || g, g * 1.5 FROM generate_series(1, 20) g;
+             CREATE TABLE public.other (id integer PRIMARY KEY, x text);
+             CREATE PUBLICATION other_pub FOR TABLE public.other;",
+        )
+        .await;
+        g.initial_copy_applied();
+        let ok = |binary: &str, args: &[&str]| g.ok(binary, args);
+
+        // The ALTER alone; the table's next change comes later, in its own transaction.
+        let xid = in_one_transaction(
+            &g.src,
+            "ALTER TABLE public.gadgets ADD COLUMN color text NOT NULL DEFAULT 'red'",
+        )
+        .await;
+        let color_at = alter_time_us(&g.src, mode, xid).await;
+        exec(
+            &g.src,
+            "ALTER TABLE public.other ADD COLUMN y text DEFAULT 'y'",
+        )
+        .await;
+        exec(
+            &g.src,
+            "UPDATE public.gadgets SET name = 'later' WHERE id = 1",
+        )
+        .await;
+        ok("extractor", &["--once"]);
+        ok("scd2-loader", &["--once"]);
+
+        // Several ALTERs in one transaction, a change between them, and a rewrite (a type
+        // change) after a column added with a default.
+        let xid = in_one_transaction(
+            &g.src,
+            "ALTER TABLE public.gadgets ADD COLUMN size integer NOT NULL DEFAULT 5;
+             UPDATE public.gadgets SET color = 'blue' WHERE id = 2;
+             ALTER TABLE public.gadgets ADD COLUMN w text DEFAULT 'x';
+             ALTER TABLE public.gadgets ALTER COLUMN price TYPE numeric(12,4);",
+        )
+        .await;
+        let size_at = alter_time_us(&g.src, mode, xid).await;
+        exec(
+            &g.src,
+            "UPDATE public.gadgets SET w = 'changed' WHERE id = 3",
+        )
+        .await;
+        ok("extractor", &["--once"]);
+        ok("scd2-loader", &["--once"]);
+
+        let wh = g.db.warehouse_client().await;
+        let cols = ["name", "price", "color", "size", "w"];
+        assert_eq!(
+            current(&wh, &cols).await,
+            source_rows(&g.src, &cols).await,
+            "{mode}: current history equals the source"
+        );
+        // A key nobody changed: its version before the ALTERs, one from the first (color),
+        // one from the second transaction's (size and w), each starting at its ALTER.
+        let untouched: Vec<String> = wh
+            .query(
+                "SELECT concat_ws('|', coalesce(color, 'NULL'), coalesce(size::text, 'NULL'),
+                                  coalesce(w, 'NULL'), is_current::text)
+                 FROM public.dim_gadgets_history WHERE id = 15 ORDER BY valid_from",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(
+            untouched,
+            [
+                "NULL|NULL|NULL|false",
+                "red|NULL|NULL|false",
+                "red|5|x|true"
+            ],
+            "{mode}"
+        );
+        let starts = micros(
+            &wh,
+            "SELECT valid_from FROM public.dim_gadgets_history WHERE id = 15 ORDER BY valid_from OFFSET 1",
+        )
+        .await;
+        assert_eq!(
+            starts,
+            [color_at, size_at],
+            "{mode}: the versions start at the ALTERs"
+        );
+        let recorded = micros(
+            &wh,
+            "SELECT changed_at FROM public.cdc_schema_changes
+             WHERE history_table = 'public.dim_gadgets_history' AND kind = 'add_column' ORDER BY id",
+        )
+        .await;
+        assert_eq!(
+            recorded,
+            [color_at, size_at, size_at],
+            "{mode}: cdc_schema_changes dates each change at its ALTER"
+        );
+        let other: i64 = wh
+            .query_one(
+                "SELECT count(*) FROM public.cdc_schema_changes WHERE source_table = 'public.other'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(other, 0, "{mode}: a table not captured is not followed");
+        g.nothing_quarantined();
+        g.verified();
+        g.db.cleanup().await;
+    }
+}

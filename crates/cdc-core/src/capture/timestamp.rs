@@ -700,11 +700,12 @@ async fn alter_time(
     let Some(ct) = &now.change_time_column else {
         return Ok(w.ts_us - 1);
     };
+    let past = super::rows::past_watermark(now, "t", Some(w))?;
     let oldest: Option<i64> = tx
         .query_one(
             &format!(
                 "SELECT (extract(epoch FROM least(
-                     (SELECT min({ct}) FROM {q} WHERE {ct} >= $3),
+                     (SELECT min(t.{ct}) FROM {q} t WHERE {past}),
                      (SELECT min(deleted_at) FROM public.cdc_tombstones
                       WHERE table_schema = $1 AND table_name = $2 AND deleted_at >= $3),
                      (SELECT min((old_row ->> '{ct}')::timestamptz) FROM public.cdc_tombstones

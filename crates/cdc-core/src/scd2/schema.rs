@@ -560,6 +560,19 @@ async fn fill(
     // own transaction, or the version an earlier ALTER of that transaction added) holds the
     // value from its start; closing it there would leave a zero-length version.
     let before = "x.valid_from < $1::timestamptz";
+    // The history's columns now: a column a later change of the same event adds is not
+    // there yet (it gets its value, if any, from its own change).
+    let have: Vec<String> = tx
+        .query(
+            "SELECT a.attname::text FROM pg_attribute a
+             WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&h],
+        )
+        .await
+        .map_err(ctx(format!("reading the columns of {h}")))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     let carried: Vec<String> = spec
         .history_key_columns
         .iter()
@@ -568,7 +581,7 @@ async fn fill(
             spec.written_columns()
                 .into_iter()
                 .map(|i| spec.history_column(&spec.columns[i]))
-                .filter(|c| c != col),
+                .filter(|c| c != col && have.contains(c)),
         )
         .collect();
     let carried = carried.join(", ");
