@@ -4,8 +4,11 @@
 //! change the history cannot hold, which stops the loader at it (nothing quarantined) until
 //! the history is changed by hand.
 
-use super::{cmd, run, text};
-use cdc_core::test_utils::TestDb;
+use super::{cmd, run, start, stop, text};
+use cdc_core::test_utils::{
+    actual_history_across, assert_same_history, expected_history_across, install_alter_audit,
+    install_audit, Across, Followed, TestDb,
+};
 use tokio_postgres::Client;
 
 async fn exec(c: &Client, sql: &str) {
@@ -1082,5 +1085,196 @@ async fn a_schema_change_is_dated_at_its_alter_in_both_modes() {
         g.nothing_quarantined();
         g.verified();
         g.db.cleanup().await;
+    }
+}
+
+/// The columns of `dim_orders_history` the truth across the schema changes below compares.
+const ORDERS_FOLLOWED: &[Followed] = &[
+    Followed {
+        history: "customer_id",
+        source_names: &["customer_id"],
+        sql_type: "integer",
+    },
+    Followed {
+        history: "product_id",
+        source_names: &["product_id"],
+        sql_type: "integer",
+    },
+    Followed {
+        history: "quantity",
+        source_names: &["quantity"],
+        sql_type: "integer",
+    },
+    Followed {
+        history: "unit_price",
+        source_names: &["unit_price"],
+        sql_type: "numeric(10,2)",
+    },
+    Followed {
+        history: "total_amount",
+        source_names: &["total_amount"],
+        sql_type: "numeric(12,2)",
+    },
+    Followed {
+        history: "order_status",
+        source_names: &["order_status"],
+        sql_type: "varchar(40)",
+    },
+    Followed {
+        history: "placed_at",
+        source_names: &["order_date", "placed_at"],
+        sql_type: "timestamptz",
+    },
+    Followed {
+        history: "source_created_at",
+        source_names: &["created_at"],
+        sql_type: "timestamptz",
+    },
+    Followed {
+        history: "gift_note",
+        source_names: &["gift_note"],
+        sql_type: "text",
+    },
+    Followed {
+        history: "discount",
+        source_names: &["discount"],
+        sql_type: "numeric(10,4)",
+    },
+    Followed {
+        history: "rush",
+        source_names: &["rush"],
+        sql_type: "boolean",
+    },
+];
+
+/// Each schema change, followed by updates, with the mutator writing orders around it (in
+/// logical mode all along, the ALTERs included; in timestamp mode in bursts between passes,
+/// since a pass reads the rows changed before an ALTER in the new shape): the history equals
+/// the trigger-fed truth, including the added columns' values (the defaults' from each
+/// ALTER on), renamed columns (older states under the old name), widened types (by value) and
+/// the dropped column (kept, NULL after), and `verify` passes. The mutator names only the
+/// columns it writes, so it goes on through every change here (none renames or drops one of
+/// them).
+#[tokio::test]
+async fn history_equals_the_truth_across_schema_changes_with_the_mutator_running_in_both_modes() {
+    let steps = [
+        "ALTER TABLE public.orders ADD COLUMN gift_note text NOT NULL DEFAULT 'none',
+                                   ADD COLUMN discount numeric(6,2) NOT NULL DEFAULT 0.50;
+         UPDATE public.orders SET gift_note = 'wrap' WHERE id % 7 = 0",
+        "ALTER TABLE public.orders ADD COLUMN rush boolean;
+         UPDATE public.orders SET rush = true WHERE id % 5 = 0",
+        "ALTER TABLE public.orders RENAME COLUMN order_date TO placed_at;
+         UPDATE public.orders SET placed_at = placed_at - interval '1 day' WHERE id % 6 = 0",
+        "ALTER TABLE public.orders ALTER COLUMN order_status TYPE varchar(40),
+                                   ALTER COLUMN discount TYPE numeric(10,4);
+         UPDATE public.orders SET order_status = 'awaiting_customer_pickup', discount = 0.1234
+             WHERE id % 9 = 0",
+        "ALTER TABLE public.orders DROP COLUMN rush;
+         UPDATE public.orders SET gift_note = 'after drop' WHERE id % 11 = 0",
+    ];
+    for mode in ["timestamp", "logical"] {
+        let db = TestDb::new(&format!("e2e_schema_truth_{mode}")).await;
+        let src = db.source_client().await;
+        let ok = |binary: &str, args: &[&str]| {
+            let mut c = cmd(&db, binary);
+            c.args(args).env("CDC_CAPTURE_MODE", mode);
+            let out = run(c);
+            assert!(
+                out.status.success(),
+                "{mode} {binary} {args:?}: {}",
+                text(&out)
+            );
+            out
+        };
+        ok("extractor", &["setup"]);
+        ok("extractor", &["--once"]);
+        ok("scd2-loader", &["--once"]);
+        // The truth starts after the initial copy (no transaction in between).
+        install_audit(&src).await;
+        install_alter_audit(&src).await;
+        let mut passes: Vec<i64> = Vec::new();
+        let clock = || async {
+            src.query_one(
+                "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+        };
+        // The initial copy saw every row as the audit starts.
+        passes.push(clock().await);
+        let burst = |seed: usize| {
+            let mut m = cmd(&db, "mutator");
+            m.args(["--count", "60", "--seed", &seed.to_string()]);
+            let out = run(m);
+            assert!(out.status.success(), "{mode} mutator: {}", text(&out));
+        };
+        let steady = (mode == "logical").then(|| {
+            let mut m = cmd(&db, "mutator");
+            m.args(["--rate", "100", "--seed", "7"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped());
+            start(&mut m)
+        });
+        for (i, sql) in steps.iter().enumerate() {
+            if steady.is_none() {
+                burst(2 * i);
+            }
+            passes.push(clock().await);
+            ok("extractor", &["--once"]);
+            exec(&src, sql).await;
+            if steady.is_none() {
+                burst(2 * i + 1);
+            }
+            passes.push(clock().await);
+            ok("extractor", &["--once"]);
+            ok("scd2-loader", &["--once"]);
+        }
+        if let Some(m) = steady {
+            assert_eq!(
+                stop(m),
+                Some(0),
+                "{mode}: the mutator went on through every change"
+            );
+        }
+        passes.push(clock().await);
+        ok("extractor", &["--once"]);
+        ok("scd2-loader", &["--once"]);
+
+        let basis = match mode {
+            "logical" => Across::Commits,
+            _ => Across::Passes(passes),
+        };
+        let expected =
+            expected_history_across(&src, "public.orders", ORDERS_FOLLOWED, &basis).await;
+        let actual = actual_history_across(
+            &db.warehouse_client().await,
+            "public.dim_orders_history",
+            "order_key",
+            ORDERS_FOLLOWED,
+        )
+        .await;
+        assert_same_history(&expected, &actual);
+        // Traffic went on around the changes: the ALTERs' own versions and the mutator's.
+        let versions: usize = actual.values().map(Vec::len).sum();
+        let keys = actual.len();
+        assert!(
+            versions > keys,
+            "{mode}: {versions} versions of {keys} keys"
+        );
+        let out = ok("scd2-loader", &["verify"]);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("all invariants hold"),
+            "{mode}: {}",
+            text(&out)
+        );
+        let dead = db.log_dir().join("dead_letter");
+        assert_eq!(
+            std::fs::read_dir(&dead).map(|d| d.count()).unwrap_or(0),
+            0,
+            "{mode}: nothing quarantined"
+        );
+        db.cleanup().await;
     }
 }
