@@ -204,8 +204,9 @@ async fn the_history_follows_added_renamed_retyped_and_dropped_columns_in_both_m
         )
         .await;
         exec(src, "UPDATE public.gadgets SET color = 'blue' WHERE id = 2").await;
-        // (Logical capture learns the existing rows' value from the catalog, which a table
-        // rewrite such as the type change below clears: a pass must see the column first.)
+        // (Without the event trigger, logical capture learns the existing rows' value from
+        // the catalog, which a table rewrite such as the type change below clears: a pass
+        // sees the column first here.)
         ok("extractor", &["--once"]);
         // Several changes before the next pass: rename, widen, drop, each with a change after.
         exec(

@@ -1,6 +1,7 @@
 //! Noticing schema changes of the captured tables (see `crate::schema_change`): a catalog
 //! fingerprint read each pass; a table whose fingerprint moved is described again, and its
-//! shape compared with the one the change log last described.
+//! shape compared with the one the change log last described. Also the records of the event
+//! trigger that dates a change at its ALTER (`AlterRecord`, `event_from_record`).
 
 use crate::catalog::{fingerprints, TableSelection};
 use crate::db::ctx;
