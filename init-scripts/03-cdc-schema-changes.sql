@@ -8,7 +8,9 @@
 --     message (prefix 'cdc_schema_change'), decoded in the ALTER's transaction, so the schema
 --     event gets that transaction's commit time and its place among the changes around it.
 -- Installed by `extractor setup` (creating an event trigger needs a superuser; without one
--- the extractor notices the change later, see the README). Idempotent.
+-- the extractor notices the change later, see the README). Idempotent. The function runs as
+-- its owner (any role may ALTER a table), with pg_catalog first and pg_temp last in its search
+-- path, so that no other role can put objects in front of the catalog.
 CREATE TABLE IF NOT EXISTS public.cdc_alters (
     alter_id     BIGSERIAL   PRIMARY KEY,
     table_schema TEXT        NOT NULL,
@@ -20,7 +22,7 @@ CREATE INDEX IF NOT EXISTS idx_cdc_alters_table
     ON public.cdc_alters (table_schema, table_name, altered_at, alter_id);
 
 CREATE OR REPLACE FUNCTION public.cdc_record_alter() RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $$
 DECLARE
     r record;
     cols jsonb;
