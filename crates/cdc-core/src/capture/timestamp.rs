@@ -603,8 +603,9 @@ async fn follow_schema(
             .query(
                 "SELECT table_schema || '.' || table_name, alter_id,
                         (extract(epoch FROM altered_at) * 1000000)::int8, columns::text
-                 FROM public.cdc_alters ORDER BY altered_at, alter_id",
-                &[],
+                 FROM public.cdc_alters WHERE table_schema || '.' || table_name = ANY($1)
+                 ORDER BY altered_at, alter_id",
+                &[&specs.iter().map(|s| s.qualified()).collect::<Vec<_>>()],
             )
             .await
             .map_err(ctx("reading the ALTERs recorded in cdc_alters"))?
