@@ -4,8 +4,11 @@
 //! change the history cannot hold, which stops the loader at it (nothing quarantined) until
 //! the history is changed by hand.
 
-use super::{cmd, run, text};
-use cdc_core::test_utils::TestDb;
+use super::{cmd, run, start, stop, text};
+use cdc_core::test_utils::{
+    actual_history_across, assert_same_history, expected_history_across, install_alter_audit,
+    install_audit, Across, Followed, TestDb,
+};
 use tokio_postgres::Client;
 
 async fn exec(c: &Client, sql: &str) {
@@ -201,8 +204,9 @@ async fn the_history_follows_added_renamed_retyped_and_dropped_columns_in_both_m
         )
         .await;
         exec(src, "UPDATE public.gadgets SET color = 'blue' WHERE id = 2").await;
-        // (Logical capture learns the existing rows' value from the catalog, which a table
-        // rewrite such as the type change below clears: a pass must see the column first.)
+        // (Without the event trigger, logical capture learns the existing rows' value from
+        // the catalog, which a table rewrite such as the type change below clears: a pass
+        // sees the column first here.)
         ok("extractor", &["--once"]);
         // Several changes before the next pass: rename, widen, drop, each with a change after.
         exec(
@@ -1009,5 +1013,412 @@ async fn a_truncate_put_back_late_ends_the_versions_it_ended_in_both_modes() {
         g.verified();
         g.rebuild_agrees();
         g.db.cleanup().await;
+    }
+}
+
+/// When the ALTER of `xid` (a transaction id) happened as the history must date it: logical
+/// mode, a microsecond before the transaction's commit (the changes the same transaction
+/// makes after the ALTER are at its commit time); timestamp mode, the time the event trigger
+/// recorded in `cdc_alters` (the clock the change-time column uses), read before a pass
+/// removes it.
+async fn alter_time_us(src: &Client, mode: &str, xid: i64) -> i64 {
+    if mode == "logical" {
+        let commit: i64 = src
+            .query_one(
+                "SELECT (extract(epoch FROM pg_xact_commit_timestamp($1::text::xid)) * 1000000)::int8",
+                &[&xid.to_string()],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        commit - 1
+    } else {
+        src.query_one(
+            "SELECT (extract(epoch FROM min(altered_at)) * 1000000)::int8 FROM public.cdc_alters
+             WHERE table_name = 'gadgets'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    }
+}
+
+/// Runs `sql` (ALTERs and changes) in one transaction; returns its id.
+async fn in_one_transaction(src: &Client, sql: &str) -> i64 {
+    exec(src, &format!("BEGIN; {sql}")).await;
+    let xid: i64 = src
+        .query_one("SELECT pg_current_xact_id()::text::int8", &[])
+        .await
+        .unwrap()
+        .get(0);
+    exec(src, "COMMIT").await;
+    xid
+}
+
+/// Microseconds since the epoch of a history's timestamp expression.
+async fn micros(wh: &Client, sql: &str) -> Vec<i64> {
+    wh.query(
+        &format!("SELECT (extract(epoch FROM t) * 1000000)::int8 FROM ({sql}) s(t)"),
+        &[],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// `ALTER TABLE … ADD COLUMN … DEFAULT` gives every live row its value at the ALTER, not at
+/// the table's next change (logical mode's relation message) or the pass that notices it
+/// (timestamp mode): the event trigger `extractor setup` installs records each ALTER in its
+/// transaction. Also: several ALTERs in one transaction with a change between them, a table
+/// rewrite right after a column was added with a default (its value for the existing rows
+/// still known), and an ALTER of a table that is not captured (ignored). In timestamp mode
+/// a row changed between the last pass and the ALTER, which the pass reads in the new shape,
+/// dates the change just before that row's change instead.
+#[tokio::test]
+async fn a_schema_change_is_dated_at_its_alter_in_both_modes() {
+    for mode in ["timestamp", "logical"] {
+        let g = Gadgets::new(
+            "e2e_schema_dated",
+            mode,
+            "CREATE TABLE public.gadgets (id integer PRIMARY KEY, name text NOT NULL,
+                 price numeric(10,2) NOT NULL,
+                 last_updated timestamptz NOT NULL DEFAULT clock_timestamp());
+             INSERT INTO public.gadgets SELECT g, 'g' || g, g * 1.5 FROM generate_series(1, 20) g;
+             CREATE TABLE public.other (id integer PRIMARY KEY, x text);
+             CREATE PUBLICATION other_pub FOR TABLE public.other;",
+        )
+        .await;
+        g.initial_copy_applied();
+        let ok = |binary: &str, args: &[&str]| g.ok(binary, args);
+
+        // The ALTER alone; the table's next change comes later, in its own transaction.
+        let xid = in_one_transaction(
+            &g.src,
+            "ALTER TABLE public.gadgets ADD COLUMN color text NOT NULL DEFAULT 'red'",
+        )
+        .await;
+        let color_at = alter_time_us(&g.src, mode, xid).await;
+        exec(
+            &g.src,
+            "ALTER TABLE public.other ADD COLUMN y text DEFAULT 'y'",
+        )
+        .await;
+        exec(
+            &g.src,
+            "UPDATE public.gadgets SET name = 'later' WHERE id = 1",
+        )
+        .await;
+        ok("extractor", &["--once"]);
+        ok("scd2-loader", &["--once"]);
+
+        // Several ALTERs in one transaction, a change between them, and a rewrite (a type
+        // change) after a column added with a default.
+        let xid = in_one_transaction(
+            &g.src,
+            "ALTER TABLE public.gadgets ADD COLUMN size integer NOT NULL DEFAULT 5;
+             UPDATE public.gadgets SET color = 'blue' WHERE id = 2;
+             ALTER TABLE public.gadgets ADD COLUMN w text DEFAULT 'x';
+             ALTER TABLE public.gadgets ALTER COLUMN price TYPE numeric(12,4);",
+        )
+        .await;
+        let size_at = alter_time_us(&g.src, mode, xid).await;
+        exec(
+            &g.src,
+            "UPDATE public.gadgets SET w = 'changed' WHERE id = 3",
+        )
+        .await;
+        ok("extractor", &["--once"]);
+        ok("scd2-loader", &["--once"]);
+
+        let wh = g.db.warehouse_client().await;
+        let cols = ["name", "price", "color", "size", "w"];
+        assert_eq!(
+            current(&wh, &cols).await,
+            source_rows(&g.src, &cols).await,
+            "{mode}: current history equals the source"
+        );
+        // A key nobody changed: its version before the ALTERs, one from the first (color),
+        // one from the second transaction's (size and w), each starting at its ALTER.
+        let untouched: Vec<String> = wh
+            .query(
+                "SELECT concat_ws('|', coalesce(color, 'NULL'), coalesce(size::text, 'NULL'),
+                                  coalesce(w, 'NULL'), is_current::text)
+                 FROM public.dim_gadgets_history WHERE id = 15 ORDER BY valid_from",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(
+            untouched,
+            [
+                "NULL|NULL|NULL|false",
+                "red|NULL|NULL|false",
+                "red|5|x|true"
+            ],
+            "{mode}"
+        );
+        let starts = micros(
+            &wh,
+            "SELECT valid_from FROM public.dim_gadgets_history WHERE id = 15 ORDER BY valid_from OFFSET 1",
+        )
+        .await;
+        assert_eq!(
+            starts,
+            [color_at, size_at],
+            "{mode}: the versions start at the ALTERs"
+        );
+        let recorded = micros(
+            &wh,
+            "SELECT changed_at FROM public.cdc_schema_changes
+             WHERE history_table = 'public.dim_gadgets_history' AND kind = 'add_column' ORDER BY id",
+        )
+        .await;
+        assert_eq!(
+            recorded,
+            [color_at, size_at, size_at],
+            "{mode}: cdc_schema_changes dates each change at its ALTER"
+        );
+        let other: i64 = wh
+            .query_one(
+                "SELECT count(*) FROM public.cdc_schema_changes WHERE source_table = 'public.other'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(other, 0, "{mode}: a table not captured is not followed");
+        if mode == "timestamp" {
+            // A row changed after the last pass and before the ALTER is read in the new shape
+            // (with the column's value): the change is dated just before that row's change,
+            // never after a change it precedes.
+            exec(
+                &g.src,
+                "UPDATE public.gadgets SET name = 'before' WHERE id = 4",
+            )
+            .await;
+            exec(
+                &g.src,
+                "ALTER TABLE public.gadgets ADD COLUMN tag text NOT NULL DEFAULT 't'",
+            )
+            .await;
+            let changed: i64 = g
+                .src
+                .query_one(
+                    "SELECT (extract(epoch FROM last_updated) * 1000000)::int8 FROM public.gadgets WHERE id = 4",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert!(changed < alter_time_us(&g.src, mode, 0).await);
+            ok("extractor", &["--once"]);
+            ok("scd2-loader", &["--once"]);
+            let tag_from = micros(
+                &wh,
+                "SELECT valid_from FROM public.dim_gadgets_history WHERE id = 15 AND tag IS NOT NULL",
+            )
+            .await;
+            assert_eq!(tag_from, [changed - 1], "{mode}");
+        }
+        g.nothing_quarantined();
+        g.verified();
+        g.db.cleanup().await;
+    }
+}
+
+/// The columns of `dim_orders_history` the truth across the schema changes below compares.
+const ORDERS_FOLLOWED: &[Followed] = &[
+    Followed {
+        history: "customer_id",
+        source_names: &["customer_id"],
+        sql_type: "integer",
+    },
+    Followed {
+        history: "product_id",
+        source_names: &["product_id"],
+        sql_type: "integer",
+    },
+    Followed {
+        history: "quantity",
+        source_names: &["quantity"],
+        sql_type: "integer",
+    },
+    Followed {
+        history: "unit_price",
+        source_names: &["unit_price"],
+        sql_type: "numeric(10,2)",
+    },
+    Followed {
+        history: "total_amount",
+        source_names: &["total_amount"],
+        sql_type: "numeric(12,2)",
+    },
+    Followed {
+        history: "order_status",
+        source_names: &["order_status"],
+        sql_type: "varchar(40)",
+    },
+    Followed {
+        history: "placed_at",
+        source_names: &["order_date", "placed_at"],
+        sql_type: "timestamptz",
+    },
+    Followed {
+        history: "source_created_at",
+        source_names: &["created_at"],
+        sql_type: "timestamptz",
+    },
+    Followed {
+        history: "gift_note",
+        source_names: &["gift_note"],
+        sql_type: "text",
+    },
+    Followed {
+        history: "discount",
+        source_names: &["discount"],
+        sql_type: "numeric(10,4)",
+    },
+    Followed {
+        history: "rush",
+        source_names: &["rush"],
+        sql_type: "boolean",
+    },
+];
+
+/// Each schema change, followed by updates, with the mutator writing orders around it (in
+/// logical mode all along, the ALTERs included; in timestamp mode in bursts between passes,
+/// since a pass reads the rows changed before an ALTER in the new shape): the history equals
+/// the trigger-fed truth, including the added columns' values (the defaults' from each
+/// ALTER on), renamed columns (older states under the old name), widened types (by value) and
+/// the dropped column (kept, NULL after), and `verify` passes. The mutator names only the
+/// columns it writes, so it goes on through every change here (none renames or drops one of
+/// them).
+#[tokio::test]
+async fn history_equals_the_truth_across_schema_changes_with_the_mutator_running_in_both_modes() {
+    let steps = [
+        "ALTER TABLE public.orders ADD COLUMN gift_note text NOT NULL DEFAULT 'none',
+                                   ADD COLUMN discount numeric(6,2) NOT NULL DEFAULT 0.50;
+         UPDATE public.orders SET gift_note = 'wrap' WHERE id % 7 = 0",
+        "ALTER TABLE public.orders ADD COLUMN rush boolean;
+         UPDATE public.orders SET rush = true WHERE id % 5 = 0",
+        "ALTER TABLE public.orders RENAME COLUMN order_date TO placed_at;
+         UPDATE public.orders SET placed_at = placed_at - interval '1 day' WHERE id % 6 = 0",
+        "ALTER TABLE public.orders ALTER COLUMN order_status TYPE varchar(40),
+                                   ALTER COLUMN discount TYPE numeric(10,4);
+         UPDATE public.orders SET order_status = 'awaiting_customer_pickup', discount = 0.1234
+             WHERE id % 9 = 0",
+        "ALTER TABLE public.orders DROP COLUMN rush;
+         UPDATE public.orders SET gift_note = 'after drop' WHERE id % 11 = 0",
+    ];
+    for mode in ["timestamp", "logical"] {
+        let db = TestDb::new(&format!("e2e_schema_truth_{mode}")).await;
+        let src = db.source_client().await;
+        let ok = |binary: &str, args: &[&str]| {
+            let mut c = cmd(&db, binary);
+            c.args(args).env("CDC_CAPTURE_MODE", mode);
+            let out = run(c);
+            assert!(
+                out.status.success(),
+                "{mode} {binary} {args:?}: {}",
+                text(&out)
+            );
+            out
+        };
+        ok("extractor", &["setup"]);
+        ok("extractor", &["--once"]);
+        ok("scd2-loader", &["--once"]);
+        // The truth starts after the initial copy (no transaction in between).
+        install_audit(&src).await;
+        install_alter_audit(&src).await;
+        let mut passes: Vec<i64> = Vec::new();
+        let clock = || async {
+            src.query_one(
+                "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+        };
+        // The initial copy saw every row as the audit starts.
+        passes.push(clock().await);
+        let burst = |seed: usize| {
+            let mut m = cmd(&db, "mutator");
+            m.args(["--count", "60", "--seed", &seed.to_string()]);
+            let out = run(m);
+            assert!(out.status.success(), "{mode} mutator: {}", text(&out));
+        };
+        let steady = (mode == "logical").then(|| {
+            let mut m = cmd(&db, "mutator");
+            m.args(["--rate", "100", "--seed", "7"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped());
+            start(&mut m)
+        });
+        for (i, sql) in steps.iter().enumerate() {
+            if steady.is_none() {
+                burst(2 * i);
+            }
+            passes.push(clock().await);
+            ok("extractor", &["--once"]);
+            exec(&src, sql).await;
+            if steady.is_none() {
+                burst(2 * i + 1);
+            }
+            passes.push(clock().await);
+            ok("extractor", &["--once"]);
+            ok("scd2-loader", &["--once"]);
+        }
+        if let Some(m) = steady {
+            assert_eq!(
+                stop(m),
+                Some(0),
+                "{mode}: the mutator went on through every change"
+            );
+        }
+        passes.push(clock().await);
+        ok("extractor", &["--once"]);
+        ok("scd2-loader", &["--once"]);
+
+        let basis = match mode {
+            "logical" => Across::Commits,
+            _ => Across::Passes(passes),
+        };
+        let expected =
+            expected_history_across(&src, "public.orders", ORDERS_FOLLOWED, &basis).await;
+        let actual = actual_history_across(
+            &db.warehouse_client().await,
+            "public.dim_orders_history",
+            "order_key",
+            ORDERS_FOLLOWED,
+        )
+        .await;
+        assert_same_history(&expected, &actual);
+        // Traffic went on around the changes: the ALTERs' own versions and the mutator's.
+        let versions: usize = actual.values().map(Vec::len).sum();
+        let keys = actual.len();
+        assert!(
+            versions > keys,
+            "{mode}: {versions} versions of {keys} keys"
+        );
+        let out = ok("scd2-loader", &["verify"]);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("all invariants hold"),
+            "{mode}: {}",
+            text(&out)
+        );
+        let dead = db.log_dir().join("dead_letter");
+        assert_eq!(
+            std::fs::read_dir(&dead).map(|d| d.count()).unwrap_or(0),
+            0,
+            "{mode}: nothing quarantined"
+        );
+        db.cleanup().await;
     }
 }

@@ -528,3 +528,92 @@ async fn a_progress_file_from_the_future_is_refused() {
     );
     db.cleanup().await;
 }
+
+/// A role that may not create event triggers (not a superuser) still prepares a table for
+/// logical capture: setup says the event trigger is not installed and what that means, and
+/// a schema change is then dated as before it, by the table's next change.
+#[tokio::test]
+async fn setup_without_a_superuser_says_the_event_trigger_is_not_installed() {
+    let db = TestDb::new("e2e_setup_no_super").await;
+    let source = db.source_client().await;
+    let role = format!("{}_r", db.name);
+    source
+        .batch_execute(&format!(
+            "DROP EVENT TRIGGER cdc_schema_change;
+             CREATE ROLE {role} LOGIN REPLICATION PASSWORD 'not-a-superuser';
+             GRANT CREATE ON DATABASE {db} TO {role};
+             CREATE TABLE public.notes (id bigint PRIMARY KEY, body text);
+             INSERT INTO public.notes VALUES (1, 'a'), (2, 'b');
+             ALTER TABLE public.notes OWNER TO {role};",
+            db = db.name
+        ))
+        .await
+        .unwrap();
+    let as_role = |binary: &str, args: &[&str]| {
+        let mut c = cmd(&db, binary);
+        c.args(args)
+            .env("CDC_TABLES", "public.notes")
+            .env("CDC_CAPTURE_MODE", "logical")
+            .env("DB_USER", &role)
+            .env("DB_PASSWORD", "not-a-superuser");
+        let out = run(c);
+        assert!(out.status.success(), "{binary} {args:?}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let said = as_role("extractor", &["setup"]);
+    assert!(
+        said.contains("REPLICA IDENTITY FULL")
+            && said.contains("event trigger cdc_schema_change NOT installed")
+            && said.contains("superuser"),
+        "{said}"
+    );
+    as_role("extractor", &["--once"]);
+    as_role("scd2-loader", &["--once"]);
+    // Without the trigger, the column's versions start at the table's next change.
+    source
+        .batch_execute("ALTER TABLE public.notes ADD COLUMN color text NOT NULL DEFAULT 'red'")
+        .await
+        .unwrap();
+    let xid: i64 = {
+        source
+            .batch_execute("BEGIN; UPDATE public.notes SET body = 'c' WHERE id = 1")
+            .await
+            .unwrap();
+        let x = source
+            .query_one("SELECT pg_current_xact_id()::text::int8", &[])
+            .await
+            .unwrap()
+            .get(0);
+        source.batch_execute("COMMIT").await.unwrap();
+        x
+    };
+    as_role("extractor", &["--once"]);
+    as_role("scd2-loader", &["--once"]);
+    let next_change: i64 = source
+        .query_one(
+            "SELECT (extract(epoch FROM pg_xact_commit_timestamp($1::text::xid)) * 1000000)::int8",
+            &[&xid.to_string()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let wh = db.warehouse_client().await;
+    let red_from: i64 = wh
+        .query_one(
+            "SELECT (extract(epoch FROM valid_from) * 1000000)::int8 FROM public.dim_notes_history
+             WHERE id = 2 AND is_current AND color = 'red'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(red_from, next_change - 1);
+    let mut admin = db.extractor_config().source;
+    admin.dbname = "postgres".into();
+    db.cleanup().await;
+    cdc_core::test_utils::connect(&admin)
+        .await
+        .batch_execute(&format!("DROP ROLE {role}"))
+        .await
+        .unwrap();
+}

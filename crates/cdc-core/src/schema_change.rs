@@ -1,10 +1,12 @@
 //! Schema changes of a captured table, from capture to history.
 //!
 //! The extractor keeps the shape (key and tracked columns, their positions and types) it last
-//! wrote for each table in its progress. When the source's shape differs (timestamp mode: the
-//! catalog, read at the start of each pass under the tables' locks; logical mode: pgoutput's
-//! relation message before the first change in the new shape), it writes a schema event
-//! (`op` `s`) before any change in the new shape: the changes and the shape after them. The
+//! wrote for each table in its progress. When the source's shape differs (the event trigger's
+//! record of the ALTER: a WAL message in logical mode, a row of `cdc_alters` in timestamp
+//! mode; else timestamp mode: the catalog, read at the start of each pass under the tables'
+//! locks; logical mode: pgoutput's relation message before the first change in the new
+//! shape), it writes a schema event (`op` `s`) before any change in the new shape, dated at
+//! the ALTER where it can be (README, "Schema changes"): the changes and the shape after them. The
 //! loader follows the event in the history table, in the batch's transaction, and records it
 //! in `cdc_schema_changes`:
 //!

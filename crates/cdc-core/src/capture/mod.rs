@@ -447,6 +447,8 @@ pub async fn setup(cfg: &ExtractorConfig, shutdown: &Shutdown) -> Result<String>
             }
         }
     }
+    // Last: the setup's own ALTERs (REPLICA IDENTITY) change no shape, but need not be seen.
+    done.push(setup::schema_change_trigger(&source).await?);
     Ok(done.join("\n"))
 }
 

@@ -360,7 +360,25 @@ pub(super) fn rows_copy_sql(
         Some(ct) => format!("{t}.{ct}, {key}"),
         None => key.clone(),
     };
-    let filter = match (prev, &spec.change_time_column) {
+    let filter = past_watermark(spec, t, prev)?;
+    Ok(format!(
+        "COPY (SELECT {ts}, {op}, {list} FROM {table} {t} WHERE {filter} ORDER BY {order})
+         TO STDOUT",
+        ts = change_time_expr(spec, t),
+        op = op_expr(spec, t, prev),
+        list = cols.select_list(t),
+        table = spec.qualified()
+    ))
+}
+
+/// The condition (on alias `t`) of the rows past the watermark `prev` (every row without one).
+pub(super) fn past_watermark(
+    spec: &TableSpec,
+    t: &str,
+    prev: Option<&Watermark>,
+) -> Result<String> {
+    let key = spec.key_list(t);
+    Ok(match (prev, &spec.change_time_column) {
         (None, _) => "true".to_owned(),
         (Some(_), None) => {
             return Err(Error::setup(
@@ -397,13 +415,5 @@ pub(super) fn rows_copy_sql(
                 typed.join(", ")
             )
         }
-    };
-    Ok(format!(
-        "COPY (SELECT {ts}, {op}, {list} FROM {table} {t} WHERE {filter} ORDER BY {order})
-         TO STDOUT",
-        ts = change_time_expr(spec, t),
-        op = op_expr(spec, t, prev),
-        list = cols.select_list(t),
-        table = spec.qualified()
-    ))
+    })
 }

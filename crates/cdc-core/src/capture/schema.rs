@@ -1,6 +1,7 @@
 //! Noticing schema changes of the captured tables (see `crate::schema_change`): a catalog
 //! fingerprint read each pass; a table whose fingerprint moved is described again, and its
-//! shape compared with the one the change log last described.
+//! shape compared with the one the change log last described. Also the records of the event
+//! trigger that dates a change at its ALTER (`AlterRecord`, `event_from_record`).
 
 use crate::catalog::{fingerprints, TableSelection};
 use crate::db::ctx;
@@ -126,5 +127,107 @@ pub fn event(written: &Shape, now: &TableSpec) -> Option<SchemaEvent> {
         changes,
         columns: new,
         types: now.types.clone(),
+    })
+}
+
+/// The prefix of the WAL messages the event trigger writes (`init-scripts/03-cdc-schema-changes.sql`).
+pub const ALTER_MESSAGE_PREFIX: &str = "cdc_schema_change";
+
+/// A table's columns right after an `ALTER TABLE`, as the event trigger records them (a row of
+/// `cdc_alters` in timestamp mode, a WAL message in logical mode).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct AlterRecord {
+    #[serde(default)]
+    pub schema: String,
+    #[serde(default)]
+    pub table: String,
+    pub columns: Vec<AlterColumn>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct AlterColumn {
+    name: String,
+    #[serde(rename = "type")]
+    sql_type: String,
+    type_oid: u32,
+    type_mod: i32,
+    attnum: i16,
+    #[serde(default)]
+    key: bool,
+    #[serde(default)]
+    generated: Option<String>,
+    /// `v` (every existing row holds `value`), `d` (a default, but no record of the value the
+    /// rows got), `n` (NULL).
+    existing: String,
+    #[serde(default)]
+    value: Option<String>,
+}
+
+/// The schema event that takes the change log's description of `spec`'s table from `written`
+/// to the columns `record` describes (right after an ALTER); `None` when they describe the
+/// same columns. Types are named as the written shape or the catalog (`spec`) name the same
+/// type, so that only a real change is one; columns the capture ignores are left out.
+pub fn event_from_record(
+    written: &Shape,
+    spec: &TableSpec,
+    record: &[AlterColumn],
+) -> Option<SchemaEvent> {
+    let catalog: Vec<&crate::table::Column> = spec.key.iter().chain(&spec.columns).collect();
+    let shape: Shape = record
+        .iter()
+        .filter(|c| !spec.ignored.contains(&c.name))
+        .map(|c| {
+            let same_type = |oid: u32, m: i32| oid == c.type_oid && m == c.type_mod;
+            let sql_type = written
+                .iter()
+                .find(|w| w.name == c.name && same_type(w.type_oid, w.type_mod))
+                .map(|w| w.sql_type.clone())
+                .or_else(|| {
+                    catalog
+                        .iter()
+                        .find(|k| same_type(k.type_oid, k.type_mod))
+                        .map(|k| k.sql_type.clone())
+                })
+                .or_else(|| {
+                    written
+                        .iter()
+                        .find(|w| same_type(w.type_oid, w.type_mod))
+                        .map(|w| w.sql_type.clone())
+                })
+                .unwrap_or_else(|| c.sql_type.clone());
+            crate::schema_change::ShapeColumn {
+                name: c.name.clone(),
+                sql_type,
+                generated: c.generated.clone(),
+                key: c.key,
+                attnum: c.attnum,
+                type_oid: c.type_oid,
+                type_mod: c.type_mod,
+            }
+        })
+        .collect();
+    let existing = |name: &str| {
+        let Some(c) = record.iter().find(|c| c.name == name) else {
+            return Existing::Null;
+        };
+        match (c.existing.as_str(), &c.value) {
+            ("v", Some(v)) => Existing::Value(v.clone()),
+            ("n", _) => Existing::Null,
+            // A rewrite since (or a volatile default): what the catalog read at the pass's
+            // start settled from the rows, for the same column.
+            _ => catalog
+                .iter()
+                .find(|k| k.name == c.name && k.attnum == c.attnum)
+                .map_or(Existing::Unknown, |k| k.existing.clone()),
+        }
+    };
+    let changes = diff(written, &shape, existing);
+    if changes.is_empty() {
+        return None;
+    }
+    Some(SchemaEvent {
+        changes,
+        columns: shape,
+        types: spec.types.clone(),
     })
 }

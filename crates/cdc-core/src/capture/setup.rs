@@ -14,6 +14,32 @@ use tokio_postgres::Client;
 /// the demo's `init-scripts/00-cdc-capture.sql`, the one source of them.
 const TIMESTAMP_OBJECTS: &str = include_str!("../../../../init-scripts/00-cdc-capture.sql");
 
+/// The event trigger that dates a schema change at its `ALTER TABLE` (README, "Schema
+/// changes"): `init-scripts/03-cdc-schema-changes.sql`, the one source of it.
+const ALTER_OBJECTS: &str = include_str!("../../../../init-scripts/03-cdc-schema-changes.sql");
+
+/// Installs (or replaces) the event trigger that records each `ALTER TABLE` of a captured
+/// table at the ALTER. Creating an event trigger needs a superuser: for another role it says
+/// so and what that means, and setup goes on (schema changes are then dated when capture
+/// notices them, as the README says).
+pub async fn schema_change_trigger(client: &Client) -> Result<String> {
+    match client
+        .batch_execute(&format!("SET client_min_messages = warning;\n{ALTER_OBJECTS}"))
+        .await
+    {
+        Ok(()) => Ok(
+            "event trigger cdc_schema_change (ALTER TABLE of a captured table, recorded at the ALTER)".into(),
+        ),
+        Err(e) if e.code().is_some_and(|c| c.code() == "42501") => Ok(
+            "event trigger cdc_schema_change NOT installed: creating an event trigger needs a superuser (DB_USER is not); \
+             schema changes are followed, but dated when capture notices them (logical: the table's next change; \
+             timestamp: the next pass), not at the ALTER. Run `extractor setup` as a superuser once to install it"
+                .into(),
+        ),
+        Err(e) => Err(ctx("installing the event trigger cdc_schema_change")(e)),
+    }
+}
+
 /// The change-time trigger function for a column (`cdc_touch_last_updated` for the
 /// default column, as in the init scripts; `cdc_touch_<column>` for another).
 fn touch_function(column: &str) -> (String, String) {

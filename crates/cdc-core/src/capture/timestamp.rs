@@ -425,13 +425,15 @@ impl ChangeSource for TimestampCapture {
         // clock after it (a re-snapshot's time).
         let row = tx
             .query_one(
-                "SELECT pg_current_snapshot()::text, (extract(epoch FROM clock_timestamp()) * 1000000)::int8",
+                "SELECT pg_current_snapshot()::text, (extract(epoch FROM clock_timestamp()) * 1000000)::int8,
+                        to_regclass('public.cdc_alters') IS NOT NULL",
                 &[],
             )
             .await
             .map_err(ctx("reading the capture snapshot"))?;
         let pass_snapshot: String = row.get(0);
         let snapshot_us: i64 = row.get(1);
+        let alters_recorded: bool = row.get(2);
         sink.begin(now, self.next_seq());
         let snapshot = self.snapshot_needed();
         let mut out = PassOutcome {
@@ -439,15 +441,28 @@ impl ChangeSource for TimestampCapture {
             ..PassOutcome::default()
         };
         let (tables, selection, watch) = (&mut self.tables, &self.selection, &mut self.watch);
-        let result: Result<(Vec<Found>, Vec<Option<Shape>>)> = async {
+        let result: Result<(Vec<Found>, Followed)> = async {
             tx.batch_execute(TEXT_OUTPUT_SETTINGS)
                 .await
                 .map_err(ctx("setting the output format"))?;
             let shapes = match selection {
                 Some(sel) => {
-                    follow_schema(&tx, sel, watch, tables, captured_ms, sink, &mut out).await?
+                    follow_schema(
+                        &tx,
+                        alters_recorded,
+                        sel,
+                        watch,
+                        tables,
+                        captured_ms,
+                        sink,
+                        &mut out,
+                    )
+                    .await?
                 }
-                None => vec![None; tables.len()],
+                None => Followed {
+                    shapes: vec![None; tables.len()],
+                    max_alter: vec![None; tables.len()],
+                },
             };
             let mut found = Vec::with_capacity(tables.len());
             for (spec, progress) in tables.iter() {
@@ -476,7 +491,7 @@ impl ChangeSource for TimestampCapture {
             // What it saw is not written: look again next pass.
             self.watch.forget();
         }
-        let ((found, shapes), durable) = commit_if_ok(sink, result)?;
+        let ((found, Followed { shapes, max_alter }), durable) = commit_if_ok(sink, result)?;
         let next_seq = durable.next_seq();
         out = PassOutcome {
             rows: out.rows,
@@ -490,6 +505,16 @@ impl ChangeSource for TimestampCapture {
         // in our snapshot).
         for ((spec, _), f) in self.tables.iter().zip(&found) {
             remove_captured(&tx, spec, f, &durable).await?;
+        }
+        for ((spec, _), max) in self.tables.iter().zip(&max_alter) {
+            if let Some(max) = max {
+                tx.execute(
+                    "DELETE FROM public.cdc_alters WHERE table_schema = $1 AND table_name = $2 AND alter_id <= $3",
+                    &[&spec.schema, &spec.name, max],
+                )
+                .await
+                .map_err(ctx("removing the ALTERs followed"))?;
+            }
         }
         tx.commit()
             .await
@@ -536,22 +561,70 @@ impl ChangeSource for TimestampCapture {
     }
 }
 
+/// What `follow_schema` found: per table, the shape to record once the events are durable,
+/// and the newest ALTER recorded in `cdc_alters` (removed then).
+struct Followed {
+    shapes: Vec<Option<Shape>>,
+    max_alter: Vec<Option<i64>>,
+}
+
+/// An ALTER the event trigger recorded in `cdc_alters`: the table (`schema.table`), the
+/// record's id, its time (µs) and the columns after it (JSON).
+struct Alter {
+    table: String,
+    id: i64,
+    at_us: i64,
+    columns: String,
+}
+
 /// Describes again each table whose catalog changed and, when its shape differs from the one
-/// the change log last described, writes a schema event dated just before the watermark (so
-/// before every row this pass reads, which it reads in the new shape, and after every row
-/// an earlier pass read). Returns the shapes to record once the events are durable.
+/// the change log last described, writes a schema event dated at the ALTER the event trigger
+/// recorded, or earlier when this pass reads a change older than it (which it reads in the
+/// new shape), never before the watermark less 1 µs (after every row an earlier pass read);
+/// see `alter_time`. Returns the shapes to record once the events are durable.
+#[allow(clippy::too_many_arguments)]
 async fn follow_schema(
     tx: &tokio_postgres::Transaction<'_>,
+    alters_recorded: bool,
     selection: &TableSelection,
     watch: &mut super::schema::Watch,
     tables: &mut [(TableSpec, Progress)],
     captured_ms: i64,
     sink: &mut dyn ChangeSink,
     out: &mut PassOutcome,
-) -> Result<Vec<Option<Shape>>> {
+) -> Result<Followed> {
     let specs: Vec<TableSpec> = tables.iter().map(|(s, _)| s.clone()).collect();
     let changed = watch.changed(tx, selection, &specs).await?;
     let mut shapes = vec![None; tables.len()];
+    // The ALTERs the event trigger recorded (committed before this pass's locks), in time order.
+    let mut alters: Vec<Alter> = Vec::new();
+    if alters_recorded {
+        for r in tx
+            .query(
+                "SELECT table_schema || '.' || table_name, alter_id,
+                        (extract(epoch FROM altered_at) * 1000000)::int8, columns::text
+                 FROM public.cdc_alters WHERE table_schema || '.' || table_name = ANY($1)
+                 ORDER BY altered_at, alter_id",
+                &[&specs.iter().map(|s| s.qualified()).collect::<Vec<_>>()],
+            )
+            .await
+            .map_err(ctx("reading the ALTERs recorded in cdc_alters"))?
+        {
+            alters.push(Alter {
+                table: r.get(0),
+                id: r.get(1),
+                at_us: r.get(2),
+                columns: r.get(3),
+            });
+        }
+    }
+    let max_alter: Vec<Option<i64>> = tables
+        .iter()
+        .map(|(s, _)| {
+            let q = s.qualified();
+            alters.iter().filter(|a| a.table == q).map(|a| a.id).max()
+        })
+        .collect();
     for (i, ((spec, progress), now)) in tables.iter_mut().zip(changed).enumerate() {
         let Some(mut now) = now else {
             continue;
@@ -566,12 +639,13 @@ async fn follow_schema(
             (Some(written), Some(w)) => {
                 if let Some(ev) = super::schema::event(written, &now) {
                     let cols = ImageColumns::load(tx, &now).await?;
+                    let at = alter_time(tx, &now, written, w, &alters).await?;
                     let h = row_header(
                         &cols,
                         Op::Schema,
                         CaptureMode::Timestamp,
                         false,
-                        w.ts_us - 1,
+                        at,
                         "",
                         captured_ms,
                     );
@@ -596,7 +670,64 @@ async fn follow_schema(
         }
         *spec = now;
     }
-    Ok(shapes)
+    Ok(Followed { shapes, max_alter })
+}
+
+/// When a schema change the pass found (from `written` to `now`'s shape) is dated: at the
+/// first ALTER the event trigger recorded that changed the shape, on the clock the change-time
+/// column uses, unless a row, tombstone or truncation this pass reads (in the new shape) is
+/// older than that ALTER: then just before the oldest of them, so that no event the pass
+/// writes in the new shape precedes the change. Never before the watermark (less 1 µs), which
+/// is where it is dated without a record (no event trigger).
+async fn alter_time(
+    tx: &tokio_postgres::Transaction<'_>,
+    now: &TableSpec,
+    written: &Shape,
+    w: &Watermark,
+    alters: &[Alter],
+) -> Result<i64> {
+    let q = now.qualified();
+    let first_alter = alters
+        .iter()
+        .filter(|a| a.table == q)
+        .find(|a| {
+            serde_json::from_str::<Vec<super::schema::AlterColumn>>(&a.columns)
+                .is_ok_and(|cols| super::schema::event_from_record(written, now, &cols).is_some())
+        })
+        .map(|a| a.at_us);
+    let Some(t_alter) = first_alter else {
+        return Ok(w.ts_us - 1);
+    };
+    let Some(ct) = &now.change_time_column else {
+        return Ok(w.ts_us - 1);
+    };
+    let past = super::rows::past_watermark(now, "t", Some(w))?;
+    let oldest: Option<i64> = tx
+        .query_one(
+            &format!(
+                "SELECT (extract(epoch FROM least(
+                     (SELECT min(t.{ct}) FROM {q} t WHERE {past}),
+                     (SELECT min(deleted_at) FROM public.cdc_tombstones
+                      WHERE table_schema = $1 AND table_name = $2 AND deleted_at >= $3),
+                     (SELECT min((old_row ->> '{ct}')::timestamptz) FROM public.cdc_tombstones
+                      WHERE table_schema = $1 AND table_name = $2 AND (old_row ->> '{ct}')::timestamptz >= $3),
+                     (SELECT min(truncated_at) FROM public.cdc_truncations
+                      WHERE table_schema = $1 AND table_name = $2 AND truncated_at >= $3)
+                 )) * 1000000)::int8"
+            ),
+            &[
+                &now.schema,
+                &now.name,
+                &DateTime::<Utc>::from_timestamp_micros(w.ts_us).unwrap_or_default(),
+            ],
+        )
+        .await
+        .map_err(ctx(format!(
+            "reading the oldest change of {q} past the watermark"
+        )))?
+        .get(0);
+    let at = oldest.map_or(t_alter, |o| t_alter.min(o - 1));
+    Ok(at.max(w.ts_us - 1))
 }
 
 /// What a pass read of one table: the newest tombstone and truncation (what their removal may

@@ -556,7 +556,23 @@ async fn fill(
     let at = DateTime::<Utc>::from_timestamp_micros(ev.ts_us).unwrap_or_default();
     let captured = DateTime::<Utc>::from_timestamp_millis(ev.captured_ms).unwrap_or_default();
     let lsn = "CASE WHEN $2::int8 IS NULL THEN NULL ELSE '0/0'::pg_lsn + $2::int8::numeric END";
-    let before = "(x.valid_from, coalesce(x.source_lsn, '0/0')) < ($1::timestamptz, '0/0'::pg_lsn + coalesce($2::int8, 0)::numeric)";
+    // By time alone: a version that started at the change's instant (a change of the ALTER's
+    // own transaction, or the version an earlier ALTER of that transaction added) holds the
+    // value from its start; closing it there would leave a zero-length version.
+    let before = "x.valid_from < $1::timestamptz";
+    // The history's columns now: a column a later change of the same event adds is not
+    // there yet (it gets its value, if any, from its own change).
+    let have: Vec<String> = tx
+        .query(
+            "SELECT a.attname::text FROM pg_attribute a
+             WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&h],
+        )
+        .await
+        .map_err(ctx(format!("reading the columns of {h}")))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     let carried: Vec<String> = spec
         .history_key_columns
         .iter()
@@ -565,17 +581,17 @@ async fn fill(
             spec.written_columns()
                 .into_iter()
                 .map(|i| spec.history_column(&spec.columns[i]))
-                .filter(|c| c != col),
+                .filter(|c| c != col && have.contains(c)),
         )
         .collect();
     let carried = carried.join(", ");
     let nil = "'00000000-0000-0000-0000-000000000000'::uuid";
     tx.execute(
         &format!(
-            "UPDATE {h} x SET {col} = $3::text::{sql_type}, row_hash = {nil}, updated_at = now()
+            "UPDATE {h} x SET {col} = $2::text::{sql_type}, row_hash = {nil}, updated_at = now()
              WHERE x.is_current AND NOT ({before})"
         ),
-        &[&at, &ev.lsn, &value],
+        &[&at, &value],
     )
     .await
     .map_err(ctx(format!("filling the added column {col} of {h}")))?;

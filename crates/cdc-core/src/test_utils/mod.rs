@@ -9,7 +9,9 @@ pub mod model;
 pub mod tls;
 
 pub use audit::{
-    actual_history, expected_history, expected_history_on, install_audit, install_audit_for, Basis,
+    actual_history, actual_history_across, expected_history, expected_history_across,
+    expected_history_on, install_alter_audit, install_audit, install_audit_for, Across, Basis,
+    Followed,
 };
 pub use database::{connect, workspace_root, TestDb};
 pub use model::{assert_same_history, Change, History, Version};

@@ -3,6 +3,7 @@
 //! transaction is never split across files).
 
 use super::pgoutput::{Message, RelColumn, Relation, Value};
+use crate::capture::schema::{event_from_record, AlterRecord};
 use crate::capture::PassOutcome;
 use crate::error::{Error, Result};
 use crate::event::encode::{write_event, write_object, write_schema, write_truncate, Header};
@@ -79,6 +80,13 @@ impl<'a> TxDecoder<'a> {
                 // again before the changes after it.
                 out.schema_changes += self.schema_change(&r, sink)?;
                 self.relations.insert(r.oid, r);
+            }
+            Message::Logical {
+                transactional: true,
+                prefix,
+                content,
+            } if prefix == crate::capture::schema::ALTER_MESSAGE_PREFIX && !self.skip => {
+                out.schema_changes += self.alter_message(&content, sink)?;
             }
             Message::Insert { rel, new } if !self.skip => {
                 let written = self.emit(sink, rel, Op::Create, None, Some(&new))?;
@@ -223,20 +231,68 @@ impl<'a> TxDecoder<'a> {
         let Some(ev) = ev else {
             return Ok(0);
         };
-        let mut b = std::mem::take(&mut self.buf);
-        b.clear();
-        // Dated just before the change it precedes (its transaction's commit time and LSN):
+        // Without the event trigger's message (not installed, or a change it does not see):
+        // dated just before the change it precedes (its transaction's commit time and LSN):
         // the versions a filled column adds come before that change's.
         let h = Header {
             ts_us: self.commit_ts_us - 1,
             lsn: Some(self.change_lsn.saturating_sub(1)),
             ..self.header(Op::Schema, "")
         };
-        write_schema(&mut b, spec, &h, &ev);
+        self.write_schema_event(spec, &h, ev, sink)
+    }
+
+    /// Writes a schema event for the event trigger's message (an `ALTER TABLE` of this
+    /// transaction, decoded in its place among the transaction's changes) when it leaves one
+    /// of our tables in another shape than the change log describes. The relation message
+    /// pgoutput sends before the table's next change then describes the shape written, and
+    /// adds nothing. Returns the changes written.
+    fn alter_message(&mut self, content: &[u8], sink: &mut dyn ChangeSink) -> Result<u64> {
+        let record: AlterRecord = serde_json::from_slice(content).map_err(|e| {
+            Error::decode(
+                "pgoutput stream",
+                format!("a schema-change message that is not what the event trigger writes: {e}"),
+            )
+        })?;
+        let Some(spec) = self
+            .specs
+            .iter()
+            .find(|s| s.schema == record.schema && s.name == record.table)
+        else {
+            return Ok(0);
+        };
+        let q = spec.qualified();
+        let Some(written) = self.written.get(&q) else {
+            return Ok(0);
+        };
+        let Some(ev) = event_from_record(written, spec, &record.columns) else {
+            return Ok(0);
+        };
+        // Dated a microsecond before the ALTER's commit: the versions a filled column adds
+        // come before the changes the same transaction makes after the ALTER (at its commit
+        // time), and after every change committed before it.
+        let h = Header {
+            ts_us: self.commit_ts_us - 1,
+            ..self.header(Op::Schema, "")
+        };
+        self.write_schema_event(spec, &h, ev, sink)
+    }
+
+    fn write_schema_event(
+        &mut self,
+        spec: &'a TableSpec,
+        h: &Header<'_>,
+        ev: SchemaEvent,
+        sink: &mut dyn ChangeSink,
+    ) -> Result<u64> {
+        let mut b = std::mem::take(&mut self.buf);
+        b.clear();
+        write_schema(&mut b, spec, h, &ev);
         let keep_together = !std::mem::replace(&mut self.tx_first, false);
         let written = sink.write(&b, spec, Op::Schema, keep_together);
         self.buf = b;
         written?;
+        let q = spec.qualified();
         tracing::info!(table = %q, changes = %ev.changes.iter().map(|c| c.to_string()).collect::<Vec<_>>().join("; "), "schema change captured");
         let n = ev.changes.len() as u64;
         self.written.insert(q, ev.columns);

@@ -1,6 +1,7 @@
 //! A decoder for the `pgoutput` logical replication messages (protocol version 1) as the
 //! replication stream carries them (one per XLogData message): Begin, Commit,
-//! Relation, Insert, Update, Delete, Truncate; the rest (Origin, Type, Message) is skipped.
+//! Relation, Insert, Update, Delete, Truncate, Message (`pg_logical_emit_message`); the rest
+//! (Origin, Type) is skipped.
 //! Column values arrive in their text form.
 
 /// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
@@ -63,6 +64,12 @@ pub enum Message {
     },
     Truncate {
         rels: Vec<u32>,
+    },
+    /// A WAL message (`pg_logical_emit_message`).
+    Logical {
+        transactional: bool,
+        prefix: String,
+        content: Vec<u8>,
     },
     Other(u8),
 }
@@ -230,6 +237,18 @@ pub fn decode(buf: &[u8]) -> Result<Message, String> {
             }
             Message::Truncate { rels }
         }
+        b'M' => {
+            let flags = r.u8()?;
+            let _lsn = r.u64()?;
+            let prefix = r.cstr()?;
+            let len = r.i32()?;
+            let len = usize::try_from(len).map_err(|_| format!("negative message length {len}"))?;
+            Message::Logical {
+                transactional: flags & 1 == 1,
+                prefix,
+                content: r.take(len)?.to_vec(),
+            }
+        }
         other => Message::Other(other),
     })
 }
@@ -317,6 +336,24 @@ mod tests {
                 commit_ts_us: PG_EPOCH_OFFSET_US + 5
             }
         );
+    }
+
+    #[test]
+    fn decodes_a_wal_message() {
+        let mut m = vec![b'M', 1];
+        m.extend_from_slice(&42u64.to_be_bytes());
+        m.extend_from_slice(b"cdc_schema_change\0");
+        m.extend_from_slice(&2i32.to_be_bytes());
+        m.extend_from_slice(b"{}");
+        assert_eq!(
+            decode(&m).unwrap(),
+            Message::Logical {
+                transactional: true,
+                prefix: "cdc_schema_change".into(),
+                content: b"{}".to_vec()
+            }
+        );
+        assert!(decode(&m[..m.len() - 1]).is_err());
     }
 
     #[test]
