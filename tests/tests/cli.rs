@@ -174,3 +174,44 @@ async fn an_unreachable_database_is_retried_with_backoff_then_reported_without_t
     );
     db.cleanup().await;
 }
+
+/// `.env.example`, which `make quick-start` copies to `.env`, sets every setting the README's
+/// table documents to its documented default (a stale copy would run the pipeline with old
+/// defaults), but for the demo's own choices.
+#[test]
+fn the_example_settings_are_the_documented_defaults() {
+    let root = cdc_core::test_utils::workspace_root();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let example = std::fs::read_to_string(root.join(".env.example")).unwrap();
+    // | `NAME` | `--flag` | `default` | ...
+    let documented: std::collections::HashMap<&str, &str> = readme
+        .lines()
+        .filter_map(|l| {
+            let cells: Vec<&str> = l.split(" | ").collect();
+            let name = cells.first()?.strip_prefix("| `")?.strip_suffix('`')?;
+            let default = cells.get(2)?.strip_prefix('`')?.split('`').next()?;
+            cells.get(1)?.starts_with("`--").then_some((name, default))
+        })
+        .collect();
+    assert!(
+        documented.len() > 30,
+        "the README's settings table: {documented:?}"
+    );
+    // The demo captures all of its tables.
+    let demo = ["CDC_TABLES"];
+    let mut checked = 0;
+    for line in example
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.contains('='))
+    {
+        let (name, value) = line.split_once('=').unwrap();
+        let Some(default) = documented.get(name) else {
+            continue;
+        };
+        checked += 1;
+        if !demo.contains(&name) {
+            assert_eq!(value, *default, ".env.example sets {name}");
+        }
+    }
+    assert!(checked > 20, "{checked} settings checked");
+}
