@@ -366,9 +366,9 @@ impl LogicalCapture {
     ///
     /// Following (the looping extractor), the pass waits for the first change and cuts at a
     /// commit: when the stream has been quiet for `FLUSH_QUIET` and the previous batch was
-    /// cut `BATCH_WINDOW` ago, when the batch is `BATCH_WINDOW` old, or at the size bound. Otherwise (`--once`, or an idle stream
-    /// for `IDLE_HEARTBEAT_EVERY`) it drains up to a heartbeat it writes first: every
-    /// transaction committed before the pass began.
+    /// cut `BATCH_WINDOW` ago, when the batch is `BATCH_WINDOW` old, or at the size bound.
+    /// Otherwise (`--once`, or an idle stream for `IDLE_HEARTBEAT_EVERY`) it drains up to a
+    /// heartbeat it writes first: every transaction committed before the pass began.
     async fn stream_into(
         &mut self,
         mut repl: Replication,
