@@ -27,10 +27,27 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = Result<(), Error>>,
 {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    run_on(binary, tokio::runtime::Builder::new_multi_thread(), f)
+}
+
+/// `run_main` on a runtime of one thread, which polls the sockets itself: for a program
+/// whose work is one sequence of steps (the extractor's passes), where a runtime of several
+/// threads costs a wake-up of another thread for every message that arrives (the
+/// replication stream delivers one per change).
+pub fn run_main_single_threaded<F, Fut>(binary: &str, f: F) -> i32
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<(), Error>>,
+{
+    run_on(binary, tokio::runtime::Builder::new_current_thread(), f)
+}
+
+fn run_on<F, Fut>(binary: &str, mut builder: tokio::runtime::Builder, f: F) -> i32
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<(), Error>>,
+{
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("{binary}: cannot start the async runtime: {e}");

@@ -52,7 +52,7 @@ fn main() {
         Err(e) => std::process::exit(cdc_core::cli::config_failure("extractor", &e)),
     };
     let log_guard = cdc_core::cli::init_logging("extractor", &log);
-    let code = cdc_core::cli::run_main("extractor", || async move {
+    let code = cdc_core::cli::run_main_single_threaded("extractor", || async move {
         let shutdown = cdc_core::shutdown::Shutdown::from_signals();
         match cli.command.unwrap_or(Command::Run) {
             Command::Run if cfg.once => cdc_core::capture::run(cfg, shutdown).await,

@@ -272,50 +272,60 @@ impl ReplicationStream {
     /// returned.
     pub async fn next(&mut self) -> Res<StreamMessage> {
         loop {
-            let (tag, mut body) = self.frame().await?;
-            match tag {
-                b'd' => {
-                    if body.is_empty() {
-                        return Err(ReplicationError::Protocol("empty CopyData".into()));
-                    }
-                    let kind = body.get_u8();
-                    match kind {
-                        b'w' => {
-                            let start = read_u64(&mut body)?;
-                            let _end = read_u64(&mut body)?;
-                            let _sent = read_u64(&mut body)?;
-                            return Ok(StreamMessage::XLogData { start, data: body });
-                        }
-                        b'k' => {
-                            let wal_end = read_u64(&mut body)?;
-                            let _sent = read_u64(&mut body)?;
-                            let reply = body.has_remaining() && body.get_u8() == 1;
-                            return Ok(StreamMessage::Keepalive { wal_end, reply });
-                        }
-                        other => {
-                            return Err(ReplicationError::Protocol(format!(
-                                "CopyData of kind {:?}",
-                                other as char
-                            )))
-                        }
-                    }
+            let (tag, body) = self.frame().await?;
+            if let Some(m) = Self::stream_message(tag, body)? {
+                return Ok(m);
+            }
+        }
+    }
+
+    /// The next message of the stream if one is already read whole, without waiting.
+    pub fn next_buffered(&mut self) -> Res<Option<StreamMessage>> {
+        while let Some((tag, body)) = self.buffered_frame()? {
+            if let Some(m) = Self::stream_message(tag, body)? {
+                return Ok(Some(m));
+            }
+        }
+        Ok(None)
+    }
+
+    /// A frame of the copy-both stream as a message; `None` for a notice.
+    fn stream_message(tag: u8, mut body: Bytes) -> Res<Option<StreamMessage>> {
+        match tag {
+            b'd' => {
+                if body.is_empty() {
+                    return Err(ReplicationError::Protocol("empty CopyData".into()));
                 }
-                b'E' => return Err(server_error(&body)),
-                b'N' => {}
-                // The server ended the stream (CopyDone, CommandComplete).
-                b'c' | b'C' => {
-                    return Err(ReplicationError::Io(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "the server ended the replication stream",
-                    )))
-                }
-                other => {
-                    return Err(ReplicationError::Protocol(format!(
-                        "message {:?} in the replication stream",
+                match body.get_u8() {
+                    b'w' => {
+                        let start = read_u64(&mut body)?;
+                        let _end = read_u64(&mut body)?;
+                        let _sent = read_u64(&mut body)?;
+                        Ok(Some(StreamMessage::XLogData { start, data: body }))
+                    }
+                    b'k' => {
+                        let wal_end = read_u64(&mut body)?;
+                        let _sent = read_u64(&mut body)?;
+                        let reply = body.has_remaining() && body.get_u8() == 1;
+                        Ok(Some(StreamMessage::Keepalive { wal_end, reply }))
+                    }
+                    other => Err(ReplicationError::Protocol(format!(
+                        "CopyData of kind {:?}",
                         other as char
-                    )))
+                    ))),
                 }
             }
+            b'E' => Err(server_error(&body)),
+            b'N' => Ok(None),
+            // The server ended the stream (CopyDone, CommandComplete).
+            b'c' | b'C' => Err(ReplicationError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the server ended the replication stream",
+            ))),
+            other => Err(ReplicationError::Protocol(format!(
+                "message {:?} in the replication stream",
+                other as char
+            ))),
         }
     }
 
@@ -368,19 +378,8 @@ impl ReplicationStream {
     /// leaves the buffer only whole).
     async fn frame(&mut self) -> Res<(u8, Bytes)> {
         loop {
-            if self.buf.len() >= 5 {
-                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
-                    as usize;
-                if len < 4 {
-                    return Err(ReplicationError::Protocol(format!("message length {len}")));
-                }
-                if self.buf.len() > len {
-                    let mut frame = self.buf.split_to(len + 1).freeze();
-                    let tag = frame.get_u8();
-                    frame.advance(4);
-                    return Ok((tag, frame));
-                }
-                self.buf.reserve(len + 1 - self.buf.len());
+            if let Some(f) = self.buffered_frame()? {
+                return Ok(f);
             }
             if self.buf.capacity() - self.buf.len() < 8192 {
                 self.buf.reserve(64 * 1024);
@@ -393,6 +392,26 @@ impl ReplicationStream {
                 )));
             }
         }
+    }
+
+    /// The next backend message if it is read whole already (room is made for the rest of
+    /// a longer one).
+    fn buffered_frame(&mut self) -> Res<Option<(u8, Bytes)>> {
+        if self.buf.len() < 5 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+        if len < 4 {
+            return Err(ReplicationError::Protocol(format!("message length {len}")));
+        }
+        if self.buf.len() > len {
+            let mut frame = self.buf.split_to(len + 1).freeze();
+            let tag = frame.get_u8();
+            frame.advance(4);
+            return Ok(Some((tag, frame)));
+        }
+        self.buf.reserve(len + 1 - self.buf.len());
+        Ok(None)
     }
 }
 

@@ -42,9 +42,16 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 /// Following the stream, a batch is cut when no message has come for this long after a
 /// commit ...
 const FLUSH_QUIET: Duration = Duration::from_millis(5);
-/// ... or when it is this old (at the next commit): under steady traffic the stream is never
-/// quiet, and this bounds how long a change waits for its file.
-const FLUSH_MAX_AGE: Duration = Duration::from_millis(50);
+/// ... and the previous batch was cut at least this long ago; or at the first commit after
+/// the batch is this old (under steady traffic the stream is never quiet). So the cut adapts
+/// to the load: a transaction after a lull is written 5 ms after its commit, while under
+/// traffic a batch gathers the transactions of this window: each batch costs two file
+/// creations, four fsyncs, a pass record and a loader transaction whatever its size, so
+/// gathering cuts the CPU per change several times over, and this bounds how long a change
+/// waits for its file.
+const BATCH_WINDOW: Duration = Duration::from_millis(100);
+/// The slot's lag (a metric only) is read at most this often while following.
+const SLOT_LAG_EVERY: Duration = Duration::from_secs(5);
 /// An idle stream: a heartbeat this often, which confirms the slot (so it holds no WAL for
 /// long) and moves the capture time `status` reports.
 const IDLE_HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
@@ -76,6 +83,8 @@ pub struct LogicalCapture {
     follow: Option<Shutdown>,
     /// The open replication connection, between passes when following.
     replication: Option<Replication>,
+    /// When the slot's lag was last read (for the metrics).
+    lag_read: Option<Instant>,
 }
 
 impl LogicalCapture {
@@ -99,6 +108,7 @@ impl LogicalCapture {
             source,
             follow: None,
             replication: None,
+            lag_read: None,
         })
     }
 
@@ -270,6 +280,7 @@ impl LogicalCapture {
                         received: 0,
                         confirmed: 0,
                         last_status: Instant::now(),
+                        last_cut: None,
                     })
                 }
                 Err(ReplicationError::Server { code, .. })
@@ -353,11 +364,11 @@ impl LogicalCapture {
     /// One pass over the stream: the transactions it delivers, cut at a transaction
     /// boundary, made durable, saved in the progress, then confirmed to the server.
     ///
-    /// Following (the looping extractor), the pass waits for the first change and cuts when
-    /// the stream has been quiet for `FLUSH_QUIET` after a commit, when the batch is
-    /// `FLUSH_MAX_AGE` old, or at the size bound. Otherwise (`--once`, or an idle stream
-    /// for `IDLE_HEARTBEAT_EVERY`) it drains up to a heartbeat it writes first: every
-    /// transaction committed before the pass began.
+    /// Following (the looping extractor), the pass waits for the first change and cuts at a
+    /// commit: when the stream has been quiet for `FLUSH_QUIET` and the previous batch was
+    /// cut `BATCH_WINDOW` ago, when the batch is `BATCH_WINDOW` old, or at the size bound.
+    /// Otherwise (`--once`, or an idle stream for `IDLE_HEARTBEAT_EVERY`) it drains up to a
+    /// heartbeat it writes first: every transaction committed before the pass began.
     async fn stream_into(
         &mut self,
         mut repl: Replication,
@@ -411,6 +422,7 @@ impl LogicalCapture {
         // draining pass reads. Its commit is synchronous, so all WAL before it is flushed and
         // the pass decodes every transaction committed before it began, whatever the
         // source's synchronous_commit.
+        let started_by_data = first.is_some();
         let drain_to = if first.is_none() {
             Some(heartbeat(client).await?)
         } else {
@@ -456,6 +468,7 @@ impl LogicalCapture {
         let mut last_end: Option<u64> = None;
         let mut last_commit_us: Option<i64> = None;
         let batch_started = Instant::now();
+        let last_cut = repl.last_cut;
         let result: Result<()> = async {
             let mut in_tx = false;
             let mut drained = drain_to.is_none();
@@ -470,7 +483,12 @@ impl LogicalCapture {
                         let (wait, stop) = if in_tx || !drained {
                             (None, None)
                         } else if follow.is_some() {
-                            (Some(FLUSH_QUIET), follow.as_ref())
+                            // Quiet for FLUSH_QUIET, and no sooner than BATCH_WINDOW after
+                            // the previous cut.
+                            let window_left = last_cut.map_or(Duration::ZERO, |t| {
+                                (t + BATCH_WINDOW).saturating_duration_since(Instant::now())
+                            });
+                            (Some(window_left.max(FLUSH_QUIET)), follow.as_ref())
                         } else {
                             break;
                         };
@@ -510,7 +528,7 @@ impl LogicalCapture {
                     && drained
                     && (changes >= max
                         || follow.is_none()
-                        || batch_started.elapsed() >= FLUSH_MAX_AGE)
+                        || batch_started.elapsed() >= BATCH_WINDOW)
                 {
                     break;
                 }
@@ -522,6 +540,9 @@ impl LogicalCapture {
             Ok(())
         }
         .await;
+        if started_by_data {
+            repl.last_cut = Some(Instant::now());
+        }
         repl.relations = std::mem::take(&mut dec.relations);
         let written = std::mem::take(&mut dec.written);
         drop(dec);
@@ -577,8 +598,12 @@ impl LogicalCapture {
                     .save(&self.state_dir, &self.progress_name, None, &durable)?;
             }
         }
-        // For the metrics only: a failure to read it does not fail the pass.
-        out.slot = slot::lag(client, &self.slot.slot).await.ok().flatten();
+        // For the metrics only (a failure to read it does not fail the pass), and not at
+        // every pass of a busy stream: a query on the source each time.
+        if follow.is_none() || self.lag_read.is_none_or(|t| t.elapsed() >= SLOT_LAG_EVERY) {
+            self.lag_read = Some(Instant::now());
+            out.slot = slot::lag(client, &self.slot.slot).await.ok().flatten();
+        }
         Ok((out, repl))
     }
 }
@@ -593,6 +618,8 @@ struct Replication {
     /// How far the server has been told the changes are durable.
     confirmed: u64,
     last_status: Instant,
+    /// When the last batch started by a change was cut (see `BATCH_WINDOW`).
+    last_cut: Option<Instant>,
 }
 
 /// What waiting on the stream gave.
@@ -620,6 +647,16 @@ impl Replication {
         let deadline = wait.map(|w| Instant::now() + w);
         loop {
             let status_due = self.last_status + STATUS_EVERY;
+            // A message read already: no waiting (nor timer) needed.
+            if let Some(m) = self.stream.next_buffered().map_err(stream_err)? {
+                if let Some(r) = self.take(m).await? {
+                    return Ok(r);
+                }
+                if Instant::now() >= status_due {
+                    self.status().await?;
+                }
+                continue;
+            }
             let until = deadline.map_or(status_due, |d| d.min(status_due));
             let got = tokio::select! {
                 m = self.stream.next() => Some(m.map_err(stream_err)?),
@@ -632,14 +669,9 @@ impl Replication {
                 } => return Ok(Recv::Stop),
             };
             match got {
-                Some(StreamMessage::XLogData { start, data }) => {
-                    self.received = self.received.max(start);
-                    return Ok(Recv::Data(start, data));
-                }
-                Some(StreamMessage::Keepalive { wal_end, reply }) => {
-                    self.received = self.received.max(wal_end);
-                    if reply {
-                        self.status().await?;
+                Some(m) => {
+                    if let Some(r) = self.take(m).await? {
+                        return Ok(r);
                     }
                 }
                 None => {
@@ -650,6 +682,24 @@ impl Replication {
                         return Ok(Recv::Quiet);
                     }
                 }
+            }
+        }
+    }
+
+    /// A message of the stream: the data it carries, or a keepalive answered when the
+    /// server asks.
+    async fn take(&mut self, m: StreamMessage) -> Result<Option<Recv>> {
+        match m {
+            StreamMessage::XLogData { start, data } => {
+                self.received = self.received.max(start);
+                Ok(Some(Recv::Data(start, data)))
+            }
+            StreamMessage::Keepalive { wal_end, reply } => {
+                self.received = self.received.max(wal_end);
+                if reply {
+                    self.status().await?;
+                }
+                Ok(None)
             }
         }
     }
