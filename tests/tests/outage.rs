@@ -197,6 +197,9 @@ fn pending_files(dir: &Path) -> usize {
 
 fn outages_are_waited_out(mode: &str) {
     let c = Clusters::start(&format!("e2e_outage_{mode}"));
+    // The loader refuses a change-log directory that does not exist (a mistyped path); the
+    // extractor, started at the same moment, may not have made it yet.
+    std::fs::create_dir_all(c.dir.join("cdc_logs")).unwrap();
     let mut procs = Procs(vec![
         c.spawn("extractor", mode),
         c.spawn("scd2-loader", mode),
