@@ -457,7 +457,7 @@ async fn apply_table(
         .map(|&i| (&events[i].ev, facts[events[i].file].name.as_str()))
         .collect();
     // Only a version written now can hold a remembered delete (a key whose chunk events are
-    // deletes has none: timestamp mode's rows inserted and deleted between passes).
+    // deletes has none: rows inserted and deleted in one transaction).
     let mut written: Vec<&str> = plan
         .kept
         .iter()

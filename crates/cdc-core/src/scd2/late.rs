@@ -139,9 +139,8 @@ pub async fn place(
     Ok(placed)
 }
 
-/// `remember` for many deletes, in one statement (a pass of timestamp mode can hold many:
-/// every row inserted and deleted since the pass before is a delete of a key the history
-/// never held).
+/// `remember` for many deletes, in one statement (a batch can hold many: every row inserted
+/// and deleted in one transaction is a delete of a key the history never held).
 async fn remember_all(
     tx: &Transaction<'_>,
     h: &str,

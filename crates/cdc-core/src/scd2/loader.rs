@@ -131,8 +131,8 @@ impl Applier {
     /// be applied (a delete is only remembered when the key's earlier events were not applied
     /// before it), so with `dead_letter/` and the change-log directory both empty of
     /// change-log files, nothing can end a version at them. Without this the table grows by
-    /// one row for every row timestamp mode saw only as deleted (inserted and deleted between
-    /// two passes), and each batch that remembers one reads them all. `dead_letter/` is
+    /// one row for every row inserted and deleted in one transaction, and each batch that
+    /// remembers one reads them all. `dead_letter/` is
     /// listed first: a file moved back between the two listings is seen in the second. A held
     /// table keeps its deletes (its later files are replayed). Returns how many were forgotten.
     async fn forget_pending_deletes(&mut self, cfg: &LoaderConfig) -> Result<u64> {

@@ -487,12 +487,12 @@ impl<'t> PgHistory<'t> {
         self
     }
 
-    /// The SQL of each table, as schema changes this transaction followed left it.
     /// How many deletes of keys the history held nothing of this transaction remembered.
     pub fn deletes_remembered(&self) -> u64 {
         self.remembered.added
     }
 
+    /// The SQL of each table, as schema changes this transaction followed left it.
     pub fn into_sqls(self) -> Vec<HistorySql> {
         self.sqls
     }
