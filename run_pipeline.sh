@@ -632,7 +632,7 @@ Main settings (environment, or .env — see .env.example):
   WAREHOUSE_DB_HOST/_PORT/_NAME/_USER/_PASSWORD    warehouse         (localhost:5433/warehouse_db)
   MUTATION_INTERVAL_SECONDS, MUTATION_BATCH_SIZE   simulated traffic (2 s, 5 operations)
   CDC_CAPTURE_MODE                                 timestamp | logical (timestamp)
-  CDC_EXTRACTION_INTERVAL_SECONDS                  seconds between capture passes (0.2)
+  CDC_EXTRACTION_INTERVAL_SECONDS                  seconds from one capture pass's start to the next (0.2)
   LOADER_POLL_INTERVAL_SECONDS                     safety-net look for files besides the notification (5; 0.5 unwatched)
   LOG_LEVEL, LOG_FORMAT                            info, text | json
   LOG_DIR                                          where the logs go (logs)

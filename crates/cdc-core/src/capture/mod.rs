@@ -363,11 +363,16 @@ async fn run_source(
         if cfg.once {
             break Ok(());
         }
+        // Passes start an interval apart: the time a pass took is not added to the next
+        // change's delay (a pass longer than the interval is followed at once).
         if capture.waits_for_changes() {
             if shutdown.is_triggered() {
                 break Ok(());
             }
-        } else if shutdown.sleep(cfg.interval).await {
+        } else if shutdown
+            .sleep(cfg.interval.saturating_sub(clock.elapsed()))
+            .await
+        {
             break Ok(());
         }
     };

@@ -35,8 +35,8 @@ pub struct ExtractorArgs {
         default_value = "timestamp"
     )]
     pub capture_mode: CaptureMode,
-    /// Seconds between capture passes (an idle source is looked at with one cheap query, and
-    /// fully at least every 5 s)
+    /// Seconds from the start of one capture pass to the next (an idle source is looked at
+    /// with one cheap query, and fully at least every 5 s)
     #[arg(
         long = "interval",
         env = "CDC_EXTRACTION_INTERVAL_SECONDS",
