@@ -124,20 +124,37 @@ impl Gadgets {
     /// File `f` goes bad before the loader reads it (quarantined, the files after it
     /// applied), then is repaired and put back, and applied late.
     fn quarantined_then_put_back(&self, f: &std::path::Path) {
+        let good = self.quarantined(f);
+        self.put_back(f, &good);
+    }
+
+    /// `f` goes bad before the loader reads it: quarantined, the later files applied.
+    /// Returns its good text.
+    fn quarantined(&self, f: &std::path::Path) -> String {
         let good = std::fs::read_to_string(f).unwrap();
         std::fs::write(f, format!("{good}not a change event\n")).unwrap();
         self.ok("scd2-loader", &["--once"]);
-        let dead = self.db.log_dir().join("dead_letter");
-        let name = f.file_name().unwrap();
-        assert!(dead.join(name).exists(), "{}: quarantined", self.mode);
+        assert!(self.dead_letter(f).exists(), "{}: quarantined", self.mode);
         assert!(
             self.pending().is_empty(),
             "{}: the later files applied",
             self.mode
         );
+        good
+    }
+
+    /// Quarantined `f`, repaired (`good`), put back and applied.
+    fn put_back(&self, f: &std::path::Path, good: &str) {
         std::fs::write(f, good).unwrap();
-        std::fs::remove_file(dead.join(name)).unwrap();
+        std::fs::remove_file(self.dead_letter(f)).unwrap();
         self.ok("scd2-loader", &["--once"]);
+    }
+
+    fn dead_letter(&self, f: &std::path::Path) -> std::path::PathBuf {
+        self.db
+            .log_dir()
+            .join("dead_letter")
+            .join(f.file_name().unwrap())
     }
 
     /// A `rebuild` (a replay of `processed/` in capture order) equals the live history.
@@ -571,14 +588,7 @@ async fn remembered_deletes_are_kept_while_a_file_is_quarantined_and_forgotten_a
         )
         .await;
         ok("extractor", &["--once"]);
-        let good = std::fs::read_to_string(&a).unwrap();
-        std::fs::write(&a, format!("{good}not a change event\n")).unwrap();
-        ok("scd2-loader", &["--once"]);
-        let dead =
-            g.db.log_dir()
-                .join("dead_letter")
-                .join(a.file_name().unwrap());
-        assert!(dead.exists(), "{mode}: A quarantined");
+        let good = g.quarantined(&a);
         let wh = g.db.warehouse_client().await;
         let keys = remembered(&wh).await;
         // The rows inserted and deleted in one transaction leave only a delete; so do keys
@@ -595,9 +605,7 @@ async fn remembered_deletes_are_kept_while_a_file_is_quarantined_and_forgotten_a
         assert_eq!(remembered(&wh).await.len(), expected, "{mode}: still kept");
 
         // A put back: its keys end at the remembered deletes, and the rest are forgotten.
-        std::fs::write(&a, good).unwrap();
-        std::fs::remove_file(&dead).unwrap();
-        ok("scd2-loader", &["--once"]);
+        g.put_back(&a, &good);
         assert_eq!(
             remembered(&wh).await,
             Vec::<String>::new(),
