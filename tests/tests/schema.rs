@@ -1031,15 +1031,7 @@ async fn a_truncate_put_back_late_ends_the_versions_it_ended_in_both_modes() {
 /// removes it.
 async fn alter_time_us(src: &Client, mode: &str, xid: i64) -> i64 {
     if mode == "logical" {
-        let commit: i64 = src
-            .query_one(
-                "SELECT (extract(epoch FROM pg_xact_commit_timestamp($1::text::xid)) * 1000000)::int8",
-                &[&xid.to_string()],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        commit - 1
+        commit_time_us(src, xid).await - 1
     } else {
         src.query_one(
             "SELECT (extract(epoch FROM min(altered_at)) * 1000000)::int8 FROM public.cdc_alters
@@ -1050,6 +1042,18 @@ async fn alter_time_us(src: &Client, mode: &str, xid: i64) -> i64 {
         .unwrap()
         .get(0)
     }
+}
+
+/// The commit time of transaction `xid` in microseconds since the epoch
+/// (`track_commit_timestamp`).
+pub(crate) async fn commit_time_us(src: &Client, xid: i64) -> i64 {
+    src.query_one(
+        "SELECT (extract(epoch FROM pg_xact_commit_timestamp($1::text::xid)) * 1000000)::int8",
+        &[&xid.to_string()],
+    )
+    .await
+    .unwrap()
+    .get(0)
 }
 
 /// Runs `sql` (ALTERs and changes) in one transaction; returns its id.

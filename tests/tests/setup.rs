@@ -589,14 +589,7 @@ async fn setup_without_a_superuser_says_the_event_trigger_is_not_installed() {
     };
     as_role("extractor", &["--once"]);
     as_role("scd2-loader", &["--once"]);
-    let next_change: i64 = source
-        .query_one(
-            "SELECT (extract(epoch FROM pg_xact_commit_timestamp($1::text::xid)) * 1000000)::int8",
-            &[&xid.to_string()],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let next_change = crate::schema::commit_time_us(&source, xid).await;
     let wh = db.warehouse_client().await;
     let red_from: i64 = wh
         .query_one(
