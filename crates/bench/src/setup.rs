@@ -37,7 +37,7 @@ impl Clusters {
         self.tls.apply(&mut config);
         let (client, connection) =
             config
-                .connect(self.tls.connector()?)
+                .connect(self.tls.connector())
                 .await
                 .with_context(|| {
                     format!(

@@ -137,6 +137,20 @@ async fn a_certificate_signed_by_another_ca_is_refused() {
 }
 
 #[tokio::test]
+async fn a_renewed_root_certificate_is_read_at_the_next_connection() {
+    let c = TlsCluster::start(false);
+    // One settings value for the whole test, as a running binary has: only the file changes.
+    let root = c.dir.join("renewed-ca.crt");
+    std::fs::copy(&c.other_ca, &root).unwrap();
+    let text = refused(&c, "localhost", SslMode::VerifyFull, Some(&root)).await;
+    assert!(text.contains("certificate verify failed"), "{text}");
+    std::fs::copy(&c.ca, &root).unwrap();
+    assert!(connects(&c, "localhost", SslMode::VerifyFull, Some(&root)).await);
+    std::fs::copy(&c.other_ca, &root).unwrap();
+    refused(&c, "localhost", SslMode::VerifyFull, Some(&root)).await;
+}
+
+#[tokio::test]
 async fn require_refuses_a_server_without_tls_and_prefer_falls_back_to_plain() {
     let c = TlsCluster::start(false);
     let admin = db::connect(

@@ -59,7 +59,7 @@ fn pool(db: &DbSettings, size: usize) -> Result<Pool> {
         ));
     let mgr = Manager::from_config(
         config,
-        db.tls.connector()?,
+        db.tls.connector(),
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },

@@ -176,7 +176,7 @@ pub async fn connect_patiently(
 
 /// One connection attempt; the error names the settings to check.
 pub(crate) async fn connect_once(db: &DbSettings) -> Result<Client> {
-    match db.pg_config().connect(db.tls.connector()?).await {
+    match db.pg_config().connect(db.tls.connector()).await {
         Ok((client, connection)) => {
             crate::health::connected(db.role);
             let target = db.display();
@@ -205,7 +205,7 @@ pub(crate) async fn connect_once(db: &DbSettings) -> Result<Client> {
 pub fn pool(db: &DbSettings, size: usize) -> Result<deadpool_postgres::Pool> {
     let mgr = deadpool_postgres::Manager::from_config(
         db.pg_config(),
-        db.tls.connector()?,
+        db.tls.connector(),
         deadpool_postgres::ManagerConfig {
             recycling_method: deadpool_postgres::RecyclingMethod::Fast,
         },

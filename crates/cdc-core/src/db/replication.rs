@@ -430,10 +430,7 @@ where
     stream.write_all(&req).await?;
     match stream.read_u8().await? {
         b'S' => {
-            let mut maker = db
-                .tls
-                .connector()
-                .map_err(|e| ReplicationError::Tls(Box::new(e)))?;
+            let mut maker = db.tls.connector();
             let tls = MakeTlsConnect::<S>::make_tls_connect(&mut maker, &db.host)
                 .map_err(|e| ReplicationError::Tls(e.into()))?;
             let stream = tls.connect(stream).await.map_err(ReplicationError::Tls)?;

@@ -11,11 +11,17 @@
 //! | `verify-full` | always               | chain, and the host name (or address) connected to |
 
 use crate::error::{Error, Result};
-use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode, SslVersion};
+use openssl::ssl::{ConnectConfiguration, SslConnector, SslMethod, SslVerifyMode, SslVersion};
 use openssl::x509::store::X509StoreBuilder;
 use openssl::x509::X509;
-use postgres_openssl::MakeTlsConnector;
+use postgres_openssl::{TlsConnector, TlsStream};
+use std::fmt::Debug;
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::OnceLock;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 
 /// How a connection uses TLS, as libpq's `sslmode` (`allow` is left out: it only ever
 /// encrypts when the server insists, which `prefer` covers).
@@ -79,7 +85,7 @@ impl std::fmt::Display for SslMode {
 }
 
 /// One database's TLS settings, validated: the mode, and the CA file the server's
-/// certificate must chain to (read again at every connection, so a renewed CA file is
+/// certificate must chain to (read again at every TLS handshake, so a renewed CA file is
 /// picked up without a restart).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TlsSettings {
@@ -122,7 +128,9 @@ impl TlsSettings {
             root_cert,
             prefix,
         };
-        settings.connector()?;
+        if let Some(path) = &settings.root_cert {
+            settings.read_root_cert(path)?;
+        }
         Ok(settings)
     }
 
@@ -131,52 +139,51 @@ impl TlsSettings {
         config.ssl_mode(self.mode.negotiation());
     }
 
-    /// The connector for these settings. `disable` needs none, but one that is never used
-    /// keeps a single connection type. Built once per process and settings: OpenSSL reads
-    /// the system's CA bundle for each new connector (about 20 ms here), which made every
-    /// connection and every short-lived command that much slower.
-    pub fn connector(&self) -> Result<MakeTlsConnector> {
-        static BUILT: std::sync::Mutex<Vec<(TlsSettings, MakeTlsConnector)>> =
-            std::sync::Mutex::new(Vec::new());
-        let mut built = BUILT
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((_, c)) = built.iter().find(|(s, _)| s == self) {
-            return Ok(c.clone());
+    /// The connector for these settings. Nothing is built until a server agrees to TLS:
+    /// OpenSSL reads the system's CA bundle whenever a connector is made (about 37 ms here,
+    /// which every short-lived command and `--once` run paid twice, once per database, even
+    /// with `sslmode=disable` or a server without TLS). At the first handshake one connector
+    /// is made for the process; each handshake then reads the root certificate file (a
+    /// renewed CA needs no restart) and sets what is checked, as the mode says.
+    pub fn connector(&self) -> PgTls {
+        PgTls {
+            settings: self.clone(),
         }
-        let c = self.build_connector()?;
-        built.push((self.clone(), c.clone()));
-        Ok(c)
     }
 
-    fn build_connector(&self) -> Result<MakeTlsConnector> {
-        let setup = |e: openssl::error::ErrorStack| {
-            Error::setup("TLS", format!("cannot set up OpenSSL: {e}"))
-        };
-        let mut builder = SslConnector::builder(SslMethod::tls_client()).map_err(setup)?;
-        // libpq's default ssl_min_protocol_version.
-        builder
-            .set_min_proto_version(Some(SslVersion::TLS1_2))
-            .map_err(setup)?;
+    /// One handshake's OpenSSL configuration: only the root certificate's CA trusted, and
+    /// the host name checked in `verify-full`.
+    fn configure(&self) -> Result<ConnectConfiguration> {
+        static CONNECTOR: OnceLock<std::result::Result<SslConnector, String>> = OnceLock::new();
+        let setup = |e: String| Error::setup("TLS", format!("cannot set up OpenSSL: {e}"));
+        let connector = CONNECTOR
+            .get_or_init(|| {
+                let mut builder =
+                    SslConnector::builder(SslMethod::tls_client()).map_err(|e| e.to_string())?;
+                // libpq's default ssl_min_protocol_version.
+                builder
+                    .set_min_proto_version(Some(SslVersion::TLS1_2))
+                    .map_err(|e| e.to_string())?;
+                Ok(builder.build())
+            })
+            .as_ref()
+            .map_err(|e| setup(e.clone()))?;
+        let mut config = connector.configure().map_err(|e| setup(e.to_string()))?;
+        config.set_verify_hostname(self.mode == SslMode::VerifyFull);
         match &self.root_cert {
             Some(path) => {
-                // Only this CA is trusted, not the system's (as libpq's sslrootcert).
-                let mut store = X509StoreBuilder::new().map_err(setup)?;
+                let mut store = X509StoreBuilder::new().map_err(|e| setup(e.to_string()))?;
                 for cert in self.read_root_cert(path)? {
-                    store.add_cert(cert).map_err(setup)?;
+                    store.add_cert(cert).map_err(|e| setup(e.to_string()))?;
                 }
-                builder.set_cert_store(store.build());
-                builder.set_verify(SslVerifyMode::PEER);
+                config
+                    .set_verify_cert_store(store.build())
+                    .map_err(|e| setup(e.to_string()))?;
+                config.set_verify(SslVerifyMode::PEER);
             }
-            None => builder.set_verify(SslVerifyMode::NONE),
+            None => config.set_verify(SslVerifyMode::NONE),
         }
-        let mut connector = MakeTlsConnector::new(builder.build());
-        let check_host = self.mode == SslMode::VerifyFull;
-        connector.set_callback(move |config, _host| {
-            config.set_verify_hostname(check_host);
-            Ok(())
-        });
-        Ok(connector)
+        Ok(config)
     }
 
     fn read_root_cert(&self, path: &Path) -> Result<Vec<X509>> {
@@ -193,6 +200,52 @@ impl TlsSettings {
                 &setting,
                 format!("{} is not a PEM certificate file: {e}", path.display()),
             )),
+        }
+    }
+}
+
+/// What connects carry out the settings' TLS (see [`TlsSettings::connector`]).
+#[derive(Clone, Debug)]
+pub struct PgTls {
+    settings: TlsSettings,
+}
+
+/// One connection's handshake, configured when the server has agreed to TLS.
+pub struct PgTlsConnect {
+    settings: TlsSettings,
+    domain: String,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<S> MakeTlsConnect<S> for PgTls
+where
+    S: AsyncRead + AsyncWrite + Unpin + Debug + Send + 'static,
+{
+    type Stream = TlsStream<S>;
+    type TlsConnect = PgTlsConnect;
+    type Error = std::convert::Infallible;
+
+    fn make_tls_connect(&mut self, domain: &str) -> std::result::Result<PgTlsConnect, Self::Error> {
+        Ok(PgTlsConnect {
+            settings: self.settings.clone(),
+            domain: domain.to_owned(),
+        })
+    }
+}
+
+impl<S> TlsConnect<S> for PgTlsConnect
+where
+    S: AsyncRead + AsyncWrite + Unpin + Debug + Send + 'static,
+{
+    type Stream = TlsStream<S>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = std::result::Result<TlsStream<S>, BoxError>> + Send>>;
+
+    fn connect(self, stream: S) -> Self::Future {
+        match self.settings.configure() {
+            Ok(config) => TlsConnector::new(config, &self.domain).connect(stream),
+            Err(e) => Box::pin(std::future::ready(Err(Box::new(e) as BoxError))),
         }
     }
 }

@@ -55,10 +55,7 @@ fn test_tls(role: DbRole) -> TlsSettings {
 
 /// Connects without retry, panicking with a hint when the test clusters are not running.
 pub async fn connect(db: &DbSettings) -> Client {
-    let tls = db
-        .tls
-        .connector()
-        .unwrap_or_else(|e| panic!("TLS settings of {}: {e}", db.display()));
+    let tls = db.tls.connector();
     let (client, conn) = db.pg_config().connect(tls).await.unwrap_or_else(|e| {
         panic!(
             "cannot reach the test cluster at {} ({}); run the tests with `make test`, which starts them",
