@@ -24,6 +24,16 @@ struct OpenFile {
     bytes: u64,
 }
 
+/// A full file of the pass, written and being fsynced on a thread of its own while the pass
+/// goes on writing the next; `commit` waits for it.
+struct SealedFile {
+    temp: PathBuf,
+    final_path: PathBuf,
+    events: u64,
+    bytes: u64,
+    sync: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
 /// Writes the events of each capture pass into one or more files of at most `max_events`
 /// (more only to keep a transaction together). Files become visible only in `commit`, all
 /// durable, in sequence order.
@@ -34,7 +44,7 @@ pub struct ChangeLogSink {
     max_events: u64,
     next_seq: u64,
     current: Option<OpenFile>,
-    done: Vec<OpenFile>,
+    done: Vec<SealedFile>,
     /// The current batch's events by table and operation.
     counts: EventCounts,
 }
@@ -79,17 +89,20 @@ impl ChangeLogSink {
         Ok(())
     }
 
-    /// Flushes and fsyncs the current file (still under its temporary name).
+    /// Flushes the current file (still under its temporary name) and starts its fsync.
     fn seal_current(&mut self) -> Result<()> {
-        if let Some(mut f) = self.current.take() {
-            f.out
-                .flush()
-                .map_err(|e| Error::io("flushing change-log file", &f.temp, e))?;
-            f.out
-                .get_ref()
-                .sync_all()
-                .map_err(|e| Error::io("fsyncing change-log file", &f.temp, e))?;
-            self.done.push(f);
+        if let Some(f) = self.current.take() {
+            let file = f
+                .out
+                .into_inner()
+                .map_err(|e| Error::io("flushing change-log file", &f.temp, e.into_error()))?;
+            self.done.push(SealedFile {
+                temp: f.temp,
+                final_path: f.final_path,
+                events: f.events,
+                bytes: f.bytes,
+                sync: Some(std::thread::spawn(move || file.sync_all())),
+            });
         }
         Ok(())
     }
@@ -123,16 +136,28 @@ impl ChangeSink for ChangeLogSink {
     }
 
     fn events_written(&self) -> u64 {
-        self.done
-            .iter()
-            .chain(self.current.iter())
-            .map(|f| f.events)
-            .sum()
+        self.done.iter().map(|f| f.events).sum::<u64>()
+            + self.current.as_ref().map_or(0, |f| f.events)
     }
 
     /// Makes every file of the pass durable under its final name, in order.
     fn commit(&mut self) -> Result<Durable> {
         self.seal_current()?;
+        // Every file durable before any is renamed: a reader never sees one that is not.
+        let mut failed = None;
+        for f in &mut self.done {
+            let result = f.sync.take().map_or(Ok(()), |sync| {
+                sync.join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("the fsync thread panicked")))
+            });
+            if let Err(e) = result {
+                failed.get_or_insert(Error::io("fsyncing change-log file", &f.temp, e));
+            }
+        }
+        if let Some(e) = failed {
+            self.abort();
+            return Err(e);
+        }
         let mut written = Vec::with_capacity(self.done.len());
         for f in self.done.drain(..) {
             fs::rename(&f.temp, &f.final_path)
@@ -156,13 +181,12 @@ impl ChangeSink for ChangeLogSink {
     /// Removes the pass's temporary files (nothing was renamed yet).
     fn abort(&mut self) {
         self.counts = EventCounts::default();
-        self.current
-            .take()
-            .into_iter()
-            .chain(self.done.drain(..))
-            .for_each(|f| {
-                let _ = fs::remove_file(&f.temp);
-            });
+        if let Some(f) = self.current.take() {
+            let _ = fs::remove_file(&f.temp);
+        }
+        for f in self.done.drain(..) {
+            let _ = fs::remove_file(&f.temp);
+        }
     }
 }
 

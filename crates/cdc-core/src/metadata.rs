@@ -124,8 +124,21 @@ impl Recorder {
         let task = tokio::spawn(async move {
             let mut queue = std::collections::VecDeque::new();
             let mut dropped = 0u64;
-            let mut client: Option<tokio_postgres::Client> = None;
+            let mut client: Option<tokio_postgres::Client>;
             let mut backoff = crate::db::Backoff::default();
+            // Connected (and the schema migrated) while the first pass runs, not after it: a
+            // `--once` run otherwise waits for the connection at its end. A failure here is
+            // left to the first record, which retries and reports it as always.
+            match async { prepare(crate::db::connect_once(&db).await?).await }.await {
+                Ok(c) => client = Some(c),
+                Err(e) => {
+                    client = None;
+                    tracing::debug!(
+                    error = %crate::error::error_chain(&e),
+                    "warehouse not reached at start; tried again with the first record"
+                    )
+                }
+            }
             // Ends when the sender is gone (the program is stopping) and the queue is empty,
             // or when the program stops while the warehouse is unreachable.
             loop {

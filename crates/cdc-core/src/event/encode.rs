@@ -5,6 +5,7 @@
 
 use super::{CaptureMode, Op, CONNECTOR, FORMAT_VERSION};
 use crate::table::TableSpec;
+use std::borrow::Cow;
 
 /// A JSON object of `(column, type OID, text value or NULL)` fields, each value typed by its
 /// column's type (see `write_value`).
@@ -51,7 +52,9 @@ pub fn write_event(
     before: impl FnOnce(&mut Vec<u8>),
     after: impl FnOnce(&mut Vec<u8>),
 ) {
-    b.extend_from_slice(format!("{{\"format_version\":{FORMAT_VERSION},\"op\":").as_bytes());
+    b.extend_from_slice(b"{\"format_version\":");
+    push_int(b, FORMAT_VERSION);
+    b.extend_from_slice(b",\"op\":");
     json_str(b, h.op.as_str());
     b.extend_from_slice(b",\"before\":");
     before(b);
@@ -87,12 +90,15 @@ pub fn write_schema(
 /// The `source` block and `ts_ms`, closing the event.
 fn write_source(b: &mut Vec<u8>, spec: &TableSpec, h: &Header<'_>) {
     b.extend_from_slice(
-        format!(
-            ",\"source\":{{\"version\":\"{}\",\"connector\":\"{CONNECTOR}\",",
-            env!("CARGO_PKG_VERSION")
+        concat!(
+            ",\"source\":{\"version\":\"",
+            env!("CARGO_PKG_VERSION"),
+            "\",\"connector\":"
         )
         .as_bytes(),
     );
+    json_str(b, CONNECTOR);
+    b.push(b',');
     if let Some(db) = h.db {
         b.extend_from_slice(b"\"db\":");
         json_str(b, db);
@@ -107,7 +113,11 @@ fn write_source(b: &mut Vec<u8>, spec: &TableSpec, h: &Header<'_>) {
     if h.incremental {
         b.extend_from_slice(b",\"snapshot\":\"incremental\",\"key\":");
     } else {
-        b.extend_from_slice(format!(",\"snapshot\":{},\"key\":", h.snapshot).as_bytes());
+        b.extend_from_slice(if h.snapshot {
+            b",\"snapshot\":true,\"key\":"
+        } else {
+            b",\"snapshot\":false,\"key\":"
+        });
     }
     if matches!(h.op, Op::Truncate | Op::Schema | Op::SnapshotEnd) {
         // A truncate or schema change is of the whole table: no key.
@@ -115,17 +125,24 @@ fn write_source(b: &mut Vec<u8>, spec: &TableSpec, h: &Header<'_>) {
     } else {
         json_str(b, h.key);
     }
-    let opt = |v: Option<u64>| v.map_or("null".to_owned(), |x| x.to_string());
-    b.extend_from_slice(
-        format!(
-            ",\"ts_us\":{},\"lsn\":{},\"txId\":{}}},\"ts_ms\":{}}}",
-            h.ts_us,
-            opt(h.lsn),
-            opt(h.tx_id.map(u64::from)),
-            h.captured_ms
-        )
-        .as_bytes(),
-    );
+    let opt = |b: &mut Vec<u8>, v: Option<u64>| match v {
+        Some(x) => push_int(b, x),
+        None => b.extend_from_slice(b"null"),
+    };
+    b.extend_from_slice(b",\"ts_us\":");
+    push_int(b, h.ts_us);
+    b.extend_from_slice(b",\"lsn\":");
+    opt(b, h.lsn);
+    b.extend_from_slice(b",\"txId\":");
+    opt(b, h.tx_id.map(u64::from));
+    b.extend_from_slice(b"},\"ts_ms\":");
+    push_int(b, h.captured_ms);
+    b.push(b'}');
+}
+
+/// An integer in decimal.
+fn push_int(b: &mut Vec<u8>, n: impl itoa::Integer) {
+    b.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 /// Writes a re-snapshot's end (`op` `e`): no row images and no key; `h.ts_us` (and `h.lsn`)
@@ -161,9 +178,18 @@ pub fn write_truncate(b: &mut Vec<u8>, spec: &TableSpec, h: &Header<'_>) {
     );
 }
 
+/// `s` as a JSON string. Most values need no escape (no quote, backslash or control
+/// character): those are copied as they are; the others are escaped by serde_json.
 pub fn json_str(b: &mut Vec<u8>, s: &str) {
-    // serde_json escapes exactly as JSON needs; writing into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *b, s);
+    if s.bytes().all(|c| c >= 0x20 && c != b'"' && c != b'\\') {
+        b.reserve(s.len() + 2);
+        b.push(b'"');
+        b.extend_from_slice(s.as_bytes());
+        b.push(b'"');
+    } else {
+        // Writing into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *b, s);
+    }
 }
 
 /// Integers and finite floats as JSON numbers, booleans as booleans, timestamps as ISO-8601,
@@ -179,21 +205,37 @@ pub fn write_value(b: &mut Vec<u8>, oid: u32, s: &str) {
         } else {
             b"false"
         }),
-        1184 => json_str(b, &iso_timestamptz(s)),
-        1114 => json_str(b, &s.replacen(' ', "T", 1)),
+        1184 => json_str(b, &iso_timestamp(s, true)),
+        1114 => json_str(b, &iso_timestamp(s, false)),
         _ => json_str(b, s),
     }
 }
 
-/// `2026-11-24 12:34:29.714732+00` (ISO DateStyle) as `2026-11-24T12:34:29.714732+00:00`.
-pub fn iso_timestamptz(s: &str) -> String {
-    let mut t = s.replacen(' ', "T", 1);
-    let bytes = t.as_bytes();
+/// `2026-11-24 12:34:29.714732+00` (ISO DateStyle) as `2026-11-24T12:34:29.714732+00:00`;
+/// a `timestamp` without a zone (`zoned` false) only gets its `T`. Borrowed when there is
+/// nothing to change (infinity).
+pub fn iso_timestamp(s: &str, zoned: bool) -> Cow<'_, str> {
+    let bytes = s.as_bytes();
     let n = bytes.len();
-    if n >= 3 && (bytes[n - 3] == b'+' || bytes[n - 3] == b'-') && bytes[n - 2].is_ascii_digit() {
+    let short_zone = zoned
+        && n >= 3
+        && (bytes[n - 3] == b'+' || bytes[n - 3] == b'-')
+        && bytes[n - 2].is_ascii_digit();
+    let Some(space) = s.find(' ') else {
+        return if short_zone {
+            Cow::Owned(format!("{s}:00"))
+        } else {
+            Cow::Borrowed(s)
+        };
+    };
+    let mut t = String::with_capacity(n + 3);
+    t.push_str(&s[..space]);
+    t.push('T');
+    t.push_str(&s[space + 1..]);
+    if short_zone {
         t.push_str(":00");
     }
-    t
+    Cow::Owned(t)
 }
 
 /// Session settings under which `::text` gives what `write_value` expects.
@@ -207,11 +249,11 @@ mod tests {
     #[test]
     fn timestamps_become_iso_8601() {
         assert_eq!(
-            iso_timestamptz("2026-11-24 12:34:29.714732+00"),
+            iso_timestamp("2026-11-24 12:34:29.714732+00", true),
             "2026-11-24T12:34:29.714732+00:00"
         );
         assert_eq!(
-            iso_timestamptz("2026-11-24 12:34:29+05:30"),
+            iso_timestamp("2026-11-24 12:34:29+05:30", true),
             "2026-11-24T12:34:29+05:30"
         );
         let mut b = Vec::new();
@@ -220,6 +262,51 @@ mod tests {
         write_value(&mut b, 701, "NaN");
         write_value(&mut b, 16, "t");
         assert_eq!(String::from_utf8(b).unwrap(), "\"12.50\"7\"NaN\"true");
+    }
+
+    #[test]
+    fn strings_are_written_as_serde_json_writes_them() {
+        let tricky = [
+            "",
+            "plain",
+            "a \"quoted\" word",
+            "back\\slash",
+            "tab\there",
+            "new\nline",
+            "\u{0}nul",
+            "\u{1f}unit",
+            "\u{7f}del",
+            "é ü 漢字 🎉",
+            "ends with \\",
+            "</script>",
+        ];
+        for s in tricky {
+            let mut b = Vec::new();
+            json_str(&mut b, s);
+            assert_eq!(b, serde_json::to_vec(s).unwrap(), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn timestamps_keep_what_iso_8601_does_not_change() {
+        for (text, zoned, iso) in [
+            ("infinity", true, "infinity"),
+            ("-infinity", false, "-infinity"),
+            (
+                "0044-03-15 12:00:00+00 BC",
+                true,
+                "0044-03-15T12:00:00+00 BC",
+            ),
+            (
+                "2026-11-24 12:34:29.5-08",
+                true,
+                "2026-11-24T12:34:29.5-08:00",
+            ),
+            ("2026-11-24 12:34:29.5", false, "2026-11-24T12:34:29.5"),
+            ("2026-11-24 12:34:29", false, "2026-11-24T12:34:29"),
+        ] {
+            assert_eq!(iso_timestamp(text, zoned), iso, "{text}");
+        }
     }
 
     #[test]
