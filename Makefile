@@ -198,11 +198,11 @@ bench: ## Full benchmark (~15 min; BENCH_ARGS for more flags): table + target/be
 	cargo build --release --bins
 	$(BENCH_ENV) $(or $(CARGO_TARGET_DIR),target)/release/bench $(BENCH_ARGS)
 
-bench-quick: ## About a minute: 10,000 operations, 1 run, 15 s steady phase, no 10x memory run
+bench-quick: ## About two minutes: 10,000 operations, 1 run, 15 s steady phases, no 10x memory run
 	$(BENCH_DB_ENV) scripts/local-db.sh start
 	cargo build --release --bins
 	$(BENCH_ENV) $(or $(CARGO_TARGET_DIR),target)/release/bench --ops 10000 --runs 1 \
-	  --steady-seconds 15 --rss-factor 0 --rounds 3 --round-rows 10000 $(BENCH_ARGS)
+	  --steady-seconds 15 --rss-factor 0 --rounds 3 --round-rows 10000 --growth-rows 100000 $(BENCH_ARGS)
 
 bench-db-stop: ## Stop the benchmark's clusters (ports 55633/55634)
 	$(BENCH_DB_ENV) scripts/local-db.sh stop

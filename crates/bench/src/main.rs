@@ -54,14 +54,22 @@ pub struct BenchArgs {
     /// Rows of the update-every-row rounds
     #[arg(long, default_value = "100000")]
     round_rows: u64,
+    /// After the rounds, the history (and its plain copy) grown to this many rows with the
+    /// past versions of long-deleted orders, then one more round (0 skips it)
+    #[arg(long, default_value = "10000000")]
+    growth_rows: u64,
     /// Runs of each measurement; figures are the median with min–max
     #[arg(long, default_value = "3")]
     runs: usize,
-    /// Steady phase: the mutator's rate in operations per second
-    #[arg(long, default_value = "500")]
-    rate: f64,
-    /// Steady phase: seconds of traffic (0 skips the phase)
-    #[arg(long, default_value = "60")]
+    /// Steady phases: the mutator's rates, operations per second or `max` (as fast as the
+    /// writers go), comma separated; each is run --runs times
+    #[arg(long, value_delimiter = ',', default_value = "2000,max", value_parser = steady_rate)]
+    rate: Vec<SteadyRate>,
+    /// Steady phases: the mutator's writers (its --concurrency)
+    #[arg(long, default_value = "4")]
+    steady_writers: usize,
+    /// Steady phases: seconds of traffic (0 skips the phases)
+    #[arg(long, default_value = "30")]
     steady_seconds: u64,
     /// Steady phase: seconds the pipeline's CPU is measured while idle, before the traffic
     /// (0 skips it)
@@ -167,9 +175,50 @@ pub struct ThroughputRun {
     pub sql_merge: Option<CopyFigure>,
 }
 
+/// A steady phase's rate: operations per second, or as fast as the mutator's writers go.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub enum SteadyRate {
+    PerSecond(f64),
+    Max,
+}
+
+impl SteadyRate {
+    /// How the report names the phase.
+    pub fn label(self) -> String {
+        match self {
+            SteadyRate::PerSecond(r) => format!("{r} ops/s"),
+            SteadyRate::Max => "top rate".to_owned(),
+        }
+    }
+
+    /// The mutator's `--rate`: `max` is its highest, which no writer reaches.
+    fn mutator_rate(self) -> String {
+        match self {
+            SteadyRate::PerSecond(r) => r.to_string(),
+            SteadyRate::Max => "1000000".to_owned(),
+        }
+    }
+}
+
+fn steady_rate(s: &str) -> std::result::Result<SteadyRate, String> {
+    match s.trim() {
+        "max" => Ok(SteadyRate::Max),
+        t => match t.parse::<f64>() {
+            Ok(r) if r.is_finite() && (0.1..=1_000_000.0).contains(&r) => {
+                Ok(SteadyRate::PerSecond(r))
+            }
+            _ => Err(format!(
+                "'{t}' is neither `max` nor a rate from 0.1 to 1000000 operations per second"
+            )),
+        },
+    }
+}
+
 /// One steady run: the mutator at a fixed rate with the pipeline at its default intervals.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct SteadyRun {
+    /// The phase (`SteadyRate::label`).
+    pub rate: String,
     pub seconds: f64,
     pub ops: u64,
     pub versions: u64,
@@ -282,10 +331,21 @@ async fn run(args: BenchArgs) -> Result<()> {
             );
         }
         if args.steady_seconds > 0 {
-            for i in 0..args.runs {
-                eprintln!("bench: {mode}: steady run {}/{}", i + 1, args.runs);
-                r.steady
-                    .push(bench.steady(mode, args.seed + i as u64).await?);
+            for (k, &rate) in args.rate.iter().enumerate() {
+                for i in 0..args.runs {
+                    eprintln!(
+                        "bench: {mode}: steady run at {} {}/{}",
+                        rate.label(),
+                        i + 1,
+                        args.runs
+                    );
+                    // The idle pipeline is measured before the first phase's traffic.
+                    r.steady.push(
+                        bench
+                            .steady(mode, rate, k == 0, args.seed + i as u64)
+                            .await?,
+                    );
+                }
             }
         }
         if args.rounds > 0 {
@@ -425,7 +485,13 @@ impl Bench {
         Ok(run)
     }
 
-    async fn steady(&self, mode: &str, seed: u64) -> Result<SteadyRun> {
+    async fn steady(
+        &self,
+        mode: &str,
+        rate: SteadyRate,
+        measure_idle: bool,
+        seed: u64,
+    ) -> Result<SteadyRun> {
         self.clusters.fresh().await?;
         let runner = self.runner(mode, "steady")?;
         let mut extractor = runner.spawn("extractor", &[])?;
@@ -455,7 +521,7 @@ impl Bench {
         }
         // The pipeline's processes, found before the mutator connects.
         let pipeline = cpu::Pipeline::find(extractor.pid()?, loader.pid()?, &source, &wh).await?;
-        let idle_cpu = if self.args.idle_seconds > 0 {
+        let idle_cpu = if measure_idle && self.args.idle_seconds > 0 {
             let before = pipeline.sample()?;
             tokio::time::sleep(Duration::from_secs(self.args.idle_seconds)).await;
             extractor.check_alive()?;
@@ -467,13 +533,15 @@ impl Bench {
         let t0 = chrono::Utc::now();
         let started = Instant::now();
         let busy_from = pipeline.sample()?;
-        let rate = self.args.rate.to_string();
-        let seed_s = seed.to_string();
+        let (rate_s, seed_s) = (rate.mutator_rate(), seed.to_string());
+        let writers = self.args.steady_writers.to_string();
         let mutator = runner.spawn(
             "mutator",
             &[
                 "--rate",
-                &rate,
+                &rate_s,
+                "--concurrency",
+                &writers,
                 "--seed",
                 &seed_s,
                 "--tables",
@@ -540,6 +608,7 @@ impl Bench {
         }
         let delays: Vec<(f64, f64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         Ok(SteadyRun {
+            rate: rate.label(),
             seconds,
             ops: mutator_ops(&mutator_log)?,
             versions: delays.len() as u64,

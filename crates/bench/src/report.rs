@@ -114,10 +114,24 @@ impl Report {
             p.seed,
             p.runs
         );
+        // The figure column as wide as its longest entry.
+        let width = self
+            .lines
+            .iter()
+            .map(|l| l.figure.chars().count() + l.unit.chars().count() + 3)
+            .max()
+            .unwrap_or(0)
+            .max(50);
         let _ = writeln!(
             s,
-            "{:<10} {:<50} {:>12} {:>23}   {:>12}   {:>17}",
-            "mode", "figure", "median", "[min–max]", "ceiling", "ratio [min–max]"
+            "{:<10} {:<w$} {:>12} {:>23}   {:>12}   {:>17}",
+            "mode",
+            "figure",
+            "median",
+            "[min–max]",
+            "ceiling",
+            "ratio [min–max]",
+            w = width
         );
         for l in &self.lines {
             let ceiling = l.ceiling.map_or(String::new(), |c| num(c.median));
@@ -126,13 +140,14 @@ impl Report {
             });
             let _ = writeln!(
                 s,
-                "{:<10} {:<50} {:>12} {:>23}   {:>12}   {:>17}",
+                "{:<10} {:<w$} {:>12} {:>23}   {:>12}   {:>17}",
                 l.mode,
                 format!("{} ({})", l.figure, l.unit),
                 num(l.value.median),
                 format!("[{}–{}]", num(l.value.min), num(l.value.max)),
                 ceiling,
-                ratio
+                ratio,
+                w = width
             );
         }
         s
@@ -250,85 +265,77 @@ fn mode_lines(r: &ModeResults) -> Vec<Line> {
         None,
         None,
     ));
-    let s = &r.steady;
-    let sv = |f: fn(&SteadyRun) -> f64| s.iter().map(f).collect::<Vec<f64>>();
-    out.push(line(
-        m,
-        "steady: mutator rate achieved",
-        "ops/s",
-        &sv(|x| x.ops as f64 / x.seconds),
-        None,
-        None,
-    ));
-    out.push(line(
-        m,
-        "steady: delay p50",
-        "ms",
-        &sv(|x| x.p50_ms),
-        None,
-        None,
-    ));
-    out.push(line(
-        m,
-        "steady: delay p99",
-        "ms",
-        &sv(|x| x.p99_ms),
-        None,
-        None,
-    ));
-    out.push(line(
-        m,
-        "steady: delay max",
-        "ms",
-        &sv(|x| x.max_ms),
-        None,
-        None,
-    ));
-    out.push(line(
-        m,
-        "steady: delay trend (last - first third)",
-        "ms",
-        &sv(|x| x.trend_ms),
-        None,
-        None,
-    ));
-    out.push(line(
-        m,
-        "steady: drain after the mutator stops",
-        "s",
-        &sv(|x| x.drain_secs),
-        None,
-        None,
-    ));
-    let lag: Vec<f64> = s
-        .iter()
-        .filter_map(|x| x.slot_lag_max_bytes)
-        .map(|b| b / 1024.0)
-        .collect();
-    out.push(line(
-        m,
-        "steady: slot lag (unconfirmed WAL), max",
-        "KiB",
-        &lag,
-        None,
-        None,
-    ));
-    type Phase = fn(&SteadyRun) -> Option<CpuShare>;
+    // The idle pipeline (measured before the first phase's traffic), then each phase.
     type Part = fn(&CpuShare) -> f64;
-    let phases: [(&str, Phase); 2] = [("idle", |x| x.idle_cpu), ("steady", |x| x.steady_cpu)];
-    for (phase, of) in phases {
-        let parts: [(&str, Part); 5] = [
-            ("pipeline total", CpuShare::total),
-            ("extractor", |c| c.extractor),
-            ("its source backend", |c| c.source_backends),
-            ("loader", |c| c.loader),
-            ("warehouse backends", |c| c.warehouse_backends),
-        ];
+    let parts: [(&str, Part); 5] = [
+        ("pipeline total", CpuShare::total),
+        ("extractor", |c| c.extractor),
+        ("its source backend", |c| c.source_backends),
+        ("loader", |c| c.loader),
+        ("warehouse backends", |c| c.warehouse_backends),
+    ];
+    for (name, part) in parts {
+        let values: Vec<f64> = r
+            .steady
+            .iter()
+            .filter_map(|x| x.idle_cpu)
+            .map(|c| part(&c))
+            .collect();
+        out.push(line(
+            m,
+            &format!("idle: CPU, {name}"),
+            "% of a core",
+            &values,
+            None,
+            None,
+        ));
+    }
+    let mut phases: Vec<&str> = Vec::new();
+    for x in &r.steady {
+        if !phases.contains(&x.rate.as_str()) {
+            phases.push(&x.rate);
+        }
+    }
+    for phase in phases {
+        let s: Vec<&SteadyRun> = r.steady.iter().filter(|x| x.rate == phase).collect();
+        let sv = |f: fn(&SteadyRun) -> f64| s.iter().map(|x| f(x)).collect::<Vec<f64>>();
+        let figure = |what: &str| format!("steady at {phase}: {what}");
+        for (what, unit, values) in [
+            (
+                "mutator rate achieved",
+                "ops/s",
+                sv(|x| x.ops as f64 / x.seconds),
+            ),
+            ("delay p50", "ms", sv(|x| x.p50_ms)),
+            ("delay p99", "ms", sv(|x| x.p99_ms)),
+            ("delay max", "ms", sv(|x| x.max_ms)),
+            ("delay trend (last - first third)", "ms", sv(|x| x.trend_ms)),
+            ("drain after the mutator stops", "s", sv(|x| x.drain_secs)),
+        ] {
+            out.push(line(m, &figure(what), unit, &values, None, None));
+        }
+        let lag: Vec<f64> = s
+            .iter()
+            .filter_map(|x| x.slot_lag_max_bytes)
+            .map(|b| b / 1024.0)
+            .collect();
+        out.push(line(
+            m,
+            &figure("slot lag (unconfirmed WAL), max"),
+            "KiB",
+            &lag,
+            None,
+            None,
+        ));
         for (name, part) in parts {
-            let values: Vec<f64> = s.iter().filter_map(of).map(|c| part(&c)).collect();
+            let values: Vec<f64> = s
+                .iter()
+                .filter_map(|x| x.steady_cpu)
+                .map(|c| part(&c))
+                .collect();
             out.push(line(
                 m,
-                &format!("{phase}: CPU, {name}"),
+                &figure(&format!("CPU, {name}")),
                 "% of a core",
                 &values,
                 None,
@@ -401,6 +408,7 @@ fn mode_lines(r: &ModeResults) -> Vec<Line> {
 /// time / loader time), and the last round's rate against the first's for both.
 fn round_lines(m: &str, rounds: &[crate::rounds::Round]) -> Vec<Option<Line>> {
     let mut out = Vec::new();
+    let (grown, rounds): (Vec<_>, Vec<_>) = rounds.iter().partition(|r| r.grown);
     for (i, r) in rounds.iter().enumerate() {
         out.push(line(
             m,
@@ -411,14 +419,35 @@ fn round_lines(m: &str, rounds: &[crate::rounds::Round]) -> Vec<Option<Line>> {
             Some(&[r.least_secs / r.loader_secs]),
         ));
     }
+    let rate = |n: u64, secs: f64| n as f64 / secs;
     if let (Some(first), Some(last)) = (rounds.first(), rounds.last()) {
-        let rate = |n: u64, secs: f64| n as f64 / secs;
         out.push(line(
             m,
             &format!("round {} / round 1: loader vs least SQL", rounds.len()),
             "rate ratio",
             &[rate(last.changes, last.loader_secs) / rate(first.changes, first.loader_secs)],
             Some(&[rate(last.changes, last.least_secs) / rate(first.changes, first.least_secs)]),
+            None,
+        ));
+    }
+    if let (Some(first), Some(g)) = (rounds.first(), grown.first()) {
+        out.push(line(
+            m,
+            &format!(
+                "round at {} history rows: loader vs least SQL",
+                g.history_rows
+            ),
+            "changes/s",
+            &[rate(g.changes, g.loader_secs)],
+            Some(&[rate(g.changes, g.least_secs)]),
+            Some(&[g.least_secs / g.loader_secs]),
+        ));
+        out.push(line(
+            m,
+            &format!("round at {} history rows / round 1", g.history_rows),
+            "rate ratio",
+            &[rate(g.changes, g.loader_secs) / rate(first.changes, first.loader_secs)],
+            Some(&[rate(g.changes, g.least_secs) / rate(first.changes, first.least_secs)]),
             None,
         ));
     }

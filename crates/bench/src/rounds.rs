@@ -32,6 +32,8 @@ pub struct Round {
     /// The least SQL on the plain copy, and its UPDATE alone.
     pub least_secs: f64,
     pub least_update_secs: f64,
+    /// The round after the history was grown to --growth-rows rows.
+    pub grown: bool,
 }
 
 const LEAST: &str = "public.bench_least";
@@ -74,8 +76,14 @@ impl Bench {
         let loader_log = runner.log_dir.join("scd2-loader.log");
         let hk = &self.spec.history_key_columns[0];
         let kt = &self.spec.key[0].sql_type;
-        let mut out = Vec::with_capacity(rounds);
-        for i in 0..rounds {
+        let grow = self.args.growth_rows;
+        let mut out = Vec::with_capacity(rounds + 1);
+        for i in 0..rounds + usize::from(grow > 0) {
+            let grown = i == rounds;
+            if grown {
+                eprintln!("bench: {mode}: growing the history to {grow} rows");
+                grow_history(&wh, &h, hk, &cols, grow).await?;
+            }
             let history_rows: i64 = wh
                 .query_one(&format!("SELECT count(*) FROM {h}"), &[])
                 .await?
@@ -137,6 +145,7 @@ impl Bench {
                 loader_phases_ms,
                 least_secs,
                 least_update_secs,
+                grown,
             };
             eprintln!(
                 "bench: {mode}: round {}/{rounds}: {changes} changes over {history_rows} history rows: \
@@ -173,6 +182,45 @@ impl Bench {
 
 fn change_logs_len(dir: &Path) -> Result<usize> {
     Ok(crate::change_logs(dir)?.len())
+}
+
+/// Grows the history and its plain copy to at least `rows` rows: whole copies of the
+/// history's keys under new keys (past every key there is), each ended by a delete a second
+/// after its last version began, as orders deleted long ago would be. Nothing current is
+/// added, so the rounds' keys and the source are as before; the indexes grow as they would.
+async fn grow_history(wh: &Client, h: &str, hk: &str, cols: &str, rows: u64) -> Result<()> {
+    let r = wh
+        .query_one(&format!("SELECT count(*), max({hk})::int8 FROM {h}"), &[])
+        .await?;
+    let (have, max_key): (i64, i64) = (r.get(0), r.get(1));
+    let copies = rows
+        .saturating_sub(have as u64)
+        .div_ceil(have.max(1) as u64);
+    if copies == 0 {
+        return Ok(());
+    }
+    let exprs = cols
+        .split(", ")
+        .map(|c| match c {
+            c if c == hk => format!("{hk} + {max_key} * g"),
+            "is_current" => "false".to_owned(),
+            "is_deleted" => "is_deleted OR is_current".to_owned(),
+            "valid_to" => "coalesce(valid_to, valid_from + interval '1 second')".to_owned(),
+            c => c.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    wh.batch_execute(&format!(
+        "INSERT INTO {h} ({cols}) SELECT {exprs} FROM {h} CROSS JOIN generate_series(1, {copies}) g
+         WHERE {hk} <= {max_key};
+         INSERT INTO {LEAST} ({cols}) SELECT {cols} FROM {h} WHERE {hk} > {max_key};"
+    ))
+    .await
+    .context("growing the history")?;
+    for t in [h, LEAST] {
+        wh.batch_execute(&format!("VACUUM ANALYZE {t}")).await?;
+    }
+    Ok(())
 }
 
 /// The least SQL, timed from its transaction's start to its commit; and its UPDATE.
