@@ -147,10 +147,14 @@ impl Bench {
                 least_update_secs,
                 grown,
             };
+            let which = if grown {
+                "growth round".to_owned()
+            } else {
+                format!("round {}/{rounds}", i + 1)
+            };
             eprintln!(
-                "bench: {mode}: round {}/{rounds}: {changes} changes over {history_rows} history rows: \
+                "bench: {mode}: {which}: {changes} changes over {history_rows} history rows: \
                  loader {:.2} s (apply {} ms, phases {:?}), least SQL {:.2} s (UPDATE {:.2} s): {:.2}x",
-                i + 1,
                 r.loader_secs,
                 r.loader_apply_ms,
                 r.loader_phases_ms,
