@@ -193,12 +193,12 @@ test-rapid: ## Unit tests only, no database (cargo nextest --lib --bins)
 
 # ---- Benchmark ------------------------------------------------------------------------------
 
-bench: ## Full benchmark (~15 min; BENCH_ARGS for more flags): table + target/bench/results.json
+bench: ## Full benchmark (~25 min; BENCH_ARGS for more flags): table + target/bench/results.json
 	$(BENCH_DB_ENV) scripts/local-db.sh start
 	cargo build --release --bins
 	$(BENCH_ENV) $(or $(CARGO_TARGET_DIR),target)/release/bench $(BENCH_ARGS)
 
-bench-quick: ## About two minutes: 10,000 operations, 1 run, 15 s steady phases, no 10x memory run
+bench-quick: ## About three minutes: 10,000 operations, 1 run, 15 s steady phases, no 10x memory run
 	$(BENCH_DB_ENV) scripts/local-db.sh start
 	cargo build --release --bins
 	$(BENCH_ENV) $(or $(CARGO_TARGET_DIR),target)/release/bench --ops 10000 --runs 1 \
