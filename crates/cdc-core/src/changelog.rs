@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub const DEAD_LETTER_DIR: &str = "dead_letter";
 pub const PROCESSED_DIR: &str = "processed";
@@ -89,22 +90,58 @@ impl ChangeLogSink {
         Ok(())
     }
 
-    /// Flushes the current file (still under its temporary name) and starts its fsync.
+    /// Flushes the current file (still under its temporary name) and starts its fsync on a
+    /// thread, once the previous file's fsync has finished: one runs while the next file is
+    /// written, never more (a thread that cannot be made: the fsync is done here).
     fn seal_current(&mut self) -> Result<()> {
-        if let Some(f) = self.current.take() {
-            let file = f
-                .out
-                .into_inner()
-                .map_err(|e| Error::io("flushing change-log file", &f.temp, e.into_error()))?;
-            self.done.push(SealedFile {
-                temp: f.temp,
-                final_path: f.final_path,
-                events: f.events,
-                bytes: f.bytes,
-                sync: Some(std::thread::spawn(move || file.sync_all())),
-            });
-        }
-        Ok(())
+        let Some(f) = self.current.take() else {
+            return Ok(());
+        };
+        let file = match f.out.into_inner() {
+            Ok(file) => Arc::new(file),
+            Err(e) => {
+                let _ = fs::remove_file(&f.temp);
+                return Err(Error::io(
+                    "flushing change-log file",
+                    &f.temp,
+                    e.into_error(),
+                ));
+            }
+        };
+        let mut sealed = SealedFile {
+            temp: f.temp,
+            final_path: f.final_path,
+            events: f.events,
+            bytes: f.bytes,
+            sync: None,
+        };
+        let previous = self.done.last_mut().map(SealedFile::wait_for_sync);
+        let on_thread = Arc::clone(&file);
+        let spawned = std::thread::Builder::new()
+            .name("change-log fsync".into())
+            .spawn(move || on_thread.sync_all());
+        let here = match spawned {
+            Ok(handle) => {
+                sealed.sync = Some(handle);
+                Ok(())
+            }
+            Err(_) => file.sync_all(),
+        };
+        let temp = sealed.temp.clone();
+        self.done.push(sealed);
+        previous.unwrap_or(Ok(()))?;
+        here.map_err(|e| Error::io("fsyncing change-log file", &temp, e))
+    }
+}
+
+impl SealedFile {
+    /// Waits for the file's fsync, if one is still running.
+    fn wait_for_sync(&mut self) -> Result<()> {
+        let result = self.sync.take().map_or(Ok(()), |sync| {
+            sync.join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("the fsync thread panicked")))
+        });
+        result.map_err(|e| Error::io("fsyncing change-log file", &self.temp, e))
     }
 }
 
@@ -146,12 +183,8 @@ impl ChangeSink for ChangeLogSink {
         // Every file durable before any is renamed: a reader never sees one that is not.
         let mut failed = None;
         for f in &mut self.done {
-            let result = f.sync.take().map_or(Ok(()), |sync| {
-                sync.join()
-                    .unwrap_or_else(|_| Err(std::io::Error::other("the fsync thread panicked")))
-            });
-            if let Err(e) = result {
-                failed.get_or_insert(Error::io("fsyncing change-log file", &f.temp, e));
+            if let Err(e) = f.wait_for_sync() {
+                failed.get_or_insert(e);
             }
         }
         if let Some(e) = failed {

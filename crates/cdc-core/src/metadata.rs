@@ -162,7 +162,9 @@ impl Recorder {
                     );
                 }
                 let result: Result<tokio_postgres::Client> = async {
-                    let c = match client.take() {
+                    // A connection the server has closed since (idle timeout, restart) is
+                    // replaced before it costs a record at stop.
+                    let c = match client.take().filter(|c| !c.is_closed()) {
                         Some(c) => c,
                         None => prepare(crate::db::connect_once(&db).await?).await?,
                     };

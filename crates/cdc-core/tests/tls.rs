@@ -146,6 +146,13 @@ async fn a_renewed_root_certificate_is_read_at_the_next_connection() {
     assert!(text.contains("certificate verify failed"), "{text}");
     std::fs::copy(&c.ca, &root).unwrap();
     assert!(connects(&c, "localhost", SslMode::VerifyFull, Some(&root)).await);
+    // Caught mid-renewal (half written, then gone): the certificates last read keep
+    // connecting instead of ending the program.
+    let pem = std::fs::read(&c.ca).unwrap();
+    std::fs::write(&root, &pem[..pem.len() / 2]).unwrap();
+    assert!(connects(&c, "localhost", SslMode::VerifyFull, Some(&root)).await);
+    std::fs::remove_file(&root).unwrap();
+    assert!(connects(&c, "localhost", SslMode::VerifyFull, Some(&root)).await);
     std::fs::copy(&c.other_ca, &root).unwrap();
     refused(&c, "localhost", SslMode::VerifyFull, Some(&root)).await;
 }

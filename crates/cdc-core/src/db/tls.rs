@@ -15,11 +15,12 @@ use openssl::ssl::{ConnectConfiguration, SslConnector, SslMethod, SslVerifyMode,
 use openssl::x509::store::X509StoreBuilder;
 use openssl::x509::X509;
 use postgres_openssl::{TlsConnector, TlsStream};
+use std::collections::HashMap;
 use std::fmt::Debug;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::OnceLock;
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 
@@ -173,7 +174,7 @@ impl TlsSettings {
         match &self.root_cert {
             Some(path) => {
                 let mut store = X509StoreBuilder::new().map_err(|e| setup(e.to_string()))?;
-                for cert in self.read_root_cert(path)? {
+                for cert in self.current_root_cert(path)? {
                     store.add_cert(cert).map_err(|e| setup(e.to_string()))?;
                 }
                 config
@@ -186,12 +187,34 @@ impl TlsSettings {
         Ok(config)
     }
 
+    /// The root certificate file as it is now; while it cannot be read or holds no
+    /// certificate (removed, or caught half-written during a renewal), the certificates last
+    /// read from it, with a warning: a connection that worked keeps working rather than a
+    /// running program ending over a file being replaced. Validation reads it first, so there
+    /// is always a last good read in the programs.
+    fn current_root_cert(&self, path: &Path) -> Result<Vec<X509>> {
+        match self.read_root_cert(path) {
+            Ok(certs) => Ok(certs),
+            Err(e) => match last_good_root_cert().get(path) {
+                Some(certs) => {
+                    tracing::warn!(error = %e, "the root certificate file cannot be used now; the certificates last read from it are used for this connection");
+                    Ok(certs.clone())
+                }
+                None => Err(e),
+            },
+        }
+    }
+
+    /// Reads and parses the root certificate file, and remembers what it held.
     fn read_root_cert(&self, path: &Path) -> Result<Vec<X509>> {
         let setting = format!("{}_SSLROOTCERT", self.prefix);
         let pem = std::fs::read(path)
             .map_err(|e| Error::config(&setting, format!("cannot read {}: {e}", path.display())))?;
         match X509::stack_from_pem(&pem) {
-            Ok(certs) if !certs.is_empty() => Ok(certs),
+            Ok(certs) if !certs.is_empty() => {
+                last_good_root_cert().insert(path.to_path_buf(), certs.clone());
+                Ok(certs)
+            }
             Ok(_) => Err(Error::config(
                 &setting,
                 format!("{} holds no PEM certificate", path.display()),
@@ -202,6 +225,15 @@ impl TlsSettings {
             )),
         }
     }
+}
+
+/// The certificates each root certificate file held when it last parsed.
+fn last_good_root_cert() -> MutexGuard<'static, HashMap<PathBuf, Vec<X509>>> {
+    static LAST_GOOD: OnceLock<Mutex<HashMap<PathBuf, Vec<X509>>>> = OnceLock::new();
+    LAST_GOOD
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
 }
 
 /// What connects carry out the settings' TLS (see [`TlsSettings::connector`]).
