@@ -82,7 +82,12 @@ impl Bench {
             let grown = i == rounds;
             if grown {
                 eprintln!("bench: {mode}: growing the history to {grow} rows");
-                grow_history(&wh, &h, hk, &cols, grow).await?;
+                if !grow_history(&wh, &h, hk, &cols, grow).await? {
+                    eprintln!(
+                        "bench: {mode}: the history already has {grow} rows or more: no growth round"
+                    );
+                    break;
+                }
             }
             let history_rows: i64 = wh
                 .query_one(&format!("SELECT count(*) FROM {h}"), &[])
@@ -192,7 +197,8 @@ fn change_logs_len(dir: &Path) -> Result<usize> {
 /// history's keys under new keys (past every key there is), each ended by a delete a second
 /// after its last version began, as orders deleted long ago would be. Nothing current is
 /// added, so the rounds' keys and the source are as before; the indexes grow as they would.
-async fn grow_history(wh: &Client, h: &str, hk: &str, cols: &str, rows: u64) -> Result<()> {
+/// Whether anything was added.
+async fn grow_history(wh: &Client, h: &str, hk: &str, cols: &str, rows: u64) -> Result<bool> {
     let r = wh
         .query_one(&format!("SELECT count(*), max({hk})::int8 FROM {h}"), &[])
         .await?;
@@ -201,7 +207,7 @@ async fn grow_history(wh: &Client, h: &str, hk: &str, cols: &str, rows: u64) -> 
         .saturating_sub(have as u64)
         .div_ceil(have.max(1) as u64);
     if copies == 0 {
-        return Ok(());
+        return Ok(false);
     }
     let exprs = cols
         .split(", ")
@@ -224,7 +230,7 @@ async fn grow_history(wh: &Client, h: &str, hk: &str, cols: &str, rows: u64) -> 
     for t in [h, LEAST] {
         wh.batch_execute(&format!("VACUUM ANALYZE {t}")).await?;
     }
-    Ok(())
+    Ok(true)
 }
 
 /// The least SQL, timed from its transaction's start to its commit; and its UPDATE.
