@@ -42,7 +42,7 @@ BENCH_ARGS ?=
 .PHONY: help quick-start prereqs start stop status restart loader test test-db-stop test-rapid \
         validate resnapshot logs clean clean-archive prod-start db-up db-down db-status db-reset build fmt lint mutate-burst \
         check-monitoring monitoring-up monitoring-down \
-        bench bench-quick bench-db-stop soak
+        bench bench-quick bench-debezium bench-db-stop soak
 
 help: ## Show this list of targets
 	@echo "Usage: make <target>   (settings: .env / environment, see .env.example)"
@@ -203,6 +203,13 @@ bench-quick: ## About three minutes: 10,000 operations, 1 run, 15 s steady phase
 	cargo build --release --bins
 	$(BENCH_ENV) $(or $(CARGO_TARGET_DIR),target)/release/bench --ops 10000 --runs 1 \
 	  --steady-seconds 15 --rss-factor 0 --rounds 3 --round-rows 10000 --growth-rows 100000 $(BENCH_ARGS)
+
+bench-debezium: ## Logical capture vs Debezium's embedded engine on the same backlog (~2 min; Java 17, pip; 200 MB of jars into .local/debezium): target/bench/debezium.json
+	$(BENCH_DB_ENV) scripts/local-db.sh start
+	cargo build --release --bins
+	dir="$$(scripts/debezium.sh build)" && $(BENCH_ENV) $(or $(CARGO_TARGET_DIR),target)/release/bench \
+	  --modes logical --rounds 0 --steady-seconds 0 --rss-factor 0 --growth-rows 0 \
+	  --debezium "$$dir" --out target/bench/debezium.json $(BENCH_ARGS)
 
 bench-db-stop: ## Stop the benchmark's clusters (ports 55633/55634)
 	$(BENCH_DB_ENV) scripts/local-db.sh stop

@@ -4,6 +4,7 @@
 
 mod ceilings;
 mod cpu;
+mod debezium;
 mod procs;
 mod report;
 mod rounds;
@@ -122,6 +123,11 @@ pub struct BenchArgs {
     /// DB_SSLROOTCERT and WAREHOUSE_DB_SSLROOTCERT
     #[arg(long, env = "BENCH_DB_SSLROOTCERT")]
     sslrootcert: Option<PathBuf>,
+    /// Logical throughput runs also drain a copy of the extractor's slot with Debezium's
+    /// embedded engine, compared event by event: the directory `scripts/debezium.sh build`
+    /// prints (`make bench-debezium` gives it)
+    #[arg(long)]
+    debezium: Option<PathBuf>,
     /// Where the pipeline's binaries are (default: beside this one)
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -166,6 +172,7 @@ pub struct ThroughputRun {
     pub capture_bytes: u64,
     pub capture_secs: f64,
     pub capture_passes: u32,
+    pub capture_cpu_secs: f64,
     pub extractor_rss_kb: u64,
     pub apply_secs: f64,
     pub versions: u64,
@@ -173,6 +180,7 @@ pub struct ThroughputRun {
     pub capture_ceiling: Option<CopyFigure>,
     pub apply_ceiling: Option<CopyFigure>,
     pub sql_merge: Option<CopyFigure>,
+    pub debezium: Option<debezium::Drain>,
 }
 
 /// A steady phase's rate: operations per second, or as fast as the mutator's writers go.
@@ -259,6 +267,8 @@ struct Bench {
     bin_dir: PathBuf,
     work: PathBuf,
     spec: TableSpec,
+    /// The Debezium build (`--debezium`), checked.
+    debezium: Option<PathBuf>,
 }
 
 async fn run(args: BenchArgs) -> Result<()> {
@@ -273,6 +283,11 @@ async fn run(args: BenchArgs) -> Result<()> {
     if args.rounds > 0 && args.round_rows == 0 {
         bail!("--round-rows must be at least 1");
     }
+    let debezium = args
+        .debezium
+        .as_deref()
+        .map(debezium::check_dir)
+        .transpose()?;
     let bin_dir = match &args.bin_dir {
         Some(d) => d.clone(),
         None => std::env::current_exe()?
@@ -307,6 +322,7 @@ async fn run(args: BenchArgs) -> Result<()> {
         bin_dir,
         work,
         spec: TableSpec::orders(),
+        debezium,
     };
     eprintln!(
         "bench: {} cores, PostgreSQL {}, {} operations, {} run(s), modes {}",
@@ -437,6 +453,13 @@ impl Bench {
             ceilings::warm(&source).await?;
             run.capture_ceiling = Some(ceilings::capture(&source, mode).await?);
         }
+        let debezium = self
+            .debezium
+            .as_deref()
+            .filter(|_| ceilings && mode == "logical");
+        if debezium.is_some() {
+            debezium::copy_slot(&source).await?;
+        }
         // Capture: passes until one finds nothing (logical passes are capped at
         // CDC_MAX_CHANGES_PER_PASS changes); the empty pass is not counted.
         loop {
@@ -447,12 +470,21 @@ impl Bench {
                 break;
             }
             run.capture_secs += m.secs;
+            run.capture_cpu_secs += m.cpu_secs;
             run.capture_passes += 1;
         }
         let files = change_logs(&log_dir)?;
         for f in &files {
             run.capture_bytes += std::fs::metadata(f)?.len();
             run.capture_events += count_lines(f)?;
+        }
+        if let Some(dir) = debezium {
+            let d = debezium::drain(dir, &runner, &self.clusters, &source, &files).await?;
+            eprintln!(
+                "bench: {mode}: Debezium drained the same {} events in {:.2} s (extractor {:.2} s)",
+                d.events, d.secs, run.capture_secs
+            );
+            run.debezium = Some(d);
         }
         let merge_input = if ceilings {
             Some(ceilings::merge_input(&files, &self.spec)?)

@@ -21,6 +21,8 @@ pub struct Measured {
     pub code: i32,
     pub secs: f64,
     pub max_rss_kb: u64,
+    /// User plus system CPU time of the command (and what it waited for).
+    pub cpu_secs: f64,
 }
 
 /// The wrapper (`bench measure -- cmd args...`): runs the command with this process's
@@ -41,6 +43,10 @@ pub fn wrapper_main(cmd: &[String]) -> Result<i32> {
         secs,
         // Linux reports ru_maxrss in KiB.
         max_rss_kb: usage.max_rss().max(0) as u64,
+        cpu_secs: [usage.user_time(), usage.system_time()]
+            .iter()
+            .map(|t| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6)
+            .sum(),
     };
     println!("{}", serde_json::to_string(&m)?);
     Ok(0)
@@ -84,7 +90,6 @@ impl Runner {
 
     /// Runs `binary args` to completion through the wrapper; fails unless it exits 0.
     pub async fn measured(&self, binary: &str, args: &[&str]) -> Result<Measured> {
-        let me = std::env::current_exe()?;
         let bin = self.bin_dir.join(binary);
         if !bin.exists() {
             bail!(
@@ -92,6 +97,18 @@ impl Runner {
                 bin.display()
             );
         }
+        self.measured_program(binary, &bin, args).await
+    }
+
+    /// Runs `program args` to completion through the wrapper, its output in `<name>.log`;
+    /// fails unless it exits 0.
+    pub async fn measured_program(
+        &self,
+        binary: &str,
+        bin: &Path,
+        args: &[&str],
+    ) -> Result<Measured> {
+        let me = std::env::current_exe()?;
         let bin_s = bin.display().to_string();
         let mut wargs = vec!["measure", "--", bin_s.as_str()];
         wargs.extend_from_slice(args);

@@ -257,6 +257,44 @@ fn mode_lines(r: &ModeResults) -> Vec<Line> {
         None,
         Some(&per_run(t, |x| x.sql_merge.map(|c| c.secs / x.apply_secs))),
     ));
+    // Debezium's embedded engine draining a copy of the same slot (--debezium).
+    let dbz = |f: fn(&ThroughputRun, &crate::debezium::Drain) -> (f64, f64)| {
+        let pairs: Vec<(f64, f64)> = t
+            .iter()
+            .filter_map(|x| x.debezium.as_ref().map(|d| f(x, d)))
+            .collect();
+        let ours: Vec<f64> = pairs.iter().map(|p| p.0).collect();
+        let theirs: Vec<f64> = pairs.iter().map(|p| p.1).collect();
+        let ratio: Vec<f64> = pairs.iter().map(|p| p.1 / p.0).collect();
+        (ours, theirs, ratio)
+    };
+    for (figure, unit, f) in [
+        (
+            "capture: extractor vs Debezium, drain time",
+            "s",
+            (|x, d| (x.capture_secs, d.secs))
+                as fn(&ThroughputRun, &crate::debezium::Drain) -> (f64, f64),
+        ),
+        (
+            "capture: extractor vs Debezium, CPU per event",
+            "µs",
+            |x, d| {
+                (
+                    x.capture_cpu_secs * 1e6 / x.capture_events as f64,
+                    d.cpu_secs * 1e6 / d.events as f64,
+                )
+            },
+        ),
+        ("capture: extractor vs Debezium, peak RSS", "MiB", |x, d| {
+            (
+                x.extractor_rss_kb as f64 / 1024.0,
+                d.max_rss_kb as f64 / 1024.0,
+            )
+        }),
+    ] {
+        let (ours, theirs, ratio) = dbz(f);
+        out.push(line(m, figure, unit, &ours, Some(&theirs), Some(&ratio)));
+    }
     out.push(line(
         m,
         "versions kept per operation",

@@ -1,0 +1,233 @@
+//! The Debezium reference (`--debezium DIR`, `make bench-debezium`): in each logical
+//! throughput run, a copy of the extractor's slot is made before the extractor drains the
+//! backlog; after it, Debezium's embedded engine (PostgreSQL connector, pgoutput, the same
+//! publication) drains the copy into a file, fsynced, through `DrainSlot`
+//! (`crates/bench/debezium/`, built by `scripts/debezium.sh build` into DIR). Both are timed
+//! from process start to exit with their CPU time and peak RSS, and their change events must
+//! be the same, event by event: operation, transaction, position and key.
+
+use crate::procs::{Measured, Runner};
+use crate::setup::{Clusters, PUBLICATION, SLOT, SOURCE_DB};
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use tokio_postgres::Client;
+
+/// The copy of the extractor's slot that Debezium drains.
+pub const SLOT_COPY: &str = "bench_debezium";
+
+/// Debezium's drain of one backlog.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Drain {
+    pub events: u64,
+    pub secs: f64,
+    pub cpu_secs: f64,
+    pub max_rss_kb: u64,
+}
+
+/// The Debezium build: `DrainSlot` compiled into `classes/`, Debezium's jars in `libs/`.
+pub fn check_dir(dir: &Path) -> Result<PathBuf> {
+    let dir = std::path::absolute(dir)?;
+    for need in ["classes/DrainSlot.class", "libs"] {
+        if !dir.join(need).exists() {
+            bail!(
+                "--debezium {}: no {need} there; run `scripts/debezium.sh build` (or `make bench-debezium`)",
+                dir.display()
+            );
+        }
+    }
+    Ok(dir)
+}
+
+/// Copies the extractor's slot (same position, same plugin) for Debezium, before the
+/// extractor consumes anything of the backlog.
+pub async fn copy_slot(source: &Client) -> Result<()> {
+    source
+        .batch_execute(&format!(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+              WHERE slot_name = '{SLOT_COPY}';
+             SELECT pg_copy_logical_replication_slot('{SLOT}', '{SLOT_COPY}')"
+        ))
+        .await
+        .context("copying the extractor's slot for Debezium")
+}
+
+/// What identifies a change event in both formats (the Debezium envelope): operation,
+/// transaction id, LSN, and the order's key from the row image.
+type Identity = (char, u64, u64, i64);
+
+/// A change event's identity; `None` when it is not an insert, update or delete. Every part
+/// must be there: a part missing on both sides must not compare equal.
+fn identity(v: &Value) -> Result<Option<Identity>> {
+    let op = match v["op"].as_str() {
+        Some("c") => 'c',
+        Some("u") => 'u',
+        Some("d") => 'd',
+        _ => return Ok(None),
+    };
+    let image = if v["after"].is_object() {
+        &v["after"]
+    } else {
+        &v["before"]
+    };
+    let part = |x: &Value, what: &str| {
+        x.as_i64()
+            .with_context(|| format!("a change event without {what}"))
+    };
+    Ok(Some((
+        op,
+        part(&v["source"]["txId"], "source.txId")? as u64,
+        part(&v["source"]["lsn"], "source.lsn")? as u64,
+        part(&image["order_id"], "order_id")?,
+    )))
+}
+
+/// The change events (inserts, updates, deletes) of JSON-lines files, in order.
+fn identities(files: &[PathBuf]) -> Result<Vec<Identity>> {
+    let mut out = Vec::new();
+    for f in files {
+        let text =
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        for (i, line) in text.lines().enumerate() {
+            let at = || format!("{}:{}", f.display(), i + 1);
+            let v: Value =
+                serde_json::from_str(line).with_context(|| format!("{}: not JSON", at()))?;
+            out.extend(identity(&v).with_context(at)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Drains the slot's copy with Debezium and checks its events against the extractor's
+/// change logs (`ours`); drops the copy.
+pub async fn drain(
+    dir: &Path,
+    runner: &Runner,
+    clusters: &Clusters,
+    source: &Client,
+    ours: &[PathBuf],
+) -> Result<Drain> {
+    let expected = identities(ours)?;
+    let props = runner.cwd.join("debezium.properties");
+    let offsets = runner.cwd.join("debezium-offsets.dat");
+    let out = runner.cwd.join("debezium-events.jsonl");
+    let mut settings = vec![
+        ("name", "bench-debezium".to_owned()),
+        (
+            "connector.class",
+            "io.debezium.connector.postgresql.PostgresConnector".to_owned(),
+        ),
+        (
+            "offset.storage",
+            "org.apache.kafka.connect.storage.FileOffsetBackingStore".to_owned(),
+        ),
+        (
+            "offset.storage.file.filename",
+            offsets.display().to_string(),
+        ),
+        ("database.hostname", clusters.host.clone()),
+        ("database.port", clusters.source_port.to_string()),
+        ("database.user", clusters.user.clone()),
+        ("database.password", clusters.password.clone()),
+        ("database.dbname", SOURCE_DB.to_owned()),
+        ("database.sslmode", clusters.tls.mode.to_string()),
+        ("topic.prefix", "bench".to_owned()),
+        ("plugin.name", "pgoutput".to_owned()),
+        ("slot.name", SLOT_COPY.to_owned()),
+        ("publication.name", PUBLICATION.to_owned()),
+        ("publication.autocreate.mode", "disabled".to_owned()),
+        ("snapshot.mode", "no_data".to_owned()),
+        ("table.include.list", "public.orders".to_owned()),
+        ("tombstones.on.delete", "false".to_owned()),
+        ("decimal.handling.mode", "string".to_owned()),
+        ("converter.schemas.enable", "false".to_owned()),
+    ];
+    if let Some(root) = &clusters.tls.root_cert {
+        settings.push(("database.sslrootcert", root.display().to_string()));
+    }
+    let text: String = settings
+        .iter()
+        .map(|(k, v)| format!("{k}={}\n", v.replace('\\', "\\\\")))
+        .collect();
+    std::fs::write(&props, text)?;
+    let _ = std::fs::remove_file(&offsets);
+    let java = which("java")?;
+    let classpath = format!(
+        "{}:{}/*",
+        dir.join("classes").display(),
+        dir.join("libs").display()
+    );
+    let (props_s, out_s, n) = (
+        props.display().to_string(),
+        out.display().to_string(),
+        expected.len().to_string(),
+    );
+    let m: Measured = runner
+        .measured_program(
+            "debezium",
+            &java,
+            &["-cp", &classpath, "DrainSlot", &props_s, &out_s, &n],
+        )
+        .await?;
+    let theirs = identities(std::slice::from_ref(&out))?;
+    if expected.is_empty() {
+        bail!("the extractor wrote no change events to compare Debezium's with");
+    }
+    if let Some(i) =
+        (0..expected.len().max(theirs.len())).find(|&i| expected.get(i) != theirs.get(i))
+    {
+        bail!(
+            "Debezium's events differ from the extractor's at event {} of {}: extractor {:?}, Debezium {:?} (op, txId, LSN, order_id); see {}",
+            i + 1,
+            expected.len(),
+            expected.get(i),
+            theirs.get(i),
+            out.display()
+        );
+    }
+    std::fs::remove_file(&out)?;
+    source
+        .batch_execute(&format!("SELECT pg_drop_replication_slot('{SLOT_COPY}')"))
+        .await?;
+    Ok(Drain {
+        events: theirs.len() as u64,
+        secs: m.secs,
+        cpu_secs: m.cpu_secs,
+        max_rss_kb: m.max_rss_kb,
+    })
+}
+
+/// `program` found on PATH.
+fn which(program: &str) -> Result<PathBuf> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .with_context(|| format!("{program} not found on PATH (Debezium needs Java 17 or newer)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_envelopes_give_the_same_identity() {
+        // An update as the extractor writes it and as Debezium's engine writes it.
+        let ours = r#"{"format_version":1,"op":"u","before":{"order_id":7,"quantity":1},"after":{"order_id":7,"quantity":2},"source":{"version":"0.1.0","connector":"cdc-historical-warehouse","db":"bench_src","schema":"public","table":"orders","capture_mode":"logical","snapshot":false,"key":"7","ts_us":1,"lsn":10994783312,"txId":467978},"ts_ms":2}"#;
+        let theirs = r#"{"before":null,"after":{"order_id":7,"quantity":2},"source":{"version":"3.6.3.Final","connector":"postgresql","txId":467978,"lsn":10994783312},"transaction":null,"op":"u","ts_ms":3}"#;
+        let id = |s: &str| identity(&serde_json::from_str(s).unwrap()).unwrap();
+        assert_eq!(id(ours), Some(('u', 467978, 10994783312, 7)));
+        assert_eq!(id(ours), id(theirs));
+        // A delete's key is in `before`; a schema event is not compared.
+        let delete =
+            r#"{"op":"d","before":{"order_id":9},"after":null,"source":{"txId":1,"lsn":2}}"#;
+        assert_eq!(id(delete), Some(('d', 1, 2, 9)));
+        assert_eq!(id(r#"{"op":"s","before":null,"after":null}"#), None);
+        // A part missing is an error, not a match.
+        let bare =
+            serde_json::from_str(r#"{"op":"c","after":{"order_id":1},"source":{}}"#).unwrap();
+        assert!(identity(&bare).is_err());
+    }
+}
