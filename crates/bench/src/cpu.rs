@@ -93,6 +93,33 @@ impl Sample {
     }
 }
 
+/// CPU ticks of a group of processes at one moment (one that has exited counts nothing).
+pub struct GroupSample {
+    at: Instant,
+    ticks: Vec<Option<u64>>,
+}
+
+impl GroupSample {
+    pub fn of(pids: &[i32]) -> GroupSample {
+        GroupSample {
+            at: Instant::now(),
+            ticks: pids.iter().map(|p| ticks(*p)).collect(),
+        }
+    }
+
+    /// The share of one core (percent) the group used from `self` to `later`.
+    pub fn share_until(&self, later: &GroupSample) -> f64 {
+        let secs = later.at.duration_since(self.at).as_secs_f64().max(1e-3);
+        let used: u64 = self
+            .ticks
+            .iter()
+            .zip(&later.ticks)
+            .filter_map(|(a, b)| Some(b.as_ref()?.saturating_sub(*a.as_ref()?)))
+            .sum();
+        used as f64 / clock_ticks_per_second() / secs * 100.0
+    }
+}
+
 async fn backends(client: &tokio_postgres::Client) -> Result<Vec<i32>> {
     Ok(client
         .query(

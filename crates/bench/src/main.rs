@@ -250,6 +250,8 @@ pub struct ModeResults {
     pub mode: String,
     pub throughput: Vec<ThroughputRun>,
     pub steady: Vec<SteadyRun>,
+    /// The same steady phases with Debezium's engine instead of the pipeline (`--debezium`).
+    pub debezium_steady: Vec<debezium::Steady>,
     pub large: Option<ThroughputRun>,
     pub rounds: Vec<rounds::Round>,
 }
@@ -361,6 +363,19 @@ async fn run(args: BenchArgs) -> Result<()> {
                             .steady(mode, rate, k == 0, args.seed + i as u64)
                             .await?,
                     );
+                    if bench.debezium.is_some() && mode == "logical" && args.tables == "orders" {
+                        eprintln!(
+                            "bench: {mode}: steady run at {} with Debezium {}/{}",
+                            rate.label(),
+                            i + 1,
+                            args.runs
+                        );
+                        r.debezium_steady.push(
+                            bench
+                                .steady_debezium(rate, k == 0, args.seed + i as u64)
+                                .await?,
+                        );
+                    }
                 }
             }
         }
@@ -479,7 +494,8 @@ impl Bench {
             run.capture_events += count_lines(f)?;
         }
         if let Some(dir) = debezium {
-            let d = debezium::drain(dir, &runner, &self.clusters, &source, &files).await?;
+            let key = &self.spec.key[0].name;
+            let d = debezium::drain(dir, &runner, &self.clusters, &source, &files, key).await?;
             eprintln!(
                 "bench: {mode}: Debezium drained the same {} events in {:.2} s (extractor {:.2} s)",
                 d.events, d.secs, run.capture_secs
@@ -654,6 +670,73 @@ impl Bench {
 }
 
 impl Bench {
+    /// A steady phase with Debezium's engine in the pipeline's place (`--debezium`): the
+    /// initial copy taken (which makes the publication), then the engine on a slot of its own,
+    /// idle, then the same traffic as `steady`; each change's delay is the time the engine
+    /// handed it over minus its commit time on the source.
+    async fn steady_debezium(
+        &self,
+        rate: SteadyRate,
+        measure_idle: bool,
+        seed: u64,
+    ) -> Result<debezium::Steady> {
+        let dir = self.debezium.as_deref().context("no --debezium")?;
+        self.clusters.fresh().await?;
+        let runner = self.runner("logical", "steady-debezium")?;
+        runner.measured("extractor", &["--once"]).await?;
+        let source = self.clusters.source().await?;
+        let follower = debezium::Follower::start(dir, &runner, &self.clusters, &source).await?;
+        let sample = || cpu::GroupSample::of(&follower.pids);
+        let idle_cpu = if measure_idle && self.args.idle_seconds > 0 {
+            let before = sample();
+            tokio::time::sleep(Duration::from_secs(self.args.idle_seconds)).await;
+            Some(before.share_until(&sample()))
+        } else {
+            None
+        };
+        let t0 = chrono::Utc::now();
+        let started = Instant::now();
+        let busy_from = sample();
+        let (rate_s, seed_s) = (rate.mutator_rate(), seed.to_string());
+        let writers = self.args.steady_writers.to_string();
+        let mutator = runner.spawn(
+            "mutator",
+            &[
+                "--rate",
+                &rate_s,
+                "--concurrency",
+                &writers,
+                "--seed",
+                &seed_s,
+                "--tables",
+                &self.args.tables,
+            ],
+        )?;
+        tokio::time::sleep(Duration::from_secs(self.args.steady_seconds)).await;
+        let cpu = busy_from.share_until(&sample());
+        let mutator_log = mutator.log.clone();
+        mutator.stop().await?;
+        let seconds = started.elapsed().as_secs_f64();
+        let delays: Vec<(f64, f64)> = follower
+            .finish(&source, t0)
+            .await?
+            .into_iter()
+            .map(|d| (d, 0.0))
+            .collect();
+        let d = report::delay_figures(&delays, seconds);
+        Ok(debezium::Steady {
+            rate: rate.label(),
+            ops: mutator_ops(&mutator_log)?,
+            seconds,
+            events: delays.len() as u64,
+            p50_ms: d.p50_ms,
+            p99_ms: d.p99_ms,
+            max_ms: d.max_ms,
+            idle_cpu,
+            cpu,
+        })
+    }
+
     /// The history tables of the workload.
     fn histories(&self) -> Vec<&'static str> {
         match self.args.tables.as_str() {

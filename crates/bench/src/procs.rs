@@ -136,15 +136,20 @@ impl Runner {
 
     /// Starts `binary args` in the background (its output appended to its log).
     pub fn spawn(&self, binary: &str, args: &[&str]) -> Result<Background> {
+        self.spawn_program(binary, &self.bin_dir.join(binary), args)
+    }
+
+    /// Starts `program args` in the background, its output appended to `<name>.log`.
+    pub fn spawn_program(&self, name: &str, program: &Path, args: &[&str]) -> Result<Background> {
         let child = self
-            .command(&self.bin_dir.join(binary), args, binary)?
+            .command(program, args, name)?
             .stdout(Stdio::null())
             .spawn()
-            .with_context(|| format!("starting {binary}"))?;
+            .with_context(|| format!("starting {name}"))?;
         Ok(Background {
-            name: binary.to_owned(),
+            name: name.to_owned(),
             child,
-            log: self.log_path(binary),
+            log: self.log_path(name),
         })
     }
 }
@@ -167,6 +172,30 @@ impl Background {
             Err(_) => {
                 self.child.kill().await?;
                 bail!("{} did not stop within 30 s of SIGTERM", self.name);
+            }
+        };
+        if !status.success() {
+            bail!(
+                "{} ended with {status}; see {}",
+                self.name,
+                self.log.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Waits for the process to exit by itself (killed after `timeout`); fails unless it
+    /// exited 0.
+    pub async fn wait(mut self, timeout: Duration) -> Result<()> {
+        let status = match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(s) => s?,
+            Err(_) => {
+                self.child.kill().await?;
+                bail!(
+                    "{} did not finish within {timeout:?}; see {}",
+                    self.name,
+                    self.log.display()
+                );
             }
         };
         if !status.success() {

@@ -381,6 +381,53 @@ fn mode_lines(r: &ModeResults) -> Vec<Line> {
             ));
         }
     }
+    // The same phases with Debezium's engine in the pipeline's place (--debezium).
+    let mut dbz_phases: Vec<&str> = Vec::new();
+    for x in &r.debezium_steady {
+        if !dbz_phases.contains(&x.rate.as_str()) {
+            dbz_phases.push(&x.rate);
+        }
+    }
+    type Pick = fn(&crate::debezium::Steady) -> f64;
+    let picks: [(&str, &str, Pick); 5] = [
+        ("mutator rate achieved", "ops/s", |d| {
+            d.ops as f64 / d.seconds
+        }),
+        ("delay to its engine p50", "ms", |d| d.p50_ms),
+        ("delay to its engine p99", "ms", |d| d.p99_ms),
+        ("delay to its engine max", "ms", |d| d.max_ms),
+        ("CPU, JVM + walsender", "% of a core", |d| d.cpu),
+    ];
+    for phase in dbz_phases {
+        let d: Vec<&crate::debezium::Steady> = r
+            .debezium_steady
+            .iter()
+            .filter(|x| x.rate == phase)
+            .collect();
+        for (what, unit, pick) in picks {
+            out.push(line(
+                m,
+                &format!("Debezium steady at {phase}: {what}"),
+                unit,
+                &d.iter().map(|x| pick(x)).collect::<Vec<f64>>(),
+                None,
+                None,
+            ));
+        }
+    }
+    let idle_dbz: Vec<f64> = r
+        .debezium_steady
+        .iter()
+        .filter_map(|x| x.idle_cpu)
+        .collect();
+    out.push(line(
+        m,
+        "Debezium idle: CPU, JVM + walsender",
+        "% of a core",
+        &idle_dbz,
+        None,
+        None,
+    ));
     let kib = |k: u64| k as f64 / 1024.0;
     out.push(line(
         m,
