@@ -6,8 +6,8 @@
 //   java -cp <classes>:<jars>/* DrainSlot <properties file> <output file> until:<prefix>
 //
 // The properties are the engine's (connection, slot, publication, tables). With a number, the
-// program writes each change event (insert, update, delete, truncate) as a line and stops
-// once it has that many (exit 0). With `until:<prefix>` it writes every event prefixed by the
+// program writes each change event (every event but logical decoding messages) as a line and
+// stops once it has that many (exit 0). With `until:<prefix>` it writes every event prefixed by the
 // time it was handed over (microseconds since the epoch, then a tab) and stops at the first
 // logical decoding message with that prefix (`pg_logical_emit_message`), which it does not
 // write. Either way the file is fsynced before the program exits, as the extractor's files
@@ -67,18 +67,22 @@ public final class DrainSlot {
                 for (ChangeEvent<String, String> r : records) {
                     String value = r.value();
                     if (value != null && !ended.get()) {
-                        JsonNode event;
-                        try {
-                            event = json.readTree(value);
-                        } catch (IOException e) {
-                            throw new UncheckedIOException("an event that is not JSON", e);
+                        // A logical decoding message's envelope starts with its op; a change
+                        // event's with its row images. Only messages are parsed.
+                        boolean message = value.startsWith("{\"op\":\"m\"");
+                        boolean end = false;
+                        if (message && endPrefix != null) {
+                            try {
+                                JsonNode event = json.readTree(value);
+                                end = endPrefix.equals(event.path("message").path("prefix").asText());
+                            } catch (IOException e) {
+                                throw new UncheckedIOException("a message that is not JSON", e);
+                            }
                         }
-                        String op = event.path("op").asText();
-                        boolean change = op.equals("c") || op.equals("u") || op.equals("d") || op.equals("t");
+                        boolean change = !message;
                         synchronized (out) {
                             try {
-                                if (endPrefix != null && op.equals("m")
-                                        && endPrefix.equals(event.path("message").path("prefix").asText())) {
+                                if (end) {
                                     ended.set(true);
                                 } else if (endPrefix != null) {
                                     out.write(Long.toString(at).getBytes(StandardCharsets.UTF_8));

@@ -112,6 +112,9 @@ pub async fn drain(
     key: &str,
 ) -> Result<Drain> {
     let expected = identities(ours, key)?;
+    if expected.is_empty() {
+        bail!("the extractor wrote no change events to compare Debezium's with");
+    }
     let props = properties(runner, clusters)?;
     let out = runner.cwd.join("debezium-events.jsonl");
     let java = which("java")?;
@@ -129,9 +132,6 @@ pub async fn drain(
         )
         .await?;
     let theirs = identities(std::slice::from_ref(&out), key)?;
-    if expected.is_empty() {
-        bail!("the extractor wrote no change events to compare Debezium's with");
-    }
     if let Some(i) =
         (0..expected.len().max(theirs.len())).find(|&i| expected.get(i) != theirs.get(i))
     {
@@ -145,15 +145,42 @@ pub async fn drain(
         );
     }
     std::fs::remove_file(&out)?;
-    source
-        .batch_execute(&format!("SELECT pg_drop_replication_slot('{SLOT_COPY}')"))
-        .await?;
+    drop_slot(source).await?;
     Ok(Drain {
         events: theirs.len() as u64,
         secs: m.secs,
         cpu_secs: m.cpu_secs,
         max_rss_kb: m.max_rss_kb,
     })
+}
+
+/// Drops Debezium's slot once its walsender has gone (the JVM ends without closing its
+/// connection, so the server may take a moment to notice).
+async fn drop_slot(source: &Client) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let active: Option<i32> = source
+            .query_opt(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                &[&SLOT_COPY],
+            )
+            .await?
+            .and_then(|r| r.get(0));
+        match active {
+            None => break,
+            Some(_) if Instant::now() > deadline => {
+                bail!("Debezium's slot {SLOT_COPY} is still in use 30 s after the engine ended")
+            }
+            Some(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    source
+        .batch_execute(&format!(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+              WHERE slot_name = '{SLOT_COPY}'"
+        ))
+        .await
+        .context("dropping Debezium's slot")
 }
 
 /// The engine's settings for the bench's source and the slot's copy, written to the run's
@@ -240,6 +267,8 @@ pub struct Steady {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// Median delay in the last third of the phase minus that of the first third.
+    pub trend_ms: f64,
     pub idle_cpu: Option<f64>,
     pub cpu: f64,
 }
@@ -305,7 +334,8 @@ impl Follower {
 
     /// Ends the engine with a message after everything the phase wrote, waits for it to get
     /// there, and reads the delays of the changes committed from `since` on.
-    pub async fn finish(self, source: &Client, since: DateTime<Utc>) -> Result<Vec<f64>> {
+    /// Each delay (ms) with its change's commit time, in seconds after `since`.
+    pub async fn finish(self, source: &Client, since: DateTime<Utc>) -> Result<Vec<(f64, f64)>> {
         source
             .execute(
                 "SELECT pg_logical_emit_message(true, $1, '')",
@@ -330,13 +360,14 @@ impl Follower {
                 .as_i64()
                 .with_context(|| format!("{}: no source.ts_us", at()))?;
             if committed >= since_us {
-                delays.push((received - committed) as f64 / 1000.0);
+                delays.push((
+                    (received - committed) as f64 / 1000.0,
+                    (committed - since_us) as f64 / 1e6,
+                ));
             }
         }
         std::fs::remove_file(&self.out)?;
-        source
-            .batch_execute(&format!("SELECT pg_drop_replication_slot('{SLOT_COPY}')"))
-            .await?;
+        drop_slot(source).await?;
         Ok(delays)
     }
 }

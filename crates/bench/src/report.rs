@@ -279,8 +279,9 @@ fn mode_lines(r: &ModeResults) -> Vec<Line> {
             "capture: extractor vs Debezium, CPU per event",
             "µs",
             |x, d| {
+                // The same events: Debezium's are the extractor's, compared one by one.
                 (
-                    x.capture_cpu_secs * 1e6 / x.capture_events as f64,
+                    x.capture_cpu_secs * 1e6 / d.events as f64,
                     d.cpu_secs * 1e6 / d.events as f64,
                 )
             },
@@ -389,13 +390,14 @@ fn mode_lines(r: &ModeResults) -> Vec<Line> {
         }
     }
     type Pick = fn(&crate::debezium::Steady) -> f64;
-    let picks: [(&str, &str, Pick); 5] = [
+    let picks: [(&str, &str, Pick); 6] = [
         ("mutator rate achieved", "ops/s", |d| {
             d.ops as f64 / d.seconds
         }),
         ("delay to its engine p50", "ms", |d| d.p50_ms),
         ("delay to its engine p99", "ms", |d| d.p99_ms),
         ("delay to its engine max", "ms", |d| d.max_ms),
+        ("delay trend (last - first third)", "ms", |d| d.trend_ms),
         ("CPU, JVM + walsender", "% of a core", |d| d.cpu),
     ];
     for phase in dbz_phases {

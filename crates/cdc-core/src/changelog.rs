@@ -101,6 +101,7 @@ impl ChangeLogSink {
             Ok(file) => Arc::new(file),
             Err(e) => {
                 let _ = fs::remove_file(&f.temp);
+                self.abort();
                 return Err(Error::io(
                     "flushing change-log file",
                     &f.temp,
@@ -129,8 +130,14 @@ impl ChangeLogSink {
         };
         let temp = sealed.temp.clone();
         self.done.push(sealed);
-        previous.unwrap_or(Ok(()))?;
-        here.map_err(|e| Error::io("fsyncing change-log file", &temp, e))
+        // A failed fsync fails the pass: none of its files is kept, none may be published.
+        let result = previous
+            .unwrap_or(Ok(()))
+            .and_then(|()| here.map_err(|e| Error::io("fsyncing change-log file", &temp, e)));
+        if result.is_err() {
+            self.abort();
+        }
+        result
     }
 }
 

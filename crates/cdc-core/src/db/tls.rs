@@ -195,10 +195,14 @@ impl TlsSettings {
     fn current_root_cert(&self, path: &Path) -> Result<Vec<X509>> {
         match self.read_root_cert(path) {
             Ok(certs) => Ok(certs),
-            Err(e) => match last_good_root_cert().get(path) {
-                Some(certs) => {
-                    tracing::warn!(error = %e, "the root certificate file cannot be used now; the certificates last read from it are used for this connection");
-                    Ok(certs.clone())
+            Err(e) => match last_good_root_cert().get_mut(path) {
+                Some(last) => {
+                    // Once until the file reads again, not at every connection of a pool.
+                    if !last.warned {
+                        last.warned = true;
+                        tracing::warn!(error = %e, "the root certificate file cannot be used now; the certificates last read from it are used until it can");
+                    }
+                    Ok(last.certs.clone())
                 }
                 None => Err(e),
             },
@@ -212,7 +216,11 @@ impl TlsSettings {
             .map_err(|e| Error::config(&setting, format!("cannot read {}: {e}", path.display())))?;
         match X509::stack_from_pem(&pem) {
             Ok(certs) if !certs.is_empty() => {
-                last_good_root_cert().insert(path.to_path_buf(), certs.clone());
+                let last = LastGood {
+                    certs: certs.clone(),
+                    warned: false,
+                };
+                last_good_root_cert().insert(path.to_path_buf(), last);
                 Ok(certs)
             }
             Ok(_) => Err(Error::config(
@@ -227,9 +235,16 @@ impl TlsSettings {
     }
 }
 
-/// The certificates each root certificate file held when it last parsed.
-fn last_good_root_cert() -> MutexGuard<'static, HashMap<PathBuf, Vec<X509>>> {
-    static LAST_GOOD: OnceLock<Mutex<HashMap<PathBuf, Vec<X509>>>> = OnceLock::new();
+/// What a root certificate file held when it last parsed, and whether its being unusable
+/// since has been logged.
+struct LastGood {
+    certs: Vec<X509>,
+    warned: bool,
+}
+
+/// The last good read of each root certificate file.
+fn last_good_root_cert() -> MutexGuard<'static, HashMap<PathBuf, LastGood>> {
+    static LAST_GOOD: OnceLock<Mutex<HashMap<PathBuf, LastGood>>> = OnceLock::new();
     LAST_GOOD
         .get_or_init(Default::default)
         .lock()
