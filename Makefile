@@ -204,7 +204,7 @@ bench-quick: ## About three minutes: 10,000 operations, 1 run, 15 s steady phase
 	$(BENCH_ENV) $(or $(CARGO_TARGET_DIR),target)/release/bench --ops 10000 --runs 1 \
 	  --steady-seconds 15 --rss-factor 0 --rounds 3 --round-rows 10000 --growth-rows 100000 $(BENCH_ARGS)
 
-bench-debezium: ## Logical capture vs Debezium's embedded engine: backlog drain and steady phases (~12 min; Java 17, pip; 200 MB of jars into .local/debezium): target/bench/debezium.json
+bench-debezium: ## Logical capture vs Debezium's embedded engine: backlog drain and steady phases (~15 min; Java 17, pip; 200 MB of jars into .local/debezium): target/bench/debezium.json
 	$(BENCH_DB_ENV) scripts/local-db.sh start
 	cargo build --release --bins
 	dir="$$(scripts/debezium.sh build)" && $(BENCH_ENV) $(or $(CARGO_TARGET_DIR),target)/release/bench \
