@@ -45,14 +45,24 @@ pub fn check_dir(dir: &Path) -> Result<PathBuf> {
 /// Copies the extractor's slot (same position, same plugin) for Debezium, before the
 /// extractor consumes anything of the backlog.
 pub async fn copy_slot(source: &Client) -> Result<()> {
+    new_slot(
+        source,
+        &format!("pg_copy_logical_replication_slot('{SLOT}', '{SLOT_COPY}')"),
+    )
+    .await
+    .context("copying the extractor's slot for Debezium")
+}
+
+/// Makes Debezium's slot with `make` (a function call), dropping one a failed run left.
+async fn new_slot(source: &Client, make: &str) -> Result<()> {
     source
         .batch_execute(&format!(
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
               WHERE slot_name = '{SLOT_COPY}';
-             SELECT pg_copy_logical_replication_slot('{SLOT}', '{SLOT_COPY}')"
+             SELECT {make}"
         ))
-        .await
-        .context("copying the extractor's slot for Debezium")
+        .await?;
+    Ok(())
 }
 
 /// What identifies a change event in both formats (the Debezium envelope): operation,
@@ -282,14 +292,12 @@ impl Follower {
         clusters: &Clusters,
         source: &Client,
     ) -> Result<Follower> {
-        source
-            .batch_execute(&format!(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
-                  WHERE slot_name = '{SLOT_COPY}';
-                 SELECT pg_create_logical_replication_slot('{SLOT_COPY}', 'pgoutput')"
-            ))
-            .await
-            .context("making Debezium's slot")?;
+        new_slot(
+            source,
+            &format!("pg_create_logical_replication_slot('{SLOT_COPY}', 'pgoutput')"),
+        )
+        .await
+        .context("making Debezium's slot")?;
         let props = properties(runner, clusters)?;
         let out = runner.cwd.join("debezium-followed.tsv");
         let java = which("java")?;

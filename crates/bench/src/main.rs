@@ -591,21 +591,8 @@ impl Bench {
         let t0 = chrono::Utc::now();
         let started = Instant::now();
         let busy_from = pipeline.sample()?;
-        let (rate_s, seed_s) = (rate.mutator_rate(), seed.to_string());
-        let writers = self.args.steady_writers.to_string();
-        let mutator = runner.spawn(
-            "mutator",
-            &[
-                "--rate",
-                &rate_s,
-                "--concurrency",
-                &writers,
-                "--seed",
-                &seed_s,
-                "--tables",
-                &self.args.tables,
-            ],
-        )?;
+        let mutator_args = self.steady_mutator_args(rate, seed);
+        let mutator = runner.spawn("mutator", &as_strs(&mutator_args))?;
         // Logical mode: how much WAL the slot holds unconfirmed, sampled twice a second.
         let mut slot_lag = Vec::new();
         let until = Instant::now() + Duration::from_secs(self.args.steady_seconds);
@@ -697,18 +684,8 @@ impl Bench {
         let source = self.clusters.source().await?;
         let follower = debezium::Follower::start(dir, &runner, &self.clusters, &source).await?;
         let sample = || cpu::GroupSample::of(&follower.pids);
-        let (rate_s, seed_s) = (rate.mutator_rate(), seed.to_string());
-        let writers = self.args.steady_writers.to_string();
-        let mutator_args = [
-            "--rate",
-            &rate_s,
-            "--concurrency",
-            &writers,
-            "--seed",
-            &seed_s,
-            "--tables",
-            &self.args.tables,
-        ];
+        let mutator_args = self.steady_mutator_args(rate, seed);
+        let mutator_args = as_strs(&mutator_args);
         // The JVM compiles the engine's paths under load: 10 s of the same traffic first,
         // not counted, so that the phase measures the engine as it runs for long.
         let warm_up = runner.spawn("mutator", &mutator_args)?;
@@ -746,6 +723,22 @@ impl Bench {
             idle_cpu,
             cpu,
         })
+    }
+
+    /// The mutator's arguments in a steady phase.
+    fn steady_mutator_args(&self, rate: SteadyRate, seed: u64) -> Vec<String> {
+        [
+            "--rate",
+            &rate.mutator_rate(),
+            "--concurrency",
+            &self.args.steady_writers.to_string(),
+            "--seed",
+            &seed.to_string(),
+            "--tables",
+            &self.args.tables,
+        ]
+        .map(str::to_owned)
+        .to_vec()
     }
 
     /// The history tables of the workload.
@@ -832,6 +825,10 @@ fn mutator_ops(log: &Path) -> Result<u64> {
         .iter()
         .map(|k| f[k].as_u64().unwrap_or(0))
         .sum())
+}
+
+fn as_strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
 }
 
 /// The change-log files waiting in `dir`, in name order.

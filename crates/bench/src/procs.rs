@@ -163,39 +163,29 @@ pub struct Background {
 
 impl Background {
     /// SIGTERM, then waits (SIGKILL after 30 s); fails unless it exited 0.
-    pub async fn stop(mut self) -> Result<()> {
+    pub async fn stop(self) -> Result<()> {
         if let Some(id) = self.child.id() {
             kill(Pid::from_raw(id as i32), Signal::SIGTERM)?;
         }
-        let status = match tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await {
-            Ok(s) => s?,
-            Err(_) => {
-                self.child.kill().await?;
-                bail!("{} did not stop within 30 s of SIGTERM", self.name);
-            }
-        };
-        if !status.success() {
-            bail!(
-                "{} ended with {status}; see {}",
-                self.name,
-                self.log.display()
-            );
-        }
-        Ok(())
+        self.exited(Duration::from_secs(30), "stop within 30 s of SIGTERM")
+            .await
     }
 
     /// Waits for the process to exit by itself (killed after `timeout`); fails unless it
     /// exited 0.
-    pub async fn wait(mut self, timeout: Duration) -> Result<()> {
+    pub async fn wait(self, timeout: Duration) -> Result<()> {
+        let what = format!("finish within {timeout:?}");
+        self.exited(timeout, &what).await
+    }
+
+    /// Waits up to `timeout` for the exit (then kills it: it did not `what`); fails unless it
+    /// exited 0.
+    async fn exited(mut self, timeout: Duration, what: &str) -> Result<()> {
         let status = match tokio::time::timeout(timeout, self.child.wait()).await {
             Ok(s) => s?,
             Err(_) => {
                 self.child.kill().await?;
-                bail!(
-                    "{} did not finish within {timeout:?}; see {}",
-                    self.name,
-                    self.log.display()
-                );
+                bail!("{} did not {what}; see {}", self.name, self.log.display());
             }
         };
         if !status.success() {
