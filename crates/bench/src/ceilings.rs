@@ -3,7 +3,8 @@
 //! rows with a bare binary `COPY` into an empty copy of the history table (same indexes and
 //! constraints), and a hand-written SQL-only set-based merge of the same change events.
 
-use crate::setup::{PUBLICATION, SLOT};
+use crate::procs::Runner;
+use crate::setup::{Clusters, PUBLICATION, SLOT, SOURCE_DB};
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use cdc_core::db::copy_text::{push_text, push_time};
@@ -62,6 +63,119 @@ pub async fn capture(source: &Client, mode: &str) -> Result<CopyFigure> {
         bytes: rows.bytes + tombs.bytes,
         secs: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The copy of the extractor's slot `pg_recvlogical` reads.
+const RECV_SLOT: &str = "bench_recvlogical";
+
+/// The streaming floor of logical capture: PostgreSQL's own client, `pg_recvlogical`, reading
+/// a copy of the extractor's slot (made before the extractor reads) through a walsender with
+/// the same `pgoutput` options and writing it to /dev/null, up to where the backlog ends. No
+/// client streaming from a walsender can do less.
+pub struct Recvlogical {
+    end_lsn: String,
+}
+
+impl Recvlogical {
+    /// Copies the slot and notes where the backlog ends; `None` (with a note) when there is
+    /// no `pg_recvlogical` here.
+    pub async fn prepare(source: &Client) -> Result<Option<Recvlogical>> {
+        if recvlogical_binary().is_none() {
+            eprintln!("bench: no pg_recvlogical (PG_BIN, /usr/lib/postgresql/*/bin, PATH): no streaming floor");
+            return Ok(None);
+        }
+        crate::setup::drop_slot(source, RECV_SLOT).await?;
+        let end_lsn: String = source
+            .query_one(
+                "SELECT (pg_copy_logical_replication_slot($1, $2)).lsn::text,
+                        pg_current_wal_lsn()::text",
+                &[&SLOT, &RECV_SLOT],
+            )
+            .await
+            .context("copying the extractor's slot for pg_recvlogical")?
+            .get(1);
+        Ok(Some(Recvlogical { end_lsn }))
+    }
+
+    /// Streams the copy to its end; returns the wall time (process start to exit) and drops
+    /// the copy.
+    pub async fn run(self, runner: &Runner, clusters: &Clusters, source: &Client) -> Result<f64> {
+        let bin = recvlogical_binary().context("pg_recvlogical has gone")?;
+        let mut runner = runner.clone();
+        runner
+            .env
+            .push(("PGPASSWORD".into(), clusters.password.clone()));
+        runner
+            .env
+            .push(("PGSSLMODE".into(), clusters.tls.mode.to_string()));
+        if let Some(root) = &clusters.tls.root_cert {
+            runner
+                .env
+                .push(("PGSSLROOTCERT".into(), root.display().to_string()));
+        }
+        let port = clusters.source_port.to_string();
+        let publications = format!("publication_names={PUBLICATION}");
+        let m = runner
+            .measured_program(
+                "pg_recvlogical",
+                &bin,
+                &[
+                    "-h",
+                    &clusters.host,
+                    "-p",
+                    &port,
+                    "-U",
+                    &clusters.user,
+                    "-d",
+                    SOURCE_DB,
+                    "--slot",
+                    RECV_SLOT,
+                    "--start",
+                    "--endpos",
+                    &self.end_lsn,
+                    "-o",
+                    "proto_version=1",
+                    "-o",
+                    &publications,
+                    "-o",
+                    "messages=true",
+                    "-f",
+                    "/dev/null",
+                    "--no-loop",
+                ],
+            )
+            .await?;
+        crate::setup::drop_slot(source, RECV_SLOT).await?;
+        Ok(m.secs)
+    }
+}
+
+/// `pg_recvlogical`: under `PG_BIN`, the newest of `/usr/lib/postgresql/*/bin`, or on PATH.
+fn recvlogical_binary() -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PG_BIN")
+        .map(PathBuf::from)
+        .into_iter()
+        .collect();
+    let mut debian: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .collect();
+    debian.sort_by_key(|p| {
+        p.parent()
+            .and_then(|v| v.file_name()?.to_str()?.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    dirs.extend(debian.into_iter().rev());
+    dirs.extend(
+        std::env::var_os("PATH")
+            .iter()
+            .flat_map(std::env::split_paths),
+    );
+    dirs.into_iter()
+        .map(|d| d.join("pg_recvlogical"))
+        .find(|p| p.is_file())
 }
 
 /// Warms the source's cache for the tables both the ceiling and the extractor read.

@@ -155,42 +155,13 @@ pub async fn drain(
         );
     }
     std::fs::remove_file(&out)?;
-    drop_slot(source).await?;
+    crate::setup::drop_slot(source, SLOT_COPY).await?;
     Ok(Drain {
         events: theirs.len() as u64,
         secs: m.secs,
         cpu_secs: m.cpu_secs,
         max_rss_kb: m.max_rss_kb,
     })
-}
-
-/// Drops Debezium's slot once its walsender has gone (the JVM ends without closing its
-/// connection, so the server may take a moment to notice).
-async fn drop_slot(source: &Client) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let active: Option<i32> = source
-            .query_opt(
-                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
-                &[&SLOT_COPY],
-            )
-            .await?
-            .and_then(|r| r.get(0));
-        match active {
-            None => break,
-            Some(_) if Instant::now() > deadline => {
-                bail!("Debezium's slot {SLOT_COPY} is still in use 30 s after the engine ended")
-            }
-            Some(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-    source
-        .batch_execute(&format!(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
-              WHERE slot_name = '{SLOT_COPY}'"
-        ))
-        .await
-        .context("dropping Debezium's slot")
 }
 
 /// The engine's settings for the bench's source and the slot's copy, written to the run's
@@ -375,7 +346,7 @@ impl Follower {
             }
         }
         std::fs::remove_file(&self.out)?;
-        drop_slot(source).await?;
+        crate::setup::drop_slot(source, SLOT_COPY).await?;
         Ok(delays)
     }
 }

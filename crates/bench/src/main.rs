@@ -178,6 +178,8 @@ pub struct ThroughputRun {
     pub versions: u64,
     pub loader_rss_kb: u64,
     pub capture_ceiling: Option<CopyFigure>,
+    /// Logical mode: `pg_recvlogical` streaming the same backlog to /dev/null.
+    pub recvlogical_secs: Option<f64>,
     pub apply_ceiling: Option<CopyFigure>,
     pub sql_merge: Option<CopyFigure>,
     pub debezium: Option<debezium::Drain>,
@@ -485,6 +487,11 @@ impl Bench {
         if debezium.is_some() {
             debezium::copy_slot(&source).await?;
         }
+        let recvlogical = if ceilings && mode == "logical" {
+            ceilings::Recvlogical::prepare(&source).await?
+        } else {
+            None
+        };
         // Capture: passes until one finds nothing (logical passes are capped at
         // CDC_MAX_CHANGES_PER_PASS changes); the empty pass is not counted.
         loop {
@@ -502,6 +509,9 @@ impl Bench {
         for f in &files {
             run.capture_bytes += std::fs::metadata(f)?.len();
             run.capture_events += count_lines(f)?;
+        }
+        if let Some(r) = recvlogical {
+            run.recvlogical_secs = Some(r.run(&runner, &self.clusters, &source).await?);
         }
         if let Some(dir) = debezium {
             let key = &self.spec.key[0].name;

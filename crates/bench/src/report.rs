@@ -227,6 +227,36 @@ fn mode_lines(r: &ModeResults) -> Vec<Line> {
             x.capture_ceiling.map(|c| c.secs / x.capture_secs)
         })),
     ));
+    // Logical mode: the walsender's own floor, the least a streaming client can take.
+    out.push(line(
+        m,
+        "capture: pg_recvlogical to /dev/null vs COPY out",
+        "events/s",
+        &per_run(t, |x| x.recvlogical_secs.map(|s| rate(x.capture_events, s))),
+        Some(&per_run(t, |x| {
+            x.recvlogical_secs
+                .and(x.capture_ceiling)
+                .map(|c| rate(c.rows, c.secs))
+        })),
+        Some(&per_run(t, |x| {
+            Some(x.capture_ceiling?.secs / x.recvlogical_secs?)
+        })),
+    ));
+    out.push(line(
+        m,
+        "capture: extractor vs pg_recvlogical to /dev/null",
+        "events/s",
+        &per_run(t, |x| {
+            x.recvlogical_secs
+                .map(|_| rate(x.capture_events, x.capture_secs))
+        }),
+        Some(&per_run(t, |x| {
+            x.recvlogical_secs.map(|s| rate(x.capture_events, s))
+        })),
+        Some(&per_run(t, |x| {
+            x.recvlogical_secs.map(|s| s / x.capture_secs)
+        })),
+    ));
     out.push(line(
         m,
         "capture: extractor vs COPY out",

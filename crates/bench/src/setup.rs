@@ -1,9 +1,10 @@
 //! The bench's own databases: `bench_src` (init scripts applied) on the source cluster and
 //! `bench_wh` on the warehouse cluster, recreated for every run.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use cdc_core::db::tls::TlsSettings;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 pub const SOURCE_DB: &str = "bench_src";
@@ -158,4 +159,35 @@ fn init_scripts(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect();
     scripts.sort();
     Ok(scripts)
+}
+
+/// Drops the slot `name` once its walsender has gone (a client that ends without closing its
+/// connection leaves it to the server to notice).
+pub async fn drop_slot(source: &Client, name: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let active: Option<i32> = source
+            .query_opt(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                &[&name],
+            )
+            .await?
+            .and_then(|r| r.get(0));
+        match active {
+            None => break,
+            Some(_) if Instant::now() > deadline => {
+                bail!("the slot {name} is still in use 30 s after its client ended")
+            }
+            Some(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    source
+        .execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+              WHERE slot_name = $1",
+            &[&name],
+        )
+        .await
+        .with_context(|| format!("dropping the slot {name}"))?;
+    Ok(())
 }
