@@ -123,9 +123,10 @@ pub struct BenchArgs {
     /// DB_SSLROOTCERT and WAREHOUSE_DB_SSLROOTCERT
     #[arg(long, env = "BENCH_DB_SSLROOTCERT")]
     sslrootcert: Option<PathBuf>,
-    /// Logical throughput runs also drain a copy of the extractor's slot with Debezium's
-    /// embedded engine, compared event by event: the directory `scripts/debezium.sh build`
-    /// prints (`make bench-debezium` gives it)
+    /// Debezium's embedded engine beside logical capture: it drains a copy of the extractor's
+    /// slot in each throughput run (events compared one by one) and runs each steady phase in
+    /// the pipeline's place; the directory `scripts/debezium.sh build` prints (`make
+    /// bench-debezium` gives it)
     #[arg(long)]
     debezium: Option<PathBuf>,
     /// Where the pipeline's binaries are (default: beside this one)
@@ -375,7 +376,7 @@ async fn run(args: BenchArgs) -> Result<()> {
                             .steady(mode, rate, k == 0, args.seed + i as u64)
                             .await?,
                     );
-                    if bench.debezium.is_some() && mode == "logical" && args.tables == "orders" {
+                    if bench.debezium.is_some() && mode == "logical" {
                         eprintln!(
                             "bench: {mode}: steady run at {} with Debezium {}/{}",
                             rate.label(),

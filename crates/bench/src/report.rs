@@ -201,6 +201,17 @@ fn per_run(runs: &[ThroughputRun], f: impl Fn(&ThroughputRun) -> Option<f64>) ->
     runs.iter().filter_map(f).collect()
 }
 
+/// Each phase once, in the order the runs came.
+fn in_order_once<'a>(rates: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut phases: Vec<&str> = Vec::new();
+    for rate in rates {
+        if !phases.contains(&rate) {
+            phases.push(rate);
+        }
+    }
+    phases
+}
+
 fn mode_lines(r: &ModeResults) -> Vec<Line> {
     let m = r.mode.as_str();
     let t = &r.throughput;
@@ -359,13 +370,7 @@ fn mode_lines(r: &ModeResults) -> Vec<Line> {
             None,
         ));
     }
-    let mut phases: Vec<&str> = Vec::new();
-    for x in &r.steady {
-        if !phases.contains(&x.rate.as_str()) {
-            phases.push(&x.rate);
-        }
-    }
-    for phase in phases {
+    for phase in in_order_once(r.steady.iter().map(|x| x.rate.as_str())) {
         let s: Vec<&SteadyRun> = r.steady.iter().filter(|x| x.rate == phase).collect();
         let sv = |f: fn(&SteadyRun) -> f64| s.iter().map(|x| f(x)).collect::<Vec<f64>>();
         let figure = |what: &str| format!("steady at {phase}: {what}");
@@ -413,12 +418,6 @@ fn mode_lines(r: &ModeResults) -> Vec<Line> {
         }
     }
     // The same phases with Debezium's engine in the pipeline's place (--debezium).
-    let mut dbz_phases: Vec<&str> = Vec::new();
-    for x in &r.debezium_steady {
-        if !dbz_phases.contains(&x.rate.as_str()) {
-            dbz_phases.push(&x.rate);
-        }
-    }
     type Pick = fn(&crate::debezium::Steady) -> f64;
     let picks: [(&str, &str, Pick); 6] = [
         ("mutator rate achieved", "ops/s", |d| {
@@ -430,7 +429,7 @@ fn mode_lines(r: &ModeResults) -> Vec<Line> {
         ("delay trend (last - first third)", "ms", |d| d.trend_ms),
         ("CPU, JVM + walsender", "% of a core", |d| d.cpu),
     ];
-    for phase in dbz_phases {
+    for phase in in_order_once(r.debezium_steady.iter().map(|x| x.rate.as_str())) {
         let d: Vec<&crate::debezium::Steady> = r
             .debezium_steady
             .iter()
